@@ -1,0 +1,37 @@
+"""transformers integration: ``FPxINTConfig``, the ``HfQuantizer`` and its registration as ``"fpxint"``."""
+
+from __future__ import annotations
+
+import transformers
+from packaging.version import Version
+
+if Version(transformers.__version__).major < 5:
+    raise ImportError(
+        f"fpxint_hf needs transformers >= 5.0 (its quantizer uses the v5 conversion-op API); found "
+        f"transformers {transformers.__version__}. Upgrade with: pip install -U 'transformers>=5,<6'"
+    )
+
+from transformers.quantizers.auto import (  # noqa: E402
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from .config import QUANT_METHOD, FPxINTConfig  # noqa: E402
+from .quantizer import FPxINTHfQuantizer  # noqa: E402
+
+
+def register() -> None:
+    """Register ``quant_method="fpxint"`` with transformers (idempotent)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not FPxINTConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(FPxINTConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not FPxINTHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(FPxINTHfQuantizer)
+
+
+register()
+
+__all__ = ["FPxINTConfig", "FPxINTHfQuantizer", "register"]

@@ -1,0 +1,153 @@
+"""``FPxINTConfig``: the ``quantization_config`` of FP=xINT checkpoints (``quant_method = "fpxint"``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..expansion import CLIP_METHODS, SUPPORTED_BITS
+from ..linear import FORWARD_MODES
+
+QUANT_METHOD = "fpxint"
+MAX_TERMS = 8
+MAX_OUTLIER_FRACTION = 0.1
+
+
+class FPxINTConfig(QuantizationConfigMixin):
+    """
+    This is a wrapper class about all possible attributes and features of FP=xINT quantization: every linear
+    weight is expanded as ``M = M_sa + bias·1 + Σ_{i=1..T} scale_i·Q_i`` with X-bit integer terms ``Q_i``.
+
+    Args:
+        bits (`int`, *optional*, defaults to 4):
+            Bit width X of every term. One of 2, 3, 4, 8.
+        terms (`int`, *optional*, defaults to 2):
+            Number T of terms stored (1 to 8). The forward can use fewer at run time (`set_active_terms`).
+        group_size (`int` or `None`, *optional*, defaults to 128):
+            Inputs sharing one scale/bias, along the input dimension; `None` = one group per output channel.
+            An int from 16 to 65536. When it does not divide a layer's in-features, that layer uses the largest
+            power of two below it that does (at least 16), else one group per channel, with a warning.
+        symmetric (`bool`, *optional*, defaults to `False`):
+            First term symmetric (no bias) instead of asymmetric (bias = middle of the clip range).
+        clip (`str`, *optional*, defaults to `"laplace"`):
+            How the saturation range is chosen: `"laplace"` (Laplace fit, ACIQ constants), `"search"`
+            (min-error search over shrunk ranges) or `"minmax"` (no saturation). Only used with outliers.
+        outlier_fraction (`float`, *optional*, defaults to 0.0):
+            Fraction of each row's weights that may be kept exactly as saturated outliers `M_sa`, from 0 to 0.1.
+            Sets a fixed budget of `ceil(fraction · in_features)` values per row (stored as int16/32 index +
+            float16 value); 0 disables `M_sa`.
+        tol (`float`, *optional*, defaults to 0.0):
+            Stop a tensor's expansion early once the residual's max |value| is below `tol` (>= 0; 0 = never).
+        modules_to_not_convert (`list[str]`, *optional*):
+            Module names (or name suffixes) kept in full precision. `lm_head` (and tied output embeddings)
+            are always kept.
+        forward_mode (`str`, *optional*, defaults to `"reference"`):
+            `"reference"` (dequantize, one matmul) or `"terms"` (T integer matmuls then the weighted reduce).
+        kwargs (`dict[str, Any]`, *optional*):
+            Only `quant_method` (as written in config.json) is accepted here; other names raise `ValueError`.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        terms: int = 2,
+        group_size: int | None = 128,
+        symmetric: bool = False,
+        clip: str = "laplace",
+        outlier_fraction: float = 0.0,
+        tol: float = 0.0,
+        modules_to_not_convert: list[str] | None = None,
+        forward_mode: str = "reference",
+        **kwargs: Any,
+    ):
+        method = kwargs.pop("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise ValueError(f"quant_method={method!r} is not {QUANT_METHOD!r}")
+        if kwargs:
+            raise ValueError(
+                f"unknown FPxINTConfig field(s) {sorted(kwargs)}; allowed: {sorted(self._fields())}"
+            )
+        self.quant_method = QUANT_METHOD
+        self.bits = bits
+        self.terms = terms
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.clip = clip
+        self.outlier_fraction = outlier_fraction
+        self.tol = tol
+        self.modules_to_not_convert = modules_to_not_convert
+        self.forward_mode = forward_mode
+        self.post_init()
+
+    @staticmethod
+    def _fields() -> tuple[str, ...]:
+        return (
+            "bits",
+            "terms",
+            "group_size",
+            "symmetric",
+            "clip",
+            "outlier_fraction",
+            "tol",
+            "modules_to_not_convert",
+            "forward_mode",
+        )
+
+    def post_init(self):
+        """Check every field; raise ``ValueError`` naming the field, the value and what is allowed."""
+        _check(
+            _is_int(self.bits) and self.bits in SUPPORTED_BITS, "bits", self.bits, f"one of {SUPPORTED_BITS}"
+        )
+        _check(
+            _is_int(self.terms) and 1 <= self.terms <= MAX_TERMS,
+            "terms",
+            self.terms,
+            f"an int from 1 to {MAX_TERMS}",
+        )
+        _check(
+            self.group_size is None or (_is_int(self.group_size) and 16 <= self.group_size <= 65536),
+            "group_size",
+            self.group_size,
+            "None (per channel) or an int from 16 to 65536",
+        )
+        _check(isinstance(self.symmetric, bool), "symmetric", self.symmetric, "True or False")
+        _check(self.clip in CLIP_METHODS, "clip", self.clip, f"one of {CLIP_METHODS}")
+        _check(
+            _is_real(self.outlier_fraction) and 0 <= self.outlier_fraction <= MAX_OUTLIER_FRACTION,
+            "outlier_fraction",
+            self.outlier_fraction,
+            f"a number from 0 to {MAX_OUTLIER_FRACTION}",
+        )
+        _check(_is_real(self.tol) and self.tol >= 0, "tol", self.tol, "a finite number >= 0")
+        _check(
+            self.modules_to_not_convert is None
+            or (
+                isinstance(self.modules_to_not_convert, list)
+                and all(isinstance(m, str) for m in self.modules_to_not_convert)
+            ),
+            "modules_to_not_convert",
+            self.modules_to_not_convert,
+            "None or a list of module names",
+        )
+        _check(
+            self.forward_mode in FORWARD_MODES, "forward_mode", self.forward_mode, f"one of {FORWARD_MODES}"
+        )
+
+    def nominal_bits_per_weight(self) -> int:
+        """``terms · bits``: code bits only; scales, biases and outliers come on top (see ``bits_per_weight``)."""
+        return self.terms * self.bits
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"FPxINTConfig.{field}={value!r} is invalid; allowed: {allowed}")

@@ -1,0 +1,151 @@
+"""``FPxINTHfQuantizer``: quantize-on-load, save and reload through transformers v5's quantizer API."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.base import HfQuantizer
+
+from ..expansion import expand
+from ..linear import FPxINTLinear
+from .config import FPxINTConfig
+from .replace import replace_with_fpxint_linear
+
+logger = logging.getLogger(__name__)
+
+
+class FPxINTQuantize(ConversionOps):
+    """Turns one full-precision ``*.weight`` into the FP=xINT buffers of its module (tensor by tensor)."""
+
+    def __init__(self, hf_quantizer: FPxINTHfQuantizer):
+        self.hf_quantizer = hf_quantizer
+
+    @torch.no_grad()
+    def convert(
+        self,
+        input_dict: dict[str, Any],
+        model: torch.nn.Module | None = None,
+        full_layer_name: str | None = None,
+        missing_keys: set[str] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        (value,) = input_dict.values()
+        weight = value[0] if isinstance(value, list) else value
+        module_name = full_layer_name.rpartition(".")[0]
+        module: FPxINTLinear = model.get_submodule(module_name)
+        cfg = self.hf_quantizer.quantization_config
+        try:
+            e = expand(
+                weight,
+                bits=module.bits,
+                terms=module.terms,
+                group_size=module.group_size,
+                symmetric=module.symmetric,
+                clip=cfg.clip,
+                outlier_fraction=cfg.outlier_fraction,
+                tol=cfg.tol,
+            )
+        except ValueError as err:
+            raise ValueError(f"FP=xINT cannot quantize {full_layer_name}: {err}") from err
+        state = module.expansion_state(e)
+        module._parameters.pop("weight", None)  # the full-precision placeholder is not kept
+        if missing_keys is not None:
+            missing_keys.discard(full_layer_name)
+        self.hf_quantizer.progress_update()
+        return {f"{module_name}.{name}": tensor for name, tensor in state.items()}
+
+
+class FPxINTHfQuantizer(HfQuantizer):
+    """transformers quantizer for ``quant_method="fpxint"`` (no calibration data needed)."""
+
+    requires_calibration = False
+    quantization_config: FPxINTConfig
+
+    def __init__(self, quantization_config: FPxINTConfig, **kwargs: Any):
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert: list[str] = []
+        self._progress = None
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(self.quantization_config, FPxINTConfig):
+            raise ValueError(f"expected an FPxINTConfig, got {type(self.quantization_config).__name__}")
+
+    def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
+        module_name, _, tensor_name = param_name.rpartition(".")
+        if self.pre_quantized or tensor_name != "weight":
+            return False
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            return False
+        return isinstance(module, FPxINTLinear) and "weight" in module._parameters
+
+    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs: Any):
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model,
+            self.quantization_config.modules_to_not_convert,
+            model._keep_in_fp32_modules,
+            add_default_skips=True,
+        )
+        replaced = replace_with_fpxint_linear(
+            model,
+            self.quantization_config,
+            self.modules_to_not_convert,
+            weight_placeholder=not self.pre_quantized,
+        )
+        if not self.pre_quantized:
+            from tqdm.auto import tqdm
+
+            self._progress = tqdm(total=len(replaced), desc="FP=xINT quantizing", unit="layer", leave=False)
+        return model
+
+    def progress_update(self) -> None:
+        if self._progress is not None:
+            self._progress.update(1)
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        check_loaded(model)
+        return model
+
+    def get_quantize_ops(self) -> FPxINTQuantize:
+        return FPxINTQuantize(self)
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def check_loaded(model: torch.nn.Module) -> None:
+    """Fail loudly when an ``FPxINTLinear`` came out of loading without its weight.
+
+    transformers only warns about missing keys and fills them with uninitialised memory; an
+    FP=xINT model with a missing tensor would run with garbage, so this raises instead.
+    """
+    problems = []
+    for name, module in model.named_modules():
+        if not isinstance(module, FPxINTLinear):
+            continue
+        if "weight" in module._parameters:
+            problems.append(
+                f"{name}.weight (never quantized: the checkpoint has no full-precision weight for it)"
+            )
+        for buf_name, buf in module.named_buffers(recurse=False):
+            if buf.device.type != "meta" and not getattr(buf, "_is_hf_initialized", False):
+                problems.append(f"{name}.{buf_name} (missing from the checkpoint)")
+        used = module.terms_used
+        if used.device.type != "meta" and getattr(used, "_is_hf_initialized", False):
+            k = int(used.item())
+            if not 1 <= k <= module.terms:
+                problems.append(f"{name}.terms_used={k} (config allows 1..{module.terms})")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise ValueError(f"FP=xINT checkpoint does not match its quantization_config: {shown}")

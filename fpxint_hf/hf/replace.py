@@ -1,0 +1,67 @@
+"""Swap ``nn.Linear`` modules of a (meta-device) transformers model for ``FPxINTLinear``."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from ..expansion import outlier_budget, resolve_group_size
+from ..linear import FPxINTLinear
+from .config import FPxINTConfig
+
+logger = logging.getLogger(__name__)
+
+
+def make_fpxint_linear(linear: nn.Linear, config: FPxINTConfig, weight_placeholder: bool) -> FPxINTLinear:
+    """An empty (meta) ``FPxINTLinear`` shaped like ``linear`` under ``config``.
+
+    With ``weight_placeholder`` the module also gets a meta ``weight`` parameter, so transformers'
+    quantize-on-load finds the full-precision key and hands it to the quantize op, which drops it.
+    """
+    dtype = linear.weight.dtype
+    with torch.device("meta"):
+        module = FPxINTLinear(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            bits=config.bits,
+            terms=config.terms,
+            group_size=resolve_group_size(linear.in_features, config.group_size),
+            symmetric=config.symmetric,
+            outlier_budget=outlier_budget(linear.in_features, config.outlier_fraction),
+            dtype=dtype,
+        )
+        if weight_placeholder:
+            module.weight = nn.Parameter(
+                torch.empty(linear.out_features, linear.in_features, dtype=dtype), requires_grad=False
+            )
+    module.forward_mode = config.forward_mode
+    return module
+
+
+def replace_with_fpxint_linear(
+    model: nn.Module,
+    config: FPxINTConfig,
+    modules_to_not_convert: list[str] | None = None,
+    weight_placeholder: bool = True,
+) -> list[str]:
+    """Replace every ``nn.Linear`` not matched by ``modules_to_not_convert``; return the replaced names.
+
+    Raises ``ValueError`` when nothing can be replaced (no ``nn.Linear`` at all, e.g. GPT-2's ``Conv1D``).
+    """
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and should_convert_module(name, modules_to_not_convert):
+            model.set_submodule(name, make_fpxint_linear(module, config, weight_placeholder))
+            replaced.append(name)
+    if not replaced:
+        kinds = sorted({type(m).__name__ for m in model.modules() if m is not model})
+        raise ValueError(
+            f"FP=xINT found no nn.Linear to quantize in {type(model).__name__} (modules_to_not_convert="
+            f"{modules_to_not_convert}); module types present: {kinds[:12]}"
+        )
+    logger.info("FP=xINT: replaced %d linear layers", len(replaced))
+    return replaced

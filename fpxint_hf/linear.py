@@ -1,0 +1,220 @@
+"""``FPxINTLinear``: a linear layer computing ``y = Σ_i scale_i·(Q_i x) + bias·Σx + M_sa x (+ b)``.
+
+The weight is held as the FP=xINT series of Eq. 1 (see ``expansion.py``), in registered buffers
+with stable names, so ``save_pretrained`` writes them as they are and ``from_pretrained`` reloads
+them with a plain shape check.  Two forward paths give the same result:
+
+- ``reference``: dequantize the whole series into one matrix, then one matmul;
+- ``terms``: the "AbelianAdd" of the paper, all T integer-valued term matrices in one batched
+  matmul (per group), then the weighted reduce ``Σ_{i,g} scale_{i,g} · (Q_{i,g} x_g)``.  Integer
+  codes are exact in bf16/fp16 and the scales are applied in float32 after the matmul.
+
+``active_terms`` truncates the series at run time: one checkpoint, several precisions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .expansion import Expansion, reconstruct, term_scales
+from .packing import pack, packed_size, unpack
+
+FORWARD_MODES = ("reference", "terms")
+
+
+def outlier_index_dtype(in_features: int) -> torch.dtype:
+    """Smallest signed integer dtype that holds a column index of ``in_features``."""
+    return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
+
+
+class FPxINTLinear(nn.Module):
+    """Linear layer with FP=xINT weights (``bits``-bit terms, ``terms`` stored, per-group scales).
+
+    ``group_size`` must divide ``in_features`` (callers resolve fallbacks with
+    ``expansion.resolve_group_size``); ``outlier_budget`` is the number K of saturated values
+    kept per output row (0: no ``M_sa`` buffers).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        bits: int = 4,
+        terms: int = 2,
+        group_size: int | None = None,
+        symmetric: bool = False,
+        outlier_budget: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        group_size = in_features if group_size is None else group_size
+        if in_features % group_size:
+            raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.terms, self.group_size = bits, terms, group_size
+        self.symmetric, self.outlier_budget = symmetric, outlier_budget
+        self.active_terms: int | None = None  # run-time truncation; None = every stored term
+        self.forward_mode = "reference"
+        groups = in_features // group_size
+        kw = {"device": device}
+        # [T, out, ceil(in·X/8)] packed codes Q_i + 2^(X-1), term-major
+        self.register_buffer(
+            "codes", torch.zeros(terms, out_features, packed_size(in_features, bits), dtype=torch.uint8, **kw)
+        )
+        # [out, G] scale_1 per group; scale_i = scale_1 / (2^X - 2)^(i-1)
+        self.register_buffer("scale", torch.zeros(out_features, groups, dtype=torch.float16, **kw))
+        if not symmetric:
+            # [out, G] bias (zero point) per group
+            self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.float16, **kw))
+        if outlier_budget:
+            # [out, K] column of each saturated value kept in M_sa
+            self.register_buffer(
+                "outlier_idx",
+                torch.zeros(out_features, outlier_budget, dtype=outlier_index_dtype(in_features), **kw),
+            )
+            # [out, K] value of M_sa at that column (0 in unused slots)
+            self.register_buffer(
+                "outlier_val", torch.zeros(out_features, outlier_budget, dtype=torch.float16, **kw)
+            )
+        # [1] number of terms actually computed (< terms when the residual fell below tol)
+        self.register_buffer("terms_used", torch.full((1,), terms, dtype=torch.int32, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    def _apply(self, fn, recurse=True):
+        """Keep the float16 scale/bias/outlier buffers float16 under ``.to(dtype)``, ``.half()``, ``.bfloat16()``.
+
+        They are viewed as int16 while ``fn`` runs (dtype casts skip integer tensors; device moves do not).
+        """
+        fp16 = [n for n, b in self._buffers.items() if b is not None and b.dtype == torch.float16]
+        for n in fp16:
+            self._buffers[n] = self._buffers[n].view(torch.int16)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for n in fp16:
+                self._buffers[n] = self._buffers[n].view(torch.float16)
+
+    # ------------------------------------------------------------------ state <-> Expansion
+
+    def expansion_state(self, e: Expansion) -> dict[str, torch.Tensor]:
+        """The buffers of this module holding ``e``, keyed by buffer name (declared dtypes and shapes)."""
+        if e.shape != (self.out_features, self.in_features) or (e.bits, e.terms, e.group_size) != (
+            self.bits,
+            self.terms,
+            self.group_size,
+        ):
+            raise ValueError(
+                f"expansion (shape={e.shape}, bits={e.bits}, terms={e.terms}, group_size={e.group_size}) does not "
+                f"match {self.extra_repr()}"
+            )
+        state = {
+            "codes": pack(e.codes, self.bits),
+            "scale": e.scale,
+            "terms_used": torch.tensor([e.terms_used], dtype=torch.int32, device=e.scale.device),
+        }
+        if not self.symmetric:
+            state["zero"] = e.zero
+        if self.outlier_budget:
+            state["outlier_idx"] = e.outlier_idx.to(outlier_index_dtype(self.in_features))
+            state["outlier_val"] = e.outlier_val
+        return state
+
+    @torch.no_grad()
+    def load_expansion(self, e: Expansion) -> FPxINTLinear:
+        """Copy an expansion into this module's buffers (in place, keeping their devices)."""
+        for name, value in self.expansion_state(e).items():
+            setattr(self, name, value.to(getattr(self, name).device))
+        return self
+
+    def expansion(self) -> Expansion:
+        """The stored series as an ``Expansion`` (codes unpacked)."""
+        n_out = self.out_features
+        return Expansion(
+            codes=unpack(self.codes, self.bits, self.in_features),
+            scale=self.scale,
+            zero=None if self.symmetric else self.zero,
+            outlier_idx=self.outlier_idx
+            if self.outlier_budget
+            else self.scale.new_zeros(n_out, 0, dtype=torch.int32),
+            outlier_val=self.outlier_val if self.outlier_budget else self.scale.new_zeros(n_out, 0),
+            terms_used=int(self.terms_used.item()),
+            bits=self.bits,
+            group_size=self.group_size,
+        )
+
+    def num_terms(self) -> int:
+        """Terms the forward uses now: ``min(active_terms, terms_used)``."""
+        used = int(self.terms_used.item())
+        return used if self.active_terms is None else min(self.active_terms, used)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``[out, in]`` weight of the first ``num_terms()`` terms."""
+        return reconstruct(self.expansion(), self.num_terms())
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.forward_mode == "terms":
+            y = self._forward_terms(x)
+        else:
+            y = F.linear(x, self.dequantize().to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _forward_terms(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ_{i,g} scale_{i,g}·(Q_{i,g} x_g) + bias_g·Σx_g + M_sa x: T integer matmuls, then the reduce."""
+        e, k = self.expansion(), self.num_terms()
+        half, groups, gs = 2 ** (self.bits - 1), self.in_features // self.group_size, self.group_size
+        xg = x.reshape(-1, groups, gs)  # [N, G, gs]
+        q = (e.codes[:k].to(x.dtype) - half).view(k, self.out_features, groups, gs)  # exact integers
+        partial = torch.einsum("ngc,togc->tnog", xg, q).float()  # [k, N, out, G]: the k low-bit matmuls
+        steps = term_scales(e.scale, self.bits, k)  # [k, out, G]
+        y = torch.einsum("tnog,tog->no", partial, steps)  # the Abelian add over terms and groups
+        if e.zero is not None:
+            y = y + xg.float().sum(-1) @ e.zero.float().t()
+        if e.outlier_idx.numel():
+            cols = x.reshape(-1, self.in_features)[:, e.outlier_idx.long().flatten()]
+            y = y + (
+                cols.float().view(-1, self.out_features, e.outlier_idx.shape[1]) * e.outlier_val.float()
+            ).sum(-1)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    # ------------------------------------------------------------------ reporting
+
+    def stored_bytes(self) -> int:
+        """Bytes of every buffer that stores the weight (codes, scales, zeros, outliers, term count)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+    def bits_per_weight(self) -> float:
+        return 8 * self.stored_bytes() / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={self.bits}, terms={self.terms}, group_size={self.group_size}, symmetric={self.symmetric}, "
+            f"outliers_per_row={self.outlier_budget}, bits_per_weight={self.bits_per_weight():.3f}"
+        )
+
+
+def set_active_terms(model: nn.Module, k: int | None) -> nn.Module:
+    """Truncate every ``FPxINTLinear`` of ``model`` to its first ``k`` terms (``None``: all stored)."""
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"active terms k={k!r} must be an int >= 1 or None")
+    for m in model.modules():
+        if isinstance(m, FPxINTLinear):
+            m.active_terms = k
+    return model
+
+
+def set_forward_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Select the forward path of every ``FPxINTLinear``: one of ``FORWARD_MODES``."""
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"forward mode={mode!r} is not supported; allowed: {FORWARD_MODES}")
+    for m in model.modules():
+        if isinstance(m, FPxINTLinear):
+            m.forward_mode = mode
+    return model
