@@ -1,0 +1,65 @@
+"""House rules that a reader cannot see at a glance: import direction, small files, no asserts/prints."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "fpxint_hf"
+# each layer may import only from the layers to its left
+ORDER = ["expansion", "packing", "linear", "hf"]
+FORBIDDEN_EXTERNAL = {
+    "expansion": {"torch.nn", "transformers", "accelerate"},
+    "packing": {"torch.nn", "transformers", "accelerate"},
+    "linear": {"transformers", "accelerate"},
+}
+
+
+def layer_of(path: Path) -> str | None:
+    rel = path.relative_to(PKG).with_suffix("")
+    return rel.parts[0] if rel.parts[0] in ORDER else None
+
+
+def imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the package
+                parent = path.relative_to(PKG.parent).with_suffix("").parts[: -node.level]
+                base = ".".join((*parent, base)) if base else ".".join(parent)
+                names += [f"{base}.{a.name}" for a in node.names] if not node.module else [base]
+            else:
+                names.append(base)
+    return names
+
+
+SOURCES = sorted(PKG.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PKG)))
+def test_layers_import_one_way(path):
+    layer = layer_of(path)
+    if layer is None:
+        return
+    allowed = set(ORDER[: ORDER.index(layer) + 1])
+    for name in imports(path):
+        if name.startswith("fpxint_hf."):
+            target = name.split(".")[1]
+            if target in ORDER:
+                assert target in allowed, f"{path.name} ({layer}) imports {name}"
+        for bad in FORBIDDEN_EXTERNAL.get(layer, ()):
+            assert not (name == bad or name.startswith(bad + ".")), f"{path.name} ({layer}) imports {name}"
+        assert not name.startswith("eval"), f"library code imports the eval scripts: {name}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PKG)))
+def test_small_files_without_asserts_or_prints(path):
+    text = path.read_text()
+    assert len(text.splitlines()) <= 400, f"{path.name} has grown past 400 lines"
+    for node in ast.walk(ast.parse(text)):
+        assert not isinstance(node, ast.Assert), f"assert in library code: {path.name}:{node.lineno}"
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+            raise AssertionError(f"print in library code: {path.name}:{node.lineno}")
