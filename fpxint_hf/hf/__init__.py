@@ -11,25 +11,20 @@ if Version(transformers.__version__).major < 5:
         f"transformers {transformers.__version__}. Upgrade with: pip install -U 'transformers>=5,<6'"
     )
 
-from transformers.quantizers.auto import (  # noqa: E402
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-    AUTO_QUANTIZER_MAPPING,
-    register_quantization_config,
-    register_quantizer,
-)
+import transformers.quantizers.auto as _auto  # noqa: E402
 
 from .config import QUANT_METHOD, FPxINTConfig  # noqa: E402
 from .quantizer import FPxINTHfQuantizer  # noqa: E402
 
 
 def register() -> None:
-    """Register ``quant_method="fpxint"`` with transformers (idempotent)."""
-    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not FPxINTConfig:
-        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
-        register_quantization_config(QUANT_METHOD)(FPxINTConfig)
-    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not FPxINTHfQuantizer:
-        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
-        register_quantizer(QUANT_METHOD)(FPxINTHfQuantizer)
+    """Register ``quant_method="fpxint"`` with transformers (idempotent; survives a reload of its registry)."""
+    if _auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not FPxINTConfig:
+        _auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        _auto.register_quantization_config(QUANT_METHOD)(FPxINTConfig)
+    if _auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not FPxINTHfQuantizer:
+        _auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        _auto.register_quantizer(QUANT_METHOD)(FPxINTHfQuantizer)
 
 
 register()

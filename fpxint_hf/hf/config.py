@@ -81,6 +81,13 @@ class FPxINTConfig(QuantizationConfigMixin):
         self.forward_mode = forward_mode
         self.post_init()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """As ``QuantizationConfigMixin.from_dict``, validating again after ``kwargs`` override fields."""
+        out = super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        (out[0] if return_unused_kwargs else out).post_init()
+        return out
+
     @staticmethod
     def _fields() -> tuple[str, ...]:
         return (

@@ -72,6 +72,7 @@ class FPxINTHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if not isinstance(self.quantization_config, FPxINTConfig):
             raise ValueError(f"expected an FPxINTConfig, got {type(self.quantization_config).__name__}")
+        self.quantization_config.post_init()  # fields may have been set after construction
 
     def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
         module_name, _, tensor_name = param_name.rpartition(".")
@@ -96,7 +97,9 @@ class FPxINTHfQuantizer(HfQuantizer):
             self.modules_to_not_convert,
             weight_placeholder=not self.pre_quantized,
         )
-        if not self.pre_quantized:
+        if self.pre_quantized:
+            check_checkpoint_keys(model, kwargs.get("checkpoint_files") or [])
+        else:
             from tqdm.auto import tqdm
 
             self._progress = tqdm(total=len(replaced), desc="FP=xINT quantizing", unit="layer", leave=False)
@@ -124,8 +127,40 @@ class FPxINTHfQuantizer(HfQuantizer):
         return True
 
 
+def check_checkpoint_keys(model: torch.nn.Module, checkpoint_files: list[str]) -> None:
+    """Before loading a pre-quantized checkpoint: every quantized layer's tensors are the ones its config declares.
+
+    transformers would only report a tensor the module does not declare (e.g. ``zero`` when the config says
+    ``symmetric=True``) as "unexpected" and drop it, so the model would run without it.  Reads only the
+    safetensors headers.
+    """
+    from safetensors import safe_open
+
+    stored: dict[str, set[str]] = {}
+    for path in checkpoint_files:
+        if str(path).endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    module_name, _, tensor_name = key.rpartition(".")
+                    stored.setdefault(module_name, set()).add(tensor_name)
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    problems = []
+    for name, module in model.named_modules():
+        if not isinstance(module, FPxINTLinear):
+            continue
+        names = stored.get(name, stored.get(name.removeprefix(prefix)))
+        if names is None:
+            continue  # absent altogether: reported by check_loaded after loading
+        declared = set(module.state_dict().keys())
+        for extra in sorted(names - declared):
+            problems.append(f"{name}.{extra} (in the checkpoint, but the config declares no such tensor)")
+        for missing in sorted(declared - names):
+            problems.append(f"{name}.{missing} (missing from the checkpoint)")
+    _raise_if(problems)
+
+
 def check_loaded(model: torch.nn.Module) -> None:
-    """Fail loudly when an ``FPxINTLinear`` came out of loading without its weight.
+    """Fail loudly when an ``FPxINTLinear`` came out of loading incomplete or with impossible values.
 
     transformers only warns about missing keys and fills them with uninitialised memory; an
     FP=xINT model with a missing tensor would run with garbage, so this raises instead.
@@ -138,14 +173,26 @@ def check_loaded(model: torch.nn.Module) -> None:
             problems.append(
                 f"{name}.weight (never quantized: the checkpoint has no full-precision weight for it)"
             )
-        for buf_name, buf in module.named_buffers(recurse=False):
-            if buf.device.type != "meta" and not getattr(buf, "_is_hf_initialized", False):
-                problems.append(f"{name}.{buf_name} (missing from the checkpoint)")
-        used = module.terms_used
-        if used.device.type != "meta" and getattr(used, "_is_hf_initialized", False):
-            k = int(used.item())
-            if not 1 <= k <= module.terms:
-                problems.append(f"{name}.terms_used={k} (config allows 1..{module.terms})")
+            continue
+        tensors = dict(module.named_buffers(recurse=False)) | dict(module.named_parameters(recurse=False))
+        if any(t.device.type == "meta" for t in tensors.values()):
+            continue  # offloaded: checked by accelerate when it loads them
+        for t_name, t in tensors.items():
+            if not getattr(t, "_is_hf_initialized", False):
+                problems.append(f"{name}.{t_name} (missing from the checkpoint)")
+            elif t.is_floating_point() and not torch.isfinite(t).all():
+                problems.append(f"{name}.{t_name} (holds NaN or Inf)")
+        k = int(module.terms_used.item())
+        if not 1 <= k <= module.terms:
+            problems.append(f"{name}.terms_used={k} (config allows 1..{module.terms})")
+        if module.outlier_budget:
+            idx = module.outlier_idx
+            if idx.numel() and (idx.min() < 0 or idx.max() >= module.in_features):
+                problems.append(f"{name}.outlier_idx out of [0, {module.in_features})")
+    _raise_if(problems)
+
+
+def _raise_if(problems: list[str]) -> None:
     if problems:
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
         raise ValueError(f"FP=xINT checkpoint does not match its quantization_config: {shown}")

@@ -1,0 +1,172 @@
+"""``FPxINTConfig``: validation on construction, serialisation round trips, registration, group fallback."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+from torch import nn
+from transformers.quantizers.auto import AutoHfQuantizer, AutoQuantizationConfig
+
+import fpxint_hf
+from fpxint_hf import FPxINTConfig, FPxINTHfQuantizer, FPxINTLinear
+from fpxint_hf.expansion import resolve_group_size
+from fpxint_hf.hf.replace import make_fpxint_linear
+
+# field -> (bad values, words of the allowed range that the message must show)
+INVALID = {
+    "bits": ([1, 5, 16, "4", True, 4.0, None], ["(2, 3, 4, 8)"]),
+    "terms": ([0, 9, 2.5, True, "2", None], ["1", "8"]),
+    "group_size": ([0, 8, 15, 100000, "x", 32.0, True], ["None", "16", "65536"]),
+    "tol": ([-1, -1e-9, math.nan, math.inf, -math.inf, "0", None], [">= 0", "finite"]),
+    "outlier_fraction": ([-0.1, 0.5, 0.11, math.nan, math.inf, True, "0.01", None], ["0", "0.1"]),
+    "clip": (["foo", "Laplace", "", None, 1], ["laplace", "search", "minmax"]),
+    "symmetric": (["yes", 1, 0, None, "True"], ["True", "False"]),
+    "forward_mode": (["fast", "Reference", None], ["reference", "terms"]),
+    "modules_to_not_convert": (["lm_head", ("lm_head",), [1], ["lm_head", None]], ["None", "list"]),
+}
+
+CASES = [(field, value, words) for field, (values, words) in INVALID.items() for value in values]
+
+VALID = {
+    "bits": [2, 3, 4, 8],
+    "terms": [1, 2, 8],
+    "group_size": [None, 16, 32, 128, 65536],
+    "tol": [0, 0.0, 1e-6, 3],
+    "outlier_fraction": [0, 0.0, 0.02, 0.1],
+    "clip": ["laplace", "search", "minmax"],
+    "symmetric": [True, False],
+    "forward_mode": ["reference", "terms"],
+    "modules_to_not_convert": [None, [], ["lm_head", "mlp.down_proj"]],
+}
+
+
+@pytest.mark.parametrize(("field", "value", "words"), CASES, ids=[f"{f}={v!r}" for f, v, _ in CASES])
+def test_invalid_field_rejected_on_construction(field, value, words):
+    with pytest.raises(ValueError) as info:
+        FPxINTConfig(**{field: value})
+    message = str(info.value)
+    assert f"{field}={value!r}" in message  # names the field and the offending value
+    for word in words:  # and the allowed range
+        assert word in message, (word, message)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [(f, v) for f, vs in VALID.items() for v in vs], ids=lambda x: repr(x)
+)
+def test_valid_field_accepted(field, value):
+    cfg = FPxINTConfig(**{field: value})
+    assert getattr(cfg, field) == value
+    assert cfg.quant_method == "fpxint"
+
+
+def test_defaults():
+    cfg = FPxINTConfig()
+    assert (cfg.bits, cfg.terms, cfg.group_size, cfg.symmetric) == (4, 2, 128, False)
+    assert (cfg.clip, cfg.outlier_fraction, cfg.tol, cfg.forward_mode) == ("laplace", 0.0, 0.0, "reference")
+    assert cfg.modules_to_not_convert is None
+    assert cfg.nominal_bits_per_weight() == 8
+
+
+def test_unknown_kwarg_rejected():
+    with pytest.raises(ValueError, match=r"unknown FPxINTConfig field.*group_sizes") as info:
+        FPxINTConfig(group_sizes=64)
+    assert "group_size" in str(info.value).split("allowed", 1)[1]  # lists the real field names
+
+
+def test_wrong_quant_method_rejected():
+    with pytest.raises(ValueError, match=r"quant_method='gptq'.*'fpxint'"):
+        FPxINTConfig(quant_method="gptq")
+    assert FPxINTConfig(quant_method="fpxint").quant_method == "fpxint"
+
+
+NON_DEFAULT = dict(
+    bits=3,
+    terms=4,
+    group_size=None,
+    symmetric=True,
+    clip="search",
+    outlier_fraction=0.05,
+    tol=1e-4,
+    modules_to_not_convert=["mlp.down_proj"],
+    forward_mode="terms",
+)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, NON_DEFAULT, dict(bits=8, terms=1, group_size=64)], ids=["default", "all", "some"]
+)
+def test_dict_round_trip(kwargs):
+    cfg = FPxINTConfig(**kwargs)
+    d = cfg.to_dict()
+    assert d["quant_method"] == "fpxint"
+    assert set(d) == {"quant_method", *NON_DEFAULT}
+    again = FPxINTConfig.from_dict(d)
+    assert isinstance(again, FPxINTConfig)
+    assert again.to_dict() == d
+    assert again == cfg
+    # through JSON, as in config.json
+    from_json = FPxINTConfig.from_dict(json.loads(cfg.to_json_string()))
+    assert from_json.to_dict() == d
+
+
+def test_auto_quantization_config_builds_fpxint():
+    d = FPxINTConfig(**NON_DEFAULT).to_dict()
+    cfg = AutoQuantizationConfig.from_dict(dict(d))
+    assert type(cfg) is FPxINTConfig
+    assert cfg.to_dict() == d
+    assert type(AutoHfQuantizer.from_config(cfg)) is FPxINTHfQuantizer
+
+
+def test_auto_quantization_config_validates():
+    with pytest.raises(ValueError, match=r"bits=5"):
+        AutoQuantizationConfig.from_dict({"quant_method": "fpxint", "bits": 5})
+    with pytest.raises(ValueError, match=r"group_sizes"):
+        AutoQuantizationConfig.from_dict({"quant_method": "fpxint", "group_sizes": 64})
+
+
+def test_register_is_idempotent():
+    fpxint_hf.register()
+    fpxint_hf.register()
+    assert type(AutoQuantizationConfig.from_dict({"quant_method": "fpxint"})) is FPxINTConfig
+
+
+# --------------------------------------------------------------------------- group-size fallback
+
+
+@pytest.mark.parametrize(
+    ("in_features", "group_size", "used"),
+    [(96, 64, 32), (576, 128, 64), (80, 32, 16), (100, 64, 100), (144, 96, 16)],
+)
+def test_group_size_fallback_warns(in_features, group_size, used):
+    with pytest.warns(
+        UserWarning, match=rf"group_size={group_size} does not divide in_features={in_features}"
+    ) as rec:
+        assert resolve_group_size(in_features, group_size) == used
+    assert ("per-channel" if used == in_features else f"group_size={used}") in str(rec[0].message)
+
+
+@pytest.mark.parametrize(
+    ("in_features", "group_size", "used"),
+    [(96, 32, 32), (96, 48, 48), (64, 64, 64), (64, 128, 64), (96, None, 96)],
+)
+def test_group_size_no_fallback_no_warning(in_features, group_size, used):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_group_size(in_features, group_size) == used
+
+
+def test_layer_with_96_inputs_uses_group_32():
+    """A layer with in_features=96 under group_size=64 is built with groups of 32 (and says so)."""
+    cfg = FPxINTConfig(bits=4, terms=2, group_size=64)
+    with pytest.warns(UserWarning, match=r"in_features=96; using group_size=32"):
+        module = make_fpxint_linear(nn.Linear(96, 8, bias=True), cfg, weight_placeholder=False)
+    assert isinstance(module, FPxINTLinear)
+    assert module.group_size == 32
+    assert module.scale.shape == (8, 3) and module.zero.shape == (8, 3)
+    assert "group_size=32" in module.extra_repr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make_fpxint_linear(nn.Linear(128, 8), cfg, weight_placeholder=False).group_size == 64
