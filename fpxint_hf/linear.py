@@ -2,26 +2,34 @@
 
 The weight is held as the FP=xINT series of Eq. 1 (see ``expansion.py``), in registered buffers
 with stable names, so ``save_pretrained`` writes them as they are and ``from_pretrained`` reloads
-them with a plain shape check.  Two forward paths give the same result:
+them with a plain shape check.  The forward paths (``forward_mode``) give the same result:
 
 - ``reference``: dequantize the whole series into one matrix, then one matmul;
 - ``terms``: the "AbelianAdd" of the paper, all T integer-valued term matrices in one batched
   matmul (per group), then the weighted reduce ``Σ_{i,g} scale_{i,g} · (Q_{i,g} x_g)``.  Integer
-  codes are exact in bf16/fp16 and the scales are applied in float32 after the matmul.
+  codes are exact in bf16/fp16 and the scales are applied in float32 after the matmul;
+- ``int4`` / ``int8``: packed-integer CPU kernels (``kernels.py``; ``int8`` collapses the terms of a
+  per-channel layer into one int8 matrix), prepared on first use and cached on the module (a plain
+  attribute, not in ``state_dict``), rebuilt when the active terms, dtype, device or buffers change;
+- ``auto``: the fastest kernel that applies to the layer, device and dtype (bfloat16 activations on
+  the CPU: ``kernels.choose_kernel``), else ``reference``; also ``reference`` when x needs a gradient.
 
 ``active_terms`` truncates the series at run time: one checkpoint, several precisions.
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .expansion import Expansion, reconstruct, term_scales
 from .packing import pack, packed_size, unpack
 
-FORWARD_MODES = ("reference", "terms")
+FORWARD_MODES = ("reference", "terms", "int4", "int8", "auto")
 
 
 def outlier_index_dtype(in_features: int) -> torch.dtype:
@@ -60,6 +68,7 @@ class FPxINTLinear(nn.Module):
         self.symmetric, self.outlier_budget = symmetric, outlier_budget
         self.active_terms: int | None = None  # run-time truncation; None = every stored term
         self.forward_mode = "reference"
+        self._kernel_cache: tuple | None = None  # (key, buffers, prepared kernel weights or None)
         groups = in_features // group_size
         kw = {"device": device}
         # [T, out, ceil(in·X/8)] packed codes Q_i + 2^(X-1), term-major
@@ -90,6 +99,7 @@ class FPxINTLinear(nn.Module):
 
         They are viewed as int16 while ``fn`` runs (dtype casts skip integer tensors; device moves do not).
         """
+        self._kernel_cache = None
         fp16 = [n for n, b in self._buffers.items() if b is not None and b.dtype == torch.float16]
         for n in fp16:
             self._buffers[n] = self._buffers[n].view(torch.int16)
@@ -98,6 +108,13 @@ class FPxINTLinear(nn.Module):
         finally:
             for n in fp16:
                 self._buffers[n] = self._buffers[n].view(torch.float16)
+
+    def __getstate__(self):  # copy.deepcopy / pickle: drop the kernel cache, it is rebuilt on demand
+        return {**self.__dict__, "_kernel_cache": None}
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_cache = None  # load_state_dict copies into the buffers in place
+        return super()._load_from_state_dict(*args, **kwargs)
 
     # ------------------------------------------------------------------ state <-> Expansion
 
@@ -127,6 +144,7 @@ class FPxINTLinear(nn.Module):
     @torch.no_grad()
     def load_expansion(self, e: Expansion) -> FPxINTLinear:
         """Copy an expansion into this module's buffers (in place, keeping their devices)."""
+        self._kernel_cache = None
         for name, value in self.expansion_state(e).items():
             setattr(self, name, value.to(getattr(self, name).device))
         return self
@@ -159,11 +177,35 @@ class FPxINTLinear(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.forward_mode == "terms":
+        prepared = self._kernel_weights(x) if self.forward_mode in ("int4", "int8", "auto") else None
+        if prepared is not None:
+            y = kernels.kernel_linear(x, prepared)
+        elif self.forward_mode == "terms":
             y = self._forward_terms(x)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _kernel_weights(self, x: torch.Tensor):
+        """Prepared weights of the ``int4``/``int8`` kernel for ``x`` (cached), or ``None``: ``auto`` fell back."""
+        mode, k = self.forward_mode, self.num_terms()
+        if mode == "auto" and x.requires_grad and torch.is_grad_enabled():
+            return None  # the packed kernels have no backward: differentiate through the reference path
+        key, buffers = (mode, k, x.dtype, x.device), tuple(self._buffers.values())
+        cache = getattr(self, "_kernel_cache", None)  # absent on modules unpickled from older versions
+        hit = cache is not None and cache[0] == key and len(cache[1]) == len(buffers)
+        if hit and all(map(operator.is_, cache[1], buffers)):  # same buffer objects: still valid
+            return cache[2]
+        kw = {"bits": self.bits, "group_size": self.group_size, "in_features": self.in_features, "terms": k}
+        if mode == "auto":
+            mode = kernels.choose_kernel(**kw, device=x.device, dtype=x.dtype)
+        else:
+            why = kernels.supported(mode, **kw, device=x.device, dtype=x.dtype)
+            if not why:
+                raise ValueError(f"forward_mode={mode!r} does not apply to {self.extra_repr()}: {why.reason}")
+        prepared = None if mode is None else kernels.prepare(mode, self.expansion(), k, x.dtype, x.device)
+        self._kernel_cache = (key, buffers, prepared)
+        return prepared
 
     def _forward_terms(self, x: torch.Tensor) -> torch.Tensor:
         """Σ_{i,g} scale_{i,g}·(Q_{i,g} x_g) + bias_g·Σx_g + M_sa x: T integer matmuls, then the reduce."""
@@ -175,12 +217,10 @@ class FPxINTLinear(nn.Module):
         steps = term_scales(e.scale, self.bits, k)  # [k, out, G]
         y = torch.einsum("tnog,tog->no", partial, steps)  # the Abelian add over terms and groups
         if e.zero is not None:
-            y = y + xg.float().sum(-1) @ e.zero.float().t()
+            y = y + kernels.zero_term(x.reshape(-1, self.in_features), e.zero, gs)
         if e.outlier_idx.numel():
-            cols = x.reshape(-1, self.in_features)[:, e.outlier_idx.long().flatten()]
-            y = y + (
-                cols.float().view(-1, self.out_features, e.outlier_idx.shape[1]) * e.outlier_val.float()
-            ).sum(-1)
+            m_sa = kernels.outlier_matrix(e.outlier_idx, e.outlier_val, self.in_features)
+            y = y + kernels.sparse_term(x.reshape(-1, self.in_features), m_sa)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     # ------------------------------------------------------------------ reporting

@@ -24,11 +24,13 @@ def w():
     return torch.distributions.StudentT(3.0).sample((256, 512)) * 0.02
 
 
-@pytest.mark.parametrize("clip,frac", [("minmax", 0.0), ("laplace", 0.0), ("laplace", 0.01), ("search", 0.01)])
+@pytest.mark.parametrize(
+    "clip,frac", [("minmax", 0.0), ("laplace", 0.0), ("laplace", 0.01), ("search", 0.01)]
+)
 def test_error_falls_8x_per_4bit_term(w, clip, frac):
     e = expand(w, bits=4, terms=4, group_size=128, clip=clip, outlier_fraction=frac)
     errs = [relative_error(reconstruct(e, k), w) for k in range(1, 5)]
-    for before, after in zip(errs, errs[1:]):
+    for before, after in zip(errs, errs[1:], strict=False):
         assert after <= before / 8, errs
 
 
@@ -82,7 +84,11 @@ def test_tol_stops_early_and_records_terms(w):
 
 def test_deterministic(w):
     a, b = expand(w, 4, 3, 64, outlier_fraction=0.01), expand(w, 4, 3, 64, outlier_fraction=0.01)
-    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.outlier_idx, b.outlier_idx)
+    assert (
+        torch.equal(a.codes, b.codes)
+        and torch.equal(a.scale, b.scale)
+        and torch.equal(a.outlier_idx, b.outlier_idx)
+    )
 
 
 def test_codes_in_range(w):

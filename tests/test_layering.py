@@ -7,10 +7,11 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "fpxint_hf"
 # each layer may import only from the layers to its left
-ORDER = ["expansion", "packing", "linear", "hf"]
+ORDER = ["expansion", "packing", "kernels", "linear", "hf", "evaluation", "cli"]
 FORBIDDEN_EXTERNAL = {
     "expansion": {"torch.nn", "transformers", "accelerate"},
     "packing": {"torch.nn", "transformers", "accelerate"},
+    "kernels": {"torch.nn", "transformers", "accelerate"},
     "linear": {"transformers", "accelerate"},
 }
 

@@ -1,0 +1,323 @@
+"""Packed-integer CPU kernels for the FP=xINT series (Eq. 1 of ``expansion.py``).
+
+Two fast paths compute ``y = x @ M.T`` for ``M = M_sa + bias·1 + Σ_{i<=k} scale_i·Q_i`` without ever
+materialising the dequantized float matrix.  Both are prepared once per layer (``prepare``) and then
+run per forward (``kernel_linear``); ``FPxINTLinear`` caches the prepared weights.
+
+``int4`` (one ``torch.ops.aten._weight_int4pack_mm_for_cpu`` call per active term, outputs summed)
+    Each term ``Q_i`` is re-packed into PyTorch's own int4 layout (``_convert_weight_to_int4pack_for_cpu``;
+    not the layout of ``packing.pack_4bit``) with a ``[G, N, 2]`` (scale, zero) table in the compute
+    dtype; the kernel computes ``(q - 8)·scale + zero``.  Term 1 carries the FP=xINT bias as its zero,
+    later terms have zero 0.  ``M_sa x`` is added by ``sparse_term``.  Applies when
+
+    - ``bits`` in {2, 3, 4} (2- and 3-bit codes are shifted by ``8 - 2^(X-1)`` into the int4 range,
+      exactly);
+    - the layer's group size is a multiple of a kernel group size in {32, 64, 128, 256} (per-channel
+      layers too: their one scale per row is repeated over kernel groups);
+    - x and the weights are on the CPU, x is float32, bfloat16 or float16.
+
+    ``out_features`` need not be a multiple of 16 (the kernel's requirement): rows are zero-padded.
+
+``int8`` (collapsed: one ``torch.ops.aten._weight_int8pack_mm`` call for all active terms)
+    With one group per row (``group_size == in_features``) the terms merge into one wider integer:
+    ``Σ_{i<=k} scale_i·c_i = scale_k · Σ_i r^(k-i)·c_i`` with ``r = 2^X - 2`` and centred codes
+    ``c_1 in [-2^(X-1), 2^(X-1) - 1]``, ``c_i in [-(2^(X-1) - 1), 2^(X-1) - 1]``.  Applies when that
+    integer's worst-case range (``collapsed_range``) fits int8: e.g. X=4 with k <= 2 (k=2: [-119, 105]),
+    X=3 with k <= 2, X=2 with k <= 6, X=8 with k = 1.  The bias (``zero · Σx``) and ``M_sa x`` are
+    added afterwards.  CPU only, x float32, bfloat16 or float16.
+
+Speed (torch 2.13, AVX2 CPU; ``eval/results/bench_kernels.md``): both ops are vectorized only for
+bfloat16 activations; with float32 or float16 they are exact but far slower than dense ``F.linear``.
+``choose_kernel`` (the ``"auto"`` forward mode) therefore picks a kernel for bfloat16 only.
+
+Not implemented: a CUDA path (``torch.ops.aten._weight_int4pack_mm`` with
+``_convert_weight_to_int4pack``).  No GPU was available to test it, so CUDA tensors are reported as
+unsupported and ``FPxINTLinear`` in ``"auto"`` mode falls back to the reference path there.
+
+Pure torch functions and dataclasses: no ``nn.Module``, no transformers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .expansion import Expansion, residual_ratio, term_scales
+
+KERNEL_MODES = ("int4", "int8")
+INT4_GROUP_SIZES = (256, 128, 64, 32)  # group sizes of _weight_int4pack_mm_for_cpu, largest first
+INT4_BITS = (2, 3, 4)
+INT4_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+AUTO_DTYPES = (torch.bfloat16,)  # the activation dtypes for which the CPU kernels are fast (torch 2.13)
+_INT4_OPS = ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")
+_INT8_OPS = ("_weight_int8pack_mm",)
+
+
+@dataclass(frozen=True)
+class Support:
+    """Whether a kernel applies, and why not (``reason`` is empty when it does)."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass
+class Int4Weights:
+    """Prepared ``int4`` weights of the first ``len(packed)`` terms of one layer."""
+
+    packed: list[torch.Tensor]  # per term: uint8, _convert_weight_to_int4pack_for_cpu layout, N padded to 16
+    scale_and_zero: list[torch.Tensor]  # per term: [G', N_pad, 2] (scale, zero) in the compute dtype
+    group_size: int  # kernel group size (divides the layer's group size)
+    out_features: int
+    outliers: torch.Tensor | None  # M_sa as float32 sparse CSR [out, in] (``outlier_matrix``), or None
+
+
+@dataclass
+class Int8Weights:
+    """Prepared collapsed ``int8`` weight of the first ``terms`` terms of one per-channel layer."""
+
+    weight: torch.Tensor  # int8 [out, in]: Σ_i r^(k-i)·c_i
+    scales: torch.Tensor  # [out] scale_k in the compute dtype
+    zero: torch.Tensor | None  # float32 [out, 1] bias of the one group, or None (symmetric)
+    terms: int
+    outliers: torch.Tensor | None  # M_sa as float32 sparse CSR [out, in], or None
+
+
+def _ops_missing(names: tuple[str, ...]) -> list[str]:
+    return [n for n in names if not hasattr(torch.ops.aten, n)]
+
+
+def _common_support(device: torch.device | str, dtype: torch.dtype, ops: tuple[str, ...]) -> Support:
+    missing = _ops_missing(ops)
+    if missing:
+        return Support(False, f"torch {torch.__version__} lacks torch.ops.aten.{', '.join(missing)}")
+    if torch.device(device).type != "cpu":
+        return Support(False, f"device {torch.device(device)} is not the CPU (no CUDA path is implemented)")
+    if dtype not in KERNEL_DTYPES:
+        return Support(False, f"activation dtype {dtype} is not one of {KERNEL_DTYPES}")
+    return Support(True)
+
+
+def int4_group_size(group_size: int) -> int | None:
+    """Largest kernel group size dividing the layer's ``group_size`` (``None`` if there is none)."""
+    return next((g for g in INT4_GROUP_SIZES if group_size % g == 0), None)
+
+
+def int4_supported(
+    bits: int, group_size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Support:
+    """Whether the ``int4`` path applies to a layer with these parameters (see the module docstring)."""
+    if bits not in INT4_BITS:
+        return Support(False, f"bits={bits} is not one of {INT4_BITS}")
+    if int4_group_size(group_size) is None:
+        return Support(False, f"group_size={group_size} is not a multiple of 32")
+    return _common_support(device, dtype, _INT4_OPS)
+
+
+def collapsed_range(bits: int, terms: int) -> tuple[int, int]:
+    """Worst-case range of ``Σ_{i<=k} r^(k-i)·c_i`` (``k = terms``) over all valid centred codes."""
+    half, r = 2 ** (bits - 1), residual_ratio(bits)
+    below = sum(r**j for j in range(terms - 1))  # weights of terms 2..k
+    return -half * r ** (terms - 1) - (half - 1) * below, (half - 1) * (below + r ** (terms - 1))
+
+
+def int8_supported(
+    bits: int,
+    group_size: int,
+    in_features: int,
+    terms: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Support:
+    """Whether the collapsed ``int8`` path applies to the first ``terms`` terms of such a layer."""
+    if group_size != in_features:
+        return Support(False, f"group_size={group_size} is not per-channel (in_features={in_features})")
+    lo, hi = collapsed_range(bits, terms)
+    if lo < -128 or hi > 127:
+        return Support(False, f"{terms} terms of {bits} bits collapse to [{lo}, {hi}], wider than int8")
+    return _common_support(device, dtype, _INT8_OPS)
+
+
+def supported(
+    mode: str,
+    *,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    terms: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> Support:
+    """``int4_supported`` or ``int8_supported`` by ``mode`` (one of ``KERNEL_MODES``)."""
+    if mode == "int4":
+        return int4_supported(bits, group_size, device, dtype)
+    if mode == "int8":
+        return int8_supported(bits, group_size, in_features, terms, device, dtype)
+    raise ValueError(f"kernel mode={mode!r} is not one of {KERNEL_MODES}")
+
+
+def choose_kernel(
+    *,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    terms: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> str | None:
+    """The kernel ``"auto"`` uses, or ``None`` (use the reference path).
+
+    Only bfloat16 activations get a kernel: in torch 2.13 on CPU the float32 and float16 variants of
+    both ops are correct but unvectorized, 10-90x slower than dense ``F.linear`` in the same dtype.
+    ``int8`` goes first (one matmul for all its terms; with one term it measured as fast as ``int4`` or
+    faster), then ``int4``.  Measurements: ``eval/results/bench_kernels.md``.
+    """
+    if dtype not in AUTO_DTYPES:
+        return None
+    kw = {"bits": bits, "group_size": group_size, "in_features": in_features, "terms": terms}
+    return next((m for m in ("int8", "int4") if supported(m, **kw, device=device, dtype=dtype)), None)
+
+
+# --------------------------------------------------------------------------- shared small terms
+
+
+def zero_term(x2d: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``bias · Σx`` per group: float32 ``[n, out]`` for ``x2d`` ``[n, in]`` and ``zero`` ``[out, G]``."""
+    xs = x2d.float().reshape(x2d.shape[0], -1, group_size).sum(-1)  # [n, G]
+    return xs @ zero.float().t()
+
+
+def outlier_matrix(idx: torch.Tensor, val: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``M_sa`` as a float32 sparse CSR ``[out, in]`` from its per-row lists ``idx``/``val`` ``[out, K]``
+    (duplicate columns summed, unused slots kept as explicit zeros)."""
+    out_features, k = idx.shape
+    rows = torch.arange(out_features, device=idx.device).repeat_interleave(k)
+    with warnings.catch_warnings():  # torch warns once that sparse CSR is "beta"
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*", category=UserWarning)
+        coo = torch.sparse_coo_tensor(
+            torch.stack([rows, idx.reshape(-1).long()]), val.reshape(-1).float(), (out_features, in_features)
+        )
+        return coo.coalesce().to_sparse_csr()
+
+
+def sparse_term(x2d: torch.Tensor, m_sa: torch.Tensor) -> torch.Tensor:
+    """``M_sa x``: float32 ``[n, out]`` for ``x2d`` ``[n, in]`` and the CSR ``m_sa`` of ``outlier_matrix``.
+
+    One sparse matmul: on the CPU ~30x faster at 128 tokens than gathering the K columns of x per row.
+    """
+    return (m_sa @ x2d.float().t()).t()
+
+
+def _outliers(e: Expansion, device: torch.device) -> torch.Tensor | None:
+    if not e.outlier_idx.numel():
+        return None
+    return outlier_matrix(e.outlier_idx.to(device), e.outlier_val.to(device), e.shape[1])
+
+
+def _finish(y: torch.Tensor, x2d: torch.Tensor, w: Int4Weights | Int8Weights) -> torch.Tensor:
+    if w.outliers is not None:
+        y = y.float() + sparse_term(x2d, w.outliers)
+    return y.to(x2d.dtype)
+
+
+# --------------------------------------------------------------------------- int4
+
+
+def prepare_int4(
+    e: Expansion, terms: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> Int4Weights:
+    """Re-pack the first ``terms`` terms of ``e`` for ``_weight_int4pack_mm_for_cpu`` (once per layer)."""
+    device = torch.device(device)
+    why = int4_supported(e.bits, e.group_size, device, dtype)
+    if not why:
+        raise ValueError(f"the int4 kernel does not apply: {why.reason}")
+    gs = int4_group_size(e.group_size)
+    n_out, _ = e.shape
+    pad = (-n_out) % INT4_ROW_MULTIPLE
+    shift = 8 - 2 ** (e.bits - 1)  # codes q + shift, so that (q + shift - 8) = q - 2^(X-1)
+    steps = term_scales(e.scale.to(device), e.bits, terms).repeat_interleave(e.group_size // gs, dim=2)
+    packed, tables = [], []
+    for i in range(terms):
+        codes = e.codes[i].to(device=device, dtype=torch.int32) + shift
+        scale = steps[i]  # [out, G']
+        if i == 0 and e.zero is not None:
+            zero = e.zero.to(device).float().repeat_interleave(e.group_size // gs, dim=1)
+        else:
+            zero = torch.zeros_like(scale)
+        if pad:  # code 8 with scale 0 and zero 0: rows of value 0
+            codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
+            scale, zero = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scale, zero))
+        packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1))
+        tables.append(torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous())
+    return Int4Weights(packed, tables, gs, n_out, _outliers(e, device))
+
+
+def int4_linear(x2d: torch.Tensor, w: Int4Weights) -> torch.Tensor:
+    """``x2d @ M.T`` (``[n, in] -> [n, out]``, x's dtype): one int4 matmul per term, summed, plus ``M_sa x``."""
+    x2d = x2d.contiguous()
+    y = None
+    for packed, table in zip(w.packed, w.scale_and_zero, strict=True):
+        part = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, packed, w.group_size, table)
+        y = part if y is None else y.float() + part  # the Abelian add (float32 for reduced-precision x)
+    y = y[:, : w.out_features]
+    return _finish(y, x2d, w)
+
+
+# --------------------------------------------------------------------------- collapsed int8
+
+
+def collapse_codes(e: Expansion, terms: int) -> torch.Tensor:
+    """int32 ``[out, in]``: ``Σ_{i<=k} r^(k-i)·(q_i - 2^(X-1))`` for ``k = terms``."""
+    half, r = 2 ** (e.bits - 1), residual_ratio(e.bits)
+    total = torch.zeros(e.shape, dtype=torch.int32, device=e.codes.device)
+    for i in range(terms):
+        total.mul_(r).add_(e.codes[i].to(torch.int32) - half)
+    return total
+
+
+def prepare_int8(
+    e: Expansion, terms: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> Int8Weights:
+    """Collapse the first ``terms`` terms of a per-channel ``e`` into one int8 matrix (once per layer)."""
+    device = torch.device(device)
+    why = int8_supported(e.bits, e.group_size, e.shape[1], terms, device, dtype)
+    if not why:
+        raise ValueError(f"the collapsed int8 kernel does not apply: {why.reason}")
+    weight = collapse_codes(e, terms).to(device=device, dtype=torch.int8).contiguous()
+    scales = term_scales(e.scale.to(device), e.bits, terms)[terms - 1, :, 0].to(dtype).contiguous()
+    zero = None if e.zero is None else e.zero.to(device).float()
+    return Int8Weights(weight, scales, zero, terms, _outliers(e, device))
+
+
+def int8_linear(x2d: torch.Tensor, w: Int8Weights) -> torch.Tensor:
+    """``x2d @ M.T`` (``[n, in] -> [n, out]``, x's dtype): one int8 matmul, plus ``bias·Σx`` and ``M_sa x``."""
+    x2d = x2d.contiguous()
+    y = torch.ops.aten._weight_int8pack_mm(x2d, w.weight, w.scales)
+    if w.zero is not None:
+        y = y.float() + zero_term(x2d, w.zero, x2d.shape[1])
+    return _finish(y, x2d, w)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def prepare(mode: str, e: Expansion, terms: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """``prepare_int4`` or ``prepare_int8`` by ``mode``."""
+    if mode == "int4":
+        return prepare_int4(e, terms, dtype, device)
+    if mode == "int8":
+        return prepare_int8(e, terms, dtype, device)
+    raise ValueError(f"kernel mode={mode!r} is not one of {KERNEL_MODES}")
+
+
+def kernel_linear(x: torch.Tensor, w: Int4Weights | Int8Weights) -> torch.Tensor:
+    """``x @ M.T`` for any leading shape of ``x`` with prepared weights ``w``."""
+    x2d = x.reshape(-1, x.shape[-1])
+    y = int4_linear(x2d, w) if isinstance(w, Int4Weights) else int8_linear(x2d, w)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
