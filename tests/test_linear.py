@@ -7,7 +7,9 @@ from fpxint_hf.expansion import expand, outlier_budget, reconstruct, snr_db
 from fpxint_hf.linear import FPxINTLinear, set_active_terms, set_forward_mode
 
 
-def make(in_features=192, out_features=80, terms=3, group_size=64, frac=0.01, symmetric=False, bits=4, bias=True):
+def make(
+    in_features=192, out_features=80, terms=3, group_size=64, frac=0.01, symmetric=False, bits=4, bias=True
+):
     torch.manual_seed(0)
     lin = torch.nn.Linear(in_features, out_features, bias=bias)
     e = expand(lin.weight, bits, terms, group_size, symmetric=symmetric, outlier_fraction=frac)
@@ -27,7 +29,9 @@ def make(in_features=192, out_features=80, terms=3, group_size=64, frac=0.01, sy
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("symmetric,frac,group_size", [(False, 0.01, 64), (True, 0.0, None), (False, 0.0, 32)])
+@pytest.mark.parametrize(
+    "symmetric,frac,group_size", [(False, 0.01, 64), (True, 0.0, None), (False, 0.0, 32)]
+)
 def test_reference_and_term_parallel_agree(bits, symmetric, frac, group_size):
     _, e, m = make(bits=bits, symmetric=symmetric, frac=frac, group_size=group_size)
     x = torch.randn(3, 5, 192)
@@ -51,8 +55,14 @@ def test_forward_equals_dense_matmul_of_reconstruction():
 def test_expansion_round_trip_through_buffers():
     _, e, m = make()
     back = m.expansion()
-    assert torch.equal(back.codes, e.codes) and torch.equal(back.scale, e.scale) and torch.equal(back.zero, e.zero)
-    assert torch.equal(back.outlier_idx.long(), e.outlier_idx.long()) and torch.equal(back.outlier_val, e.outlier_val)
+    assert (
+        torch.equal(back.codes, e.codes)
+        and torch.equal(back.scale, e.scale)
+        and torch.equal(back.zero, e.zero)
+    )
+    assert torch.equal(back.outlier_idx.long(), e.outlier_idx.long()) and torch.equal(
+        back.outlier_val, e.outlier_val
+    )
 
 
 def test_truncation_knob():
