@@ -204,7 +204,9 @@ class FPxINTLinear(nn.Module):
             if not why:
                 raise ValueError(f"forward_mode={mode!r} does not apply to {self.extra_repr()}: {why.reason}")
         prepared = None if mode is None else kernels.prepare(mode, self.expansion(), k, x.dtype, x.device)
-        self._kernel_cache = (key, buffers, prepared)
+        # accelerate swaps offloaded buffers in for each forward and back to meta after it: a cache would only
+        # miss, and would keep every offloaded layer's weights in memory
+        self._kernel_cache = None if _buffers_offloaded(self) else (key, buffers, prepared)
         return prepared
 
     def _forward_terms(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,6 +240,13 @@ class FPxINTLinear(nn.Module):
             f"bits={self.bits}, terms={self.terms}, group_size={self.group_size}, symmetric={self.symmetric}, "
             f"outliers_per_row={self.outlier_budget}, bits_per_weight={self.bits_per_weight():.3f}"
         )
+
+
+def _buffers_offloaded(module: nn.Module) -> bool:
+    """True when an accelerate hook on ``module`` loads its buffers for each forward (``offload_buffers``)."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", (hook,)) if hook is not None else ()
+    return any(getattr(h, "offload", False) and getattr(h, "offload_buffers", False) for h in hooks)
 
 
 def set_active_terms(model: nn.Module, k: int | None) -> nn.Module:

@@ -84,6 +84,13 @@ class FPxINTHfQuantizer(HfQuantizer):
             return False
         return isinstance(module, FPxINTLinear) and "weight" in module._parameters
 
+    def param_element_size(self, model: torch.nn.Module, param_name: str, param: torch.Tensor) -> float:
+        """Bytes per element for ``device_map="auto"``: 0 for the full-precision placeholder of a layer quantized
+        on load (dropped once quantized; the module's buffers already count the quantized size)."""
+        if self.param_needs_quantization(model, param_name):
+            return 0
+        return super().param_element_size(model, param_name, param)
+
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs: Any):
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model,
@@ -163,7 +170,10 @@ def check_loaded(model: torch.nn.Module) -> None:
     """Fail loudly when an ``FPxINTLinear`` came out of loading incomplete or with impossible values.
 
     transformers only warns about missing keys and fills them with uninitialised memory; an
-    FP=xINT model with a missing tensor would run with garbage, so this raises instead.
+    FP=xINT model with a missing tensor would run with garbage, so this raises instead.  Tensors that
+    accelerate offloaded (``device_map`` with ``"disk"``, or ``"cpu"`` next to an accelerator) are on the
+    meta device here: they are read back one at a time from accelerate's weights map and checked the same
+    way; one absent from that map was never loaded.
     """
     problems = []
     for name, module in model.named_modules():
@@ -174,22 +184,56 @@ def check_loaded(model: torch.nn.Module) -> None:
                 f"{name}.weight (never quantized: the checkpoint has no full-precision weight for it)"
             )
             continue
+        offloaded = _offload_hooked(model, name)
         tensors = dict(module.named_buffers(recurse=False)) | dict(module.named_parameters(recurse=False))
-        if any(t.device.type == "meta" for t in tensors.values()):
-            continue  # offloaded: checked by accelerate when it loads them
+        values = {}
         for t_name, t in tensors.items():
-            if not getattr(t, "_is_hf_initialized", False):
+            if t.device.type == "meta":
+                t = _offloaded_value(model, name, t_name)
+                if t is None:
+                    problems.append(f"{name}.{t_name} (missing: offloaded, but not in the offload index)")
+                    continue
+            # accelerate moves the resident tensors of an offloaded module onto the execution device, which
+            # drops transformers' loaded-flag; their presence was checked on the checkpoint headers instead
+            elif not offloaded and not getattr(t, "_is_hf_initialized", False):
                 problems.append(f"{name}.{t_name} (missing from the checkpoint)")
-            elif t.is_floating_point() and not torch.isfinite(t).all():
+                continue
+            values[t_name] = t
+            if t.is_floating_point() and not torch.isfinite(t).all():
                 problems.append(f"{name}.{t_name} (holds NaN or Inf)")
-        k = int(module.terms_used.item())
-        if not 1 <= k <= module.terms:
-            problems.append(f"{name}.terms_used={k} (config allows 1..{module.terms})")
-        if module.outlier_budget:
-            idx = module.outlier_idx
-            if idx.numel() and (idx.min() < 0 or idx.max() >= module.in_features):
-                problems.append(f"{name}.outlier_idx out of [0, {module.in_features})")
+        if "terms_used" in values:
+            k = int(values["terms_used"].item())
+            if not 1 <= k <= module.terms:
+                problems.append(f"{name}.terms_used={k} (config allows 1..{module.terms})")
+        idx = values.get("outlier_idx")
+        if idx is not None and idx.numel() and (idx.min() < 0 or idx.max() >= module.in_features):
+            problems.append(f"{name}.outlier_idx out of [0, {module.in_features})")
     _raise_if(problems)
+
+
+def _offload_hooks(model: torch.nn.Module, module_name: str):
+    """``(path below the hooked module, hook)`` for every accelerate hook on ``module_name`` and its parents."""
+    parts = module_name.split(".") if module_name else []
+    for i in range(len(parts), -1, -1):
+        hook = getattr(model.get_submodule(".".join(parts[:i])), "_hf_hook", None)
+        for h in getattr(hook, "hooks", (hook,)) if hook is not None else ():
+            yield parts[i:], h
+
+
+def _offload_hooked(model: torch.nn.Module, module_name: str) -> bool:
+    return any(getattr(h, "offload", False) for _, h in _offload_hooks(model, module_name))
+
+
+def _offloaded_value(model: torch.nn.Module, module_name: str, tensor_name: str) -> torch.Tensor | None:
+    """An offloaded tensor read back from accelerate's weights map (disk or CPU), ``None`` if it has none."""
+    for below, hook in _offload_hooks(model, module_name):
+        weights_map = getattr(hook, "weights_map", None)
+        if weights_map is not None:
+            try:
+                return weights_map[".".join([*below, tensor_name])]
+            except KeyError:
+                return None
+    return None
 
 
 def _raise_if(problems: list[str]) -> None:
