@@ -165,6 +165,12 @@ class FPxINTLinear(nn.Module):
             group_size=self.group_size,
         )
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed integer codes under the name PEFT looks up for a quantized layer's weight (GPTQ's
+        ``qweight``): PEFT reads its device when it wraps the layer with LoRA.  Read-only, not in ``state_dict``."""
+        return self.codes
+
     def num_terms(self) -> int:
         """Terms the forward uses now: ``min(active_terms, terms_used)``."""
         used = int(self.terms_used.item())
