@@ -259,9 +259,8 @@ def set_active_terms(model: nn.Module, k: int | None) -> nn.Module:
     """Truncate every ``FPxINTLinear`` of ``model`` to its first ``k`` terms (``None``: all stored)."""
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"active terms k={k!r} must be an int >= 1 or None")
-    for m in model.modules():
-        if isinstance(m, FPxINTLinear):
-            m.active_terms = k
+    for m in _fpxint_layers(model):
+        m.active_terms = k
     return model
 
 
@@ -269,7 +268,23 @@ def set_forward_mode(model: nn.Module, mode: str) -> nn.Module:
     """Select the forward path of every ``FPxINTLinear``: one of ``FORWARD_MODES``."""
     if mode not in FORWARD_MODES:
         raise ValueError(f"forward mode={mode!r} is not supported; allowed: {FORWARD_MODES}")
-    for m in model.modules():
-        if isinstance(m, FPxINTLinear):
-            m.forward_mode = mode
+    for m in _fpxint_layers(model):
+        m.forward_mode = mode
     return model
+
+
+def _fpxint_layers(model: nn.Module) -> list[FPxINTLinear]:
+    """The ``FPxINTLinear`` modules of ``model``; ``ValueError`` when there are none although its config says
+    ``quant_method="fpxint"``: it was loaded while the plugin was not registered (transformers then only warns
+    "Unknown quantization type" and initialises the linear layers at random)."""
+    layers = [m for m in model.modules() if isinstance(m, FPxINTLinear)]
+    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+    if not layers and method == "fpxint":
+        raise ValueError(
+            f"{type(model).__name__} comes from an FP=xINT checkpoint (quant_method='fpxint') but holds no "
+            "FPxINTLinear: it was loaded before quant_method 'fpxint' was registered, and its linear layers are "
+            "randomly initialised. `import fpxint_hf` (or install it so that its start-up hook registers it) "
+            "before from_pretrained, and load it again"
+        )
+    return layers
