@@ -13,6 +13,7 @@ from ..expansion import expand
 from ..linear import FPxINTLinear
 from .config import FPxINTConfig
 from .replace import replace_with_fpxint_linear
+from .saving import install_atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class FPxINTHfQuantizer(HfQuantizer):
             self._progress.close()
             self._progress = None
         check_loaded(model)
+        install_atomic_save(model)
         return model
 
     def get_quantize_ops(self) -> FPxINTQuantize:

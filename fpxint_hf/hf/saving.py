@@ -1,0 +1,161 @@
+"""Crash-safe ``save_pretrained`` for FP=xINT models: the target directory is replaced as a whole, or not at all.
+
+transformers writes config.json, then the weight files, straight into the target directory.  A save that
+fails or is killed half-way leaves a directory with a new config.json and missing, truncated or (when it
+overwrites an older sharded checkpoint) a mix of new and stale weight files, and a previous good checkpoint
+there is destroyed.  ``install_atomic_save`` (called by the quantizer on every model it loads) wraps the
+model class's ``save_pretrained`` so that, for FP=xINT-quantized models, it writes everything into a fresh
+sibling directory ``.<name>.fpxint-tmp-*`` and only then moves it into place:
+
+- no directory at the target yet: one ``rename`` (atomic on POSIX);
+- a directory there: the files it holds that this save does not write (a tokenizer, a README, ...) are
+  hard-linked (else copied) into the new directory, except stale model weight files and indexes
+  (``model*.safetensors``, ``pytorch_model*.bin`` and their ``.index.json``), then the old directory is renamed
+  aside, the new one renamed into place and the old one deleted.  A crash between those two renames leaves no
+  directory at the target and the complete old one at ``.<name>.fpxint-old-*`` (never a mixed one).
+
+A failed save deletes its temporary directory and re-raises; the target is untouched.  ``push_to_hub`` (which
+saves into a temporary directory and uploads it) and ``save_pretrained(..., push_to_hub=True)`` keep working
+(the repository name still defaults to the target's name).  Saves that are not atomic here fall through to
+transformers unchanged: a non-main process or an initialised ``torch.distributed`` group (each rank would swap
+its own directory), ``distributed_checkpoint=True``, or a target that is an existing file.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import re
+import shutil
+import uuid
+
+import torch
+
+from .config import QUANT_METHOD
+
+logger = logging.getLogger(__name__)
+
+# weight files and indexes a new save supersedes (transformers itself only deletes stale *shards*)
+WEIGHT_FILE = re.compile(
+    r"(model|pytorch_model)(-\d{5}-of-\d{5})?(\.[\w-]+)?\.(safetensors|bin)(\.index\.json)?"
+)
+MARK = "_fpxint_atomic_save"
+
+
+def install_atomic_save(model: torch.nn.Module) -> None:
+    """Make ``save_pretrained`` crash-safe for FP=xINT models of ``type(model)`` (idempotent).
+
+    The class's method is wrapped, not the instance's: an instance attribute would either have to reference
+    the model (a reference cycle that keeps a deleted model's memory until the garbage collector runs) or
+    reference it weakly (breaking ``from_pretrained(...).save_pretrained(...)``, whose model is gone by the
+    time the method is called).  Models of that class that are not FP=xINT-quantized go straight through
+    to the original method.
+    """
+    cls = type(model)
+    original = cls.save_pretrained
+    if getattr(original, MARK, False):
+        return
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if not _is_fpxint(self):
+            return original(self, save_directory, *args, **kwargs)
+        return atomic_save_pretrained(self, original, save_directory, *args, **kwargs)
+
+    setattr(save_pretrained, MARK, True)
+    cls.save_pretrained = save_pretrained
+
+
+def _is_fpxint(model: torch.nn.Module) -> bool:
+    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    return getattr(config, "quant_method", None) == QUANT_METHOD
+
+
+def atomic_save_pretrained(model, original, save_directory, *args, **kwargs):
+    """``original(model, save_directory, ...)`` written into a temporary sibling directory, then moved into place."""
+    try:
+        bound = inspect.signature(original).bind(model, save_directory, *args, **kwargs)
+    except TypeError:
+        return original(model, save_directory, *args, **kwargs)  # let transformers report the bad call
+    options = {**bound.arguments, **bound.arguments.get("kwargs", {})}
+    if (
+        not options.get("is_main_process", True)
+        or options.get("distributed_checkpoint", False)
+        or (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or os.path.isfile(save_directory)
+    ):
+        return original(model, save_directory, *args, **kwargs)
+
+    target = os.path.realpath(os.fspath(save_directory))
+    parent, name = os.path.split(target)
+    if options.get("push_to_hub", False) and "repo_id" not in kwargs:
+        # transformers' default: the name of the directory it is given (here the temporary one)
+        kwargs["repo_id"] = os.path.basename(os.path.normpath(os.fspath(save_directory)))
+    os.makedirs(parent, exist_ok=True)
+    tmp = _fresh_dir(parent, f".{name}.fpxint-tmp-")  # permissions as os.makedirs would give
+    try:
+        if os.path.isdir(target):
+            shutil.copymode(target, tmp)
+        result = original(model, tmp, *args, **kwargs)
+        if os.path.isdir(target):
+            _carry_over(target, tmp)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def _fresh_dir(parent: str, prefix: str) -> str:
+    """A new empty directory ``parent/prefix<random>``, created with the default (umask) permissions."""
+    for _ in range(100):
+        path = os.path.join(parent, prefix + uuid.uuid4().hex[:12])
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary directory name {prefix}* in {parent}")
+
+
+def _carry_over(old: str, new: str) -> None:
+    """Link (or copy) into ``new`` every entry of ``old`` that ``new`` lacks, stale weight files excepted."""
+    written = set(os.listdir(new))
+    for entry in os.listdir(old):
+        if entry in written or WEIGHT_FILE.fullmatch(entry):
+            continue
+        src, dst = os.path.join(old, entry), os.path.join(new, entry)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _replace_dir(new: str, target: str) -> None:
+    """Move the complete directory ``new`` to ``target``, replacing what is there."""
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        return
+    parent, name = os.path.split(target)
+    old = _fresh_dir(parent, f".{name}.fpxint-old-")
+    os.rmdir(old)  # a unique name, absent again for the rename
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)  # put the old checkpoint back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    logger.debug("FP=xINT: replaced %s atomically", target)
