@@ -132,6 +132,24 @@ def test_overwrite_replaces_weights_and_keeps_other_files(make_fp_dir, tmp_path,
     assert torch.equal(logits_of(AutoModelForCausalLM.from_pretrained(out)), logits_of(new))
 
 
+def test_overwrite_keeps_weights_it_does_not_supersede(make_fp_dir, tmp_path):
+    """Another variant's weights stay; an adapters-only save (transformers' ``add_adapter``) keeps the base
+    model's weights and config (it writes no model weights, so it supersedes none)."""
+    from fpxint_hf.hf.lora import lora_config
+
+    out = tmp_path / "q"
+    model = quantize(make_fp_dir("qwen2"))
+    model.save_pretrained(out)
+    model.save_pretrained(out, variant="v2")
+    base = digest(out)
+    assert set(base) == {"config.json", "generation_config.json", "model.safetensors", "model.v2.safetensors"}
+    model.add_adapter(lora_config(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(out)
+    after = digest(out)
+    assert set(after) == set(base) | {"adapter_config.json", "adapter_model.safetensors"}
+    assert {k: after[k] for k in base} == base
+
+
 def test_killed_save_leaves_no_directory(make_fp_dir, tmp_path):
     """A process killed in the middle of a save (os._exit, no clean-up runs) leaves the target absent, or the old
     checkpoint untouched; only a hidden ``.<name>.fpxint-tmp-*`` directory remains."""

@@ -9,8 +9,8 @@ sibling directory ``.<name>.fpxint-tmp-*`` and only then moves it into place:
 
 - no directory at the target yet: one ``rename`` (atomic on POSIX);
 - a directory there: the files it holds that this save does not write (a tokenizer, a README, ...) are
-  hard-linked (else copied) into the new directory, except stale model weight files and indexes
-  (``model*.safetensors``, ``pytorch_model*.bin`` and their ``.index.json``), then the old directory is renamed
+  hard-linked (else copied) into the new directory, except the model weight files and indexes it supersedes
+  (``model*.safetensors``, ``pytorch_model*.bin`` and their index of the same variant), then the old one is renamed
   aside, the new one renamed into place and the old one deleted.  A crash between those two renames leaves no
   directory at the target and the complete old one at ``.<name>.fpxint-old-*`` (never a mixed one).
 
@@ -37,9 +37,10 @@ from .config import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
 
-# weight files and indexes a new save supersedes (transformers itself only deletes stale *shards*)
+# model weight files and indexes, with their variant (``save_pretrained(..., variant="fp16")``)
 WEIGHT_FILE = re.compile(
-    r"(model|pytorch_model)(-\d{5}-of-\d{5})?(\.[\w-]+)?\.(safetensors|bin)(\.index\.json)?"
+    r"(?:model|pytorch_model)(?:\.(?P<v1>[\w-]+?))?(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)"
+    r"(?:\.index(?:\.(?P<v2>[\w-]+))?\.json)?"
 )
 MARK = "_fpxint_atomic_save"
 
@@ -120,11 +121,21 @@ def _fresh_dir(parent: str, prefix: str) -> str:
     raise FileExistsError(f"no free temporary directory name {prefix}* in {parent}")
 
 
+def _weights_variant(entry: str) -> tuple[bool, str | None]:
+    """(is a model weight file or index, its variant)."""
+    m = WEIGHT_FILE.fullmatch(entry)
+    return (False, None) if m is None else (True, m["v1"] or m["v2"])
+
+
 def _carry_over(old: str, new: str) -> None:
-    """Link (or copy) into ``new`` every entry of ``old`` that ``new`` lacks, stale weight files excepted."""
+    """Link (or copy) into ``new`` every entry of ``old`` that ``new`` lacks, except the model weight files and
+    indexes this save supersedes (those of the variant it wrote; transformers itself only deletes stale shards).
+    A save that wrote no model weights (adapters only) supersedes none."""
     written = set(os.listdir(new))
+    variants = {v for is_weights, v in map(_weights_variant, written) if is_weights}
     for entry in os.listdir(old):
-        if entry in written or WEIGHT_FILE.fullmatch(entry):
+        is_weights, variant = _weights_variant(entry)
+        if entry in written or (is_weights and variant in variants):
             continue
         src, dst = os.path.join(old, entry), os.path.join(new, entry)
         if os.path.isdir(src) and not os.path.islink(src):
