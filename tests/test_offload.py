@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -60,9 +61,16 @@ def test_disk_offloaded_layer_gives_same_logits(qwen2_dirs, logits_of, tmp_path,
     path, kwargs = (fp_dir, quantize_kwargs()) if source == "quantize_on_load" else (q_dir, {})
     expected = logits_of(load(path, **kwargs))
     folder = tmp_path / "offload"
-    model = load(
-        path, device_map=LAYER1_ON_DISK, offload_folder=folder, offload_buffers=offload_buffers, **kwargs
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load(
+            path, device_map=LAYER1_ON_DISK, offload_folder=folder, offload_buffers=offload_buffers, **kwargs
+        )
+    resident = [str(w.message) for w in caught if "offload_buffers=True" in str(w.message)]
+    if offload_buffers:
+        assert resident == []
+    else:  # accelerate offloads parameters only: the layer's codes and scales stay in memory, and we say so
+        assert len(resident) == 1 and resident[0].startswith("7 FP=xINT layers are offloaded"), resident
     assert model.hf_device_map["model.layers.1"] == "disk"
     on_disk = model.model.layers[1].self_attn.q_proj
     assert isinstance(on_disk, FPxINTLinear) and not hasattr(on_disk, "weight")
@@ -118,7 +126,12 @@ def test_auto_device_map_counts_quantized_size(qwen2_dirs, logits_of, tmp_path):
     maps = {}
     for name, path, kwargs in [("on_load", fp_dir, quantize_kwargs()), ("pre", q_dir, {})]:
         model = load(
-            path, device_map="auto", max_memory={"cpu": 140_000}, offload_folder=tmp_path / name, **kwargs
+            path,
+            device_map="auto",
+            max_memory={"cpu": 140_000},
+            offload_folder=tmp_path / name,
+            offload_buffers=True,
+            **kwargs,
         )
         maps[name] = model.hf_device_map
         assert torch.equal(logits_of(model), expected), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -122,6 +123,7 @@ class FPxINTHfQuantizer(HfQuantizer):
             self._progress.close()
             self._progress = None
         check_loaded(model)
+        warn_resident_offloaded_buffers(model)
         install_atomic_save(model)
         return model
 
@@ -211,6 +213,31 @@ def check_loaded(model: torch.nn.Module) -> None:
         if idx is not None and idx.numel() and (idx.min() < 0 or idx.max() >= module.in_features):
             problems.append(f"{name}.outlier_idx out of [0, {module.in_features})")
     _raise_if(problems)
+
+
+def warn_resident_offloaded_buffers(model: torch.nn.Module) -> None:
+    """Warn when layers that ``device_map`` offloads keep their FP=xINT weights on the execution device.
+
+    The weights are buffers, and accelerate offloads only parameters unless ``from_pretrained(...,
+    offload_buffers=True)``: without it an offloaded FP=xINT layer keeps its codes and scales where the model
+    runs (only its bias is offloaded), although ``device_map="auto"`` counted them as offloaded.
+    """
+    layers, size, devices = 0, 0, set()
+    for name, module in model.named_modules():
+        if isinstance(module, FPxINTLinear) and _offload_hooked(model, name):
+            resident = [b for b in module.buffers(recurse=False) if b.device.type != "meta"]
+            if resident:
+                layers += 1
+                size += sum(b.numel() * b.element_size() for b in resident)
+                devices |= {str(b.device) for b in resident}
+    if layers:
+        warnings.warn(
+            f"{layers} FP=xINT layers are offloaded by device_map, but their quantized weights ({size / 1e6:.3g} "
+            f"MB, held in buffers) stay on {', '.join(sorted(devices))}: accelerate offloads buffers only with "
+            "from_pretrained(..., offload_buffers=True)",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _offload_hooks(model: torch.nn.Module, module_name: str):
