@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .expansion import Expansion, reconstruct, term_scales
+from .expansion import Expansion, expand, outlier_budget, reconstruct, resolve_group_size, term_scales
 from .packing import pack, packed_size, unpack
 
 FORWARD_MODES = ("reference", "terms", "int4", "int8", "auto")
@@ -117,6 +117,39 @@ class FPxINTLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     # ------------------------------------------------------------------ state <-> Expansion
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        bits: int = 4,
+        terms: int = 2,
+        group_size: int | None = 128,
+        symmetric: bool = False,
+        clip: str = "laplace",
+        outlier_fraction: float = 0.0,
+        tol: float = 0.0,
+    ) -> FPxINTLinear:
+        """Quantize one ``nn.Linear`` (its bias is copied). ``group_size`` falls back as ``resolve_group_size``."""
+        gs = resolve_group_size(linear.in_features, group_size)
+        e = expand(linear.weight, bits, terms, gs, symmetric, clip, outlier_fraction, tol)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            bits=bits,
+            terms=terms,
+            group_size=gs,
+            symmetric=symmetric,
+            outlier_budget=outlier_budget(linear.in_features, outlier_fraction),
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        ).load_expansion(e)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias)
+        return module
 
     def expansion_state(self, e: Expansion) -> dict[str, torch.Tensor]:
         """The buffers of this module holding ``e``, keyed by buffer name (declared dtypes and shapes)."""

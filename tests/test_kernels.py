@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fpxint_hf import kernels
-from fpxint_hf.expansion import expand, outlier_budget, reconstruct, snr_db
+from fpxint_hf.expansion import expand, reconstruct, snr_db
 from fpxint_hf.linear import FORWARD_MODES, FPxINTLinear, set_active_terms, set_forward_mode
 
 needs_int4 = pytest.mark.skipif(
@@ -23,19 +23,8 @@ needs_int8 = pytest.mark.skipif(
 def make(in_features=256, out_features=81, terms=3, group_size=64, frac=0.0, symmetric=False, bits=4, seed=0):
     torch.manual_seed(seed)
     lin = torch.nn.Linear(in_features, out_features)
-    e = expand(lin.weight, bits, terms, group_size, symmetric=symmetric, outlier_fraction=frac)
-    m = FPxINTLinear(
-        in_features,
-        out_features,
-        True,
-        bits=bits,
-        terms=terms,
-        group_size=group_size,
-        symmetric=symmetric,
-        outlier_budget=outlier_budget(in_features, frac),
-    ).load_expansion(e)
-    m.bias.data.copy_(lin.bias.data)
-    return lin, e, m
+    kw = dict(bits=bits, terms=terms, group_size=group_size, symmetric=symmetric, outlier_fraction=frac)
+    return lin, expand(lin.weight, **kw), FPxINTLinear.from_linear(lin, **kw)
 
 
 def run(m, x, mode, k=None):

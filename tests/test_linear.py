@@ -12,20 +12,8 @@ def make(
 ):
     torch.manual_seed(0)
     lin = torch.nn.Linear(in_features, out_features, bias=bias)
-    e = expand(lin.weight, bits, terms, group_size, symmetric=symmetric, outlier_fraction=frac)
-    m = FPxINTLinear(
-        in_features,
-        out_features,
-        bias,
-        bits=bits,
-        terms=terms,
-        group_size=group_size,
-        symmetric=symmetric,
-        outlier_budget=outlier_budget(in_features, frac),
-    ).load_expansion(e)
-    if bias:
-        m.bias.data.copy_(lin.bias.data)
-    return lin, e, m
+    kw = dict(bits=bits, terms=terms, group_size=group_size, symmetric=symmetric, outlier_fraction=frac)
+    return lin, expand(lin.weight, **kw), FPxINTLinear.from_linear(lin, **kw)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
