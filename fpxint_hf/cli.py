@@ -187,6 +187,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation.table import DEFAULT_MMLU_LIMIT
+
     parser = argparse.ArgumentParser(
         prog="fpxint", description="fpxint: quantize, evaluate, inspect and push FP=xINT checkpoints."
     )
@@ -203,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="MMLU / perplexity / KL / top-1 / bits table on the embedded SmolLM2")
     e.add_argument(
-        "--limit", type=int, default=5, help="MMLU questions per subject (default 5; 0 skips MMLU)"
+        "--limit",
+        type=int,
+        default=DEFAULT_MMLU_LIMIT,
+        help="MMLU questions per subject (default 2; 0 skips MMLU)",
     )
     e.add_argument("--full", action="store_true", help="all 14,042 MMLU questions")
     e.add_argument("--rows", default="fp,rtn,t1,t2,t3", help="rows to build (default fp,rtn,t1,t2,t3)")
