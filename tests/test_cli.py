@@ -84,7 +84,19 @@ def test_push_uploads_the_folder(tiny_dir, tmp_path, monkeypatch):
 
 def test_eval_table_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     prefix = tmp_path / "table"
-    args = ["eval", "--model", str(tiny_dir), "--limit", "0", "--tokens", "256", "--context", "128", "--group-size", "32"]
+    args = [
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--limit",
+        "0",
+        "--tokens",
+        "256",
+        "--context",
+        "128",
+        "--group-size",
+        "32",
+    ]
     assert main([*args, "--rows", "fp,rtn,t1,t2", "--out", str(prefix)]) == 0
     data = json.loads(prefix.with_suffix(".json").read_text())
     rows = {r["name"]: r for r in data["rows"]}
