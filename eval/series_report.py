@@ -61,7 +61,9 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.with_suffix(".json").write_text(json.dumps({"errors": errors, "timing": times, "info": info}, indent=1))
+    OUT.with_suffix(".json").write_text(
+        json.dumps({"errors": errors, "timing": times, "info": info}, indent=1)
+    )
     lines = ["# FP=xINT series: error vs terms, quantization time vs RTN", "", f"{info}", ""]
     lines += ["| term bits | T=1 | T=2 | T=3 | T=4 | fall per term |", "|---|---:|---:|---:|---:|---:|"]
     for name, errs in errors.items():
@@ -69,7 +71,10 @@ def main() -> None:
             continue
         fall = errs[0] / errs[1]
         lines.append(f"| {name} | " + " | ".join(f"{x:.3e}" for x in errs) + f" | {fall:.1f}x |")
-    lines += ["", f"RTN (min-max, group 128): 4-bit {errors['rtn']['4-bit']:.3e}, 8-bit {errors['rtn']['8-bit']:.3e}"]
+    lines += [
+        "",
+        f"RTN (min-max, group 128): 4-bit {errors['rtn']['4-bit']:.3e}, 8-bit {errors['rtn']['8-bit']:.3e}",
+    ]
     lines += ["", "| quantizer | median s | ratio to one RTN W4 pass |", "|---|---:|---:|"]
     lines += [f"| {n} | {t['median_s']:.3f} | {t['ratio_to_rtn']:.2f} |" for n, t in times.items()]
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
