@@ -64,3 +64,14 @@ def test_small_files_without_asserts_or_prints(path):
         assert not isinstance(node, ast.Assert), f"assert in library code: {path.name}:{node.lineno}"
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print" and path.name != "cli.py":
             raise AssertionError(f"print in library code: {path.name}:{node.lineno}")
+
+
+def test_ruff_clean():
+    """The repository passes ``ruff check`` and ``ruff format --check`` (the project's lint gate)."""
+    import subprocess
+    import sys
+
+    root = PKG.parent
+    for args in (["check", "."], ["format", "--check", "."]):
+        done = subprocess.run([sys.executable, "-m", "ruff", *args], cwd=root, capture_output=True, text=True)
+        assert done.returncode == 0, f"ruff {' '.join(args)}:\n{done.stdout}{done.stderr}"
