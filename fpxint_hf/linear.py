@@ -133,23 +133,30 @@ class FPxINTLinear(nn.Module):
         tol: float = 0.0,
     ) -> FPxINTLinear:
         """Quantize one ``nn.Linear`` (its bias is copied). ``group_size`` falls back as ``resolve_group_size``."""
-        gs = resolve_group_size(linear.in_features, group_size)
-        e = expand(linear.weight, bits, terms, gs, symmetric, clip, outlier_fraction, tol)
         module = cls(
             linear.in_features,
             linear.out_features,
             linear.bias is not None,
             bits=bits,
             terms=terms,
-            group_size=gs,
+            group_size=resolve_group_size(linear.in_features, group_size),
             symmetric=symmetric,
             outlier_budget=outlier_budget(linear.in_features, outlier_fraction),
             device=linear.weight.device,
             dtype=linear.weight.dtype,
-        ).load_expansion(e)
+        )
+        module.load_expansion(module.quantize_weight(linear.weight, clip, outlier_fraction, tol))
         if linear.bias is not None:
             module.bias.copy_(linear.bias)
         return module
+
+    def quantize_weight(
+        self, weight: torch.Tensor, clip: str = "laplace", outlier_fraction: float = 0.0, tol: float = 0.0
+    ) -> Expansion:
+        """Expand a full-precision ``[out, in]`` weight with this layer's bits, terms, group size and symmetry."""
+        return expand(
+            weight, self.bits, self.terms, self.group_size, self.symmetric, clip, outlier_fraction, tol
+        )
 
     def expansion_state(self, e: Expansion) -> dict[str, torch.Tensor]:
         """The buffers of this module holding ``e``, keyed by buffer name (declared dtypes and shapes)."""

@@ -17,6 +17,7 @@ from torch import nn
 
 import fpxint_hf
 import fpxint_hf.hf.quantizer as quantizer_mod
+import fpxint_hf.linear as linear_mod
 from fpxint_hf import FPxINTLinear
 from fpxint_hf.expansion import snr_db
 from fpxint_hf.packing import packed_size
@@ -343,13 +344,13 @@ def test_quantize_on_load_streams_tensor_by_tensor(make_fp_dir, load_quantized, 
     fp_dir = make_fp_dir("qwen2")
     seen: dict = {"model": None, "calls": []}
     orig_convert = quantizer_mod.FPxINTQuantize.convert
-    orig_expand = quantizer_mod.expand
+    orig_expand = linear_mod.expand  # FPxINTLinear.quantize_weight calls it
 
     def convert(self, input_dict, model=None, **kwargs):
         seen["model"] = model
         return orig_convert(self, input_dict, model=model, **kwargs)
 
-    def expand(weight, **kwargs):
+    def expand(weight, *args, **kwargs):
         model = seen["model"]
         placeholders = [
             m._parameters["weight"]
@@ -365,10 +366,10 @@ def test_quantize_on_load_streams_tensor_by_tensor(make_fp_dir, load_quantized, 
             }
         )
         seen["refs"].append(weakref.ref(weight))
-        return orig_expand(weight, **kwargs)
+        return orig_expand(weight, *args, **kwargs)
 
     monkeypatch.setattr(quantizer_mod.FPxINTQuantize, "convert", convert)
-    monkeypatch.setattr(quantizer_mod, "expand", expand)
+    monkeypatch.setattr(linear_mod, "expand", expand)
     q = load_quantized(fp_dir, bits=4, terms=2, group_size=32)
 
     n = N_LAYERS * LINEARS_PER_LAYER

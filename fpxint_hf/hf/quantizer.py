@@ -10,7 +10,6 @@ import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
-from ..expansion import expand
 from ..linear import FPxINTLinear
 from .config import FPxINTConfig
 from .replace import replace_with_fpxint_linear
@@ -40,16 +39,7 @@ class FPxINTQuantize(ConversionOps):
         module: FPxINTLinear = model.get_submodule(module_name)
         cfg = self.hf_quantizer.quantization_config
         try:
-            e = expand(
-                weight,
-                bits=module.bits,
-                terms=module.terms,
-                group_size=module.group_size,
-                symmetric=module.symmetric,
-                clip=cfg.clip,
-                outlier_fraction=cfg.outlier_fraction,
-                tol=cfg.tol,
-            )
+            e = module.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol)
         except ValueError as err:
             raise ValueError(f"FP=xINT cannot quantize {full_layer_name}: {err}") from err
         state = module.expansion_state(e)
