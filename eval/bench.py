@@ -45,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 
 from fpxint_hf.evaluation.assets import fp_model_dir  # noqa: E402
 from fpxint_hf.evaluation.metrics import evaluate_against, fp_reference, pydoc_windows  # noqa: E402
-from fpxint_hf.evaluation.table import bits_per_weight, rtn_model  # noqa: E402
+from fpxint_hf.evaluation.table import rtn_model  # noqa: E402
 from fpxint_hf.hf import FPxINTConfig  # noqa: E402
+from fpxint_hf.linear import model_bits_per_weight  # noqa: E402
 
 BITS, GROUP = 4, 128
 SLOW_DECODE_TOK_S, SLOW_DECODE_TOKENS = 2.0, 8
@@ -164,7 +165,11 @@ def build_fpxint(fp_dir: Path, terms: int):
     cfg = FPxINTConfig(bits=BITS, terms=terms, group_size=GROUP, forward_mode="auto")
     model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=cfg, dtype=torch.bfloat16).eval()
     fpxint_hf.set_forward_mode(model, "auto")
-    return model, bits_per_weight(model), ["forward_mode auto (int8 / int4 packed CPU kernels for bf16)"]
+    return (
+        model,
+        model_bits_per_weight(model),
+        ["forward_mode auto (int8 / int4 packed CPU kernels for bf16)"],
+    )
 
 
 # ------------------------------------------------------------------ timing

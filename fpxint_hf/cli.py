@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .hf import FPxINTConfig
-from .linear import FPxINTLinear
+from .linear import FPxINTLinear, model_bits_per_weight, quant_method_of
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,8 +84,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _summary(model: torch.nn.Module) -> str:
     layers = [m for m in model.modules() if isinstance(m, FPxINTLinear)]
     stored = sum(m.stored_bytes() for m in layers)
-    n = sum(m.in_features * m.out_features for m in layers)
-    return f"{len(layers)} FP=xINT layers, {8 * stored / n:.3f} bits per weight, {stored / 2**20:.1f} MiB"
+    return f"{len(layers)} FP=xINT layers, {model_bits_per_weight(model):.3f} bits per weight, {stored / 2**20:.1f} MiB"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -100,10 +99,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     err_head = "rel. error vs reference" if ref else "last term / weight (norm)"
     print(f"| layer | shape | group | terms used/stored | bits/weight | outliers | {err_head} |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    stored = n = 0
+    layers = 0
     for name, m in model.named_modules():
         if not isinstance(m, FPxINTLinear):
             continue
+        layers += 1
         e = m.expansion()
         w = reconstruct(e)
         if ref is not None:
@@ -115,9 +115,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"| {name} | {m.out_features}x{m.in_features} | {m.group_size} | {e.terms_used}/{m.terms} | "
             f"{m.bits_per_weight():.3f} | {outliers} | {err:.2e} |"
         )
-        stored += m.stored_bytes()
-        n += m.in_features * m.out_features
-    if n == 0:
+    if layers == 0:
         raise SystemExit(f"{args.dir} holds no FP=xINT layers (is it an fpxint checkpoint?)")
     print(f"\ntotal: {_summary(model)}; config: {json.dumps(model.config.quantization_config.to_dict())}")
     return 0
@@ -127,9 +125,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     from huggingface_hub import HfApi
     from transformers import AutoConfig
 
-    qc = getattr(AutoConfig.from_pretrained(args.dir), "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    if method != "fpxint":
+    config = AutoConfig.from_pretrained(args.dir)
+    if quant_method_of(config) != "fpxint":
+        qc = getattr(config, "quantization_config", None)
         raise SystemExit(f"{args.dir} is not an fpxint checkpoint (quantization_config: {qc!r})")
     api = HfApi()
     api.create_repo(args.repo_id, private=args.private, exist_ok=True)

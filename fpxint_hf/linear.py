@@ -288,6 +288,20 @@ class FPxINTLinear(nn.Module):
         )
 
 
+def model_bits_per_weight(model: nn.Module, terms: int | None = None) -> float:
+    """Bits per weight of all ``FPxINTLinear`` layers of ``model`` from their stored bytes, as if saved with
+    ``terms`` terms (``None``: as stored); ``ValueError`` when the model has none."""
+    stored = n = 0
+    for m in model.modules():
+        if isinstance(m, FPxINTLinear):
+            unused = 0 if terms is None else max(m.terms - terms, 0)
+            stored += 8 * (m.stored_bytes() - unused * m.codes[0].numel() * m.codes.element_size())
+            n += m.in_features * m.out_features
+    if n == 0:
+        raise ValueError(f"{type(model).__name__} holds no FPxINTLinear layer")
+    return stored / n
+
+
 def _buffers_offloaded(module: nn.Module) -> bool:
     """True when an accelerate hook on ``module`` loads its buffers for each forward (``offload_buffers``)."""
     hook = getattr(module, "_hf_hook", None)
@@ -313,14 +327,18 @@ def set_forward_mode(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
+def quant_method_of(config) -> str | None:
+    """``quant_method`` of a model config's ``quantization_config`` (a dict or a config object), or ``None``."""
+    qcfg = getattr(config, "quantization_config", None)
+    return qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+
+
 def _fpxint_layers(model: nn.Module) -> list[FPxINTLinear]:
     """The ``FPxINTLinear`` modules of ``model``; ``ValueError`` when there are none although its config says
     ``quant_method="fpxint"``: it was loaded while the plugin was not registered (transformers then only warns
     "Unknown quantization type" and initialises the linear layers at random)."""
     layers = [m for m in model.modules() if isinstance(m, FPxINTLinear)]
-    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
-    method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
-    if not layers and method == "fpxint":
+    if not layers and quant_method_of(getattr(model, "config", None)) == "fpxint":
         raise ValueError(
             f"{type(model).__name__} comes from an FP=xINT checkpoint (quant_method='fpxint') but holds no "
             "FPxINTLinear: it was loaded before quant_method 'fpxint' was registered, and its linear layers are "

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..expansion import resolve_group_size, rtn
 from ..hf import FPxINTConfig
-from ..linear import FPxINTLinear, set_active_terms
+from ..linear import model_bits_per_weight, set_active_terms
 from .assets import FP_LABEL, fp_model_dir
 from .metrics import (
     DEFAULT_CONTEXT,
@@ -152,18 +152,6 @@ def rtn_model(fp_dir: Path, bits: int, group_size: int | None) -> tuple[nn.Modul
     return model, stored / n
 
 
-def bits_per_weight(model: nn.Module, terms: int | None = None) -> float:
-    """Bits per weight of every ``FPxINTLinear`` from stored bytes, as if saved with ``terms`` terms."""
-    stored = n = 0
-    for m in model.modules():
-        if isinstance(m, FPxINTLinear):
-            unused = 0 if terms is None else max(m.terms - terms, 0)
-            per_term = m.codes[0].numel() * m.codes.element_size()
-            stored += 8 * (m.stored_bytes() - unused * per_term)
-            n += m.in_features * m.out_features
-    return stored / n
-
-
 def _environment() -> dict[str, Any]:
     import transformers
 
@@ -255,7 +243,13 @@ def run_table(
         set_active_terms(model, k)
         name = f"FP=xINT T={k} ({k}x{bits}-bit)"
         out.append(
-            Row(name, bits_per_weight(model, k), evaluate_against(model, reference), mmlu(model), elapsed)
+            Row(
+                name,
+                model_bits_per_weight(model, k),
+                evaluate_against(model, reference),
+                mmlu(model),
+                elapsed,
+            )
         )
     notes = [
         "FP=xINT rows share one checkpoint quantized with the largest T; `quantize_s` is its load+quantize time "
