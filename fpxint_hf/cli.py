@@ -1,7 +1,7 @@
 """``fpxint``: quantize, evaluate, inspect and push FP=xINT checkpoints from the command line.
 
 fpxint quantize MODEL OUT [--bits 4 --terms 2 --group-size 128 ...]   MODEL: hub id, folder or .gguf file
-fpxint eval [--limit 5 | --full] [--rows fp,rtn,t1,t2,t3] [--out PREFIX]
+fpxint eval [--limit 5 | --full] [--rows fp,rtn,t1,t2,rtn2x,t3] [--out PREFIX]
 fpxint inspect DIR [--reference FP_MODEL]
 fpxint push DIR REPO_ID [--private]
 """
@@ -185,7 +185,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluation.table import DEFAULT_MMLU_LIMIT
+    from .evaluation.table import DEFAULT_MMLU_LIMIT, ROW_KINDS
 
     parser = argparse.ArgumentParser(
         prog="fpxint", description="fpxint: quantize, evaluate, inspect and push FP=xINT checkpoints."
@@ -209,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="MMLU questions per subject (default 2; 0 skips MMLU)",
     )
     e.add_argument("--full", action="store_true", help="all 14,042 MMLU questions")
-    e.add_argument("--rows", default="fp,rtn,t1,t2,t3", help="rows to build (default fp,rtn,t1,t2,t3)")
+    e.add_argument(
+        "--rows",
+        default=",".join(ROW_KINDS),
+        help=f"rows to build (default {','.join(ROW_KINDS)}; rtn2x: RTN with 2x the bits, T=2's equal-bits peer)",
+    )
     e.add_argument("--bits", type=int, default=4, help="bits per term (default 4)")
     e.add_argument("--group-size", default="128", help="group size (default 128; 576-input layers use 64)")
     e.add_argument("--tokens", type=int, default=8192, help="pydoc tokens for PPL/KL/top-1 (default 8192)")

@@ -97,14 +97,20 @@ def test_eval_table_on_a_tiny_model(tiny_dir, tmp_path, capsys):
         "--group-size",
         "32",
     ]
-    assert main([*args, "--rows", "fp,rtn,t1,t2", "--out", str(prefix)]) == 0
+    assert main([*args, "--rows", "fp,rtn,t1,t2,rtn2x", "--out", str(prefix)]) == 0
     data = json.loads(prefix.with_suffix(".json").read_text())
     rows = {r["name"]: r for r in data["rows"]}
-    assert list(rows) == ["FP", "RTN W4 (Normal)", "FP=xINT T=1 (1x4-bit)", "FP=xINT T=2 (2x4-bit)"]
+    rtn8 = "RTN W8 (equal bits to T=2)"
+    assert list(rows) == ["FP", "RTN W4 (Normal)", "FP=xINT T=1 (1x4-bit)", "FP=xINT T=2 (2x4-bit)", rtn8]
     assert rows["FP"]["quality"]["kl_vs_fp"] == 0.0
     t1, t2 = rows["FP=xINT T=1 (1x4-bit)"], rows["FP=xINT T=2 (2x4-bit)"]
     assert t2["quality"]["kl_vs_fp"] < t1["quality"]["kl_vs_fp"]
     assert t2["bits_per_weight"] == pytest.approx(t1["bits_per_weight"] + 4, abs=1e-6)
+    # the equal-bits peer of T=2 is stored in T=2's bits, and RTN W4 in T=1's (FP=xINT adds a few bytes per layer,
+    # its term count, which shows on these tiny layers only)
+    assert rows[rtn8]["bits_per_weight"] == pytest.approx(t2["bits_per_weight"], rel=0.01)
+    assert rows["RTN W4 (Normal)"]["bits_per_weight"] == pytest.approx(t1["bits_per_weight"], rel=0.01)
+    assert rows[rtn8]["quality"]["kl_vs_fp"] < rows["RTN W4 (Normal)"]["quality"]["kl_vs_fp"]
     assert "| FP=xINT T=2 (2x4-bit) |" in prefix.with_suffix(".md").read_text()
     with pytest.raises(ValueError, match="unknown"):
         main([*args, "--rows", "fp,t9"])

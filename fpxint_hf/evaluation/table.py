@@ -6,7 +6,8 @@ FP=xINT rows come from ONE checkpoint quantized with ``terms=max(k)`` and trunca
 ``set_active_terms`` (bit-identical to quantizing with ``terms=k``; see tests/test_hf_integration.py); the bits
 per weight of row k are those of a ``terms=k`` checkpoint: the stored bytes less the codes of the unused terms.
 RTN is an independent path: ``expansion.rtn`` (asymmetric min-max round-to-nearest, same group size) written into
-a copy of the FP weights (fake quantization), counted as X bits + float16 scale and zero per group.
+a copy of the FP weights (fake quantization), counted as X bits + float16 scale and zero per group. Row ``rtn2x`` is
+RTN with 2X bits: the equal-bits peer of T=2 (2X bits + 32/group against T=2's 2X bits + 32/group).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .mmlu import CATEGORIES, MMLUResult, run_mmlu
 
 logger = logging.getLogger(__name__)
 
-ROW_KINDS = ("fp", "rtn", "t1", "t2", "t3")
+ROW_KINDS = ("fp", "rtn", "t1", "t2", "rtn2x", "t3")
 DEFAULT_MMLU_LIMIT = 2
 # The paper's Table 6 (MMLU Avg., %), quoted for reference; its per-category numbers are not reproduced here.
 PAPER_MMLU_AVG = {
@@ -224,13 +225,13 @@ def run_table(
             fp_quality = QualityMetrics(reference.perplexity, 0.0, 1.0, reference.n_tokens)
             out.append(Row("FP", None, fp_quality, mmlu(fp)))
             continue
-        if kind == "rtn":
+        if kind in ("rtn", "rtn2x"):
+            rtn_bits = bits if kind == "rtn" else 2 * bits
             t = time.perf_counter()
-            model, bpw = rtn_model(fp_dir, bits, group_size)
+            model, bpw = rtn_model(fp_dir, rtn_bits, group_size)
             elapsed = time.perf_counter() - t
-            out.append(
-                Row(f"RTN W{bits} (Normal)", bpw, evaluate_against(model, reference), mmlu(model), elapsed)
-            )
+            name = f"RTN W{rtn_bits} (Normal)" if kind == "rtn" else f"RTN W{rtn_bits} (equal bits to T=2)"
+            out.append(Row(name, bpw, evaluate_against(model, reference), mmlu(model), elapsed))
             del model
             gc.collect()
             continue
