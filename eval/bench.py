@@ -43,14 +43,21 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _bench_report import SLOW_DECODE_TOK_S, SLOW_DECODE_TOKENS, targets, to_markdown  # noqa: E402
+from _bench_rows import (  # noqa: E402
+    BITS,
+    GROUP,
+    build_bnb,
+    build_dense,
+    build_fpxint,
+    build_hqq,
+    build_rtn,
+    build_torchao,
+)
+
 from fpxint_hf.evaluation.assets import fp_model_dir  # noqa: E402
 from fpxint_hf.evaluation.metrics import evaluate_against, fp_reference, pydoc_windows  # noqa: E402
-from fpxint_hf.evaluation.table import rtn_model  # noqa: E402
-from fpxint_hf.hf import FPxINTConfig  # noqa: E402
-from fpxint_hf.linear import model_bits_per_weight  # noqa: E402
 
-BITS, GROUP = 4, 128
-SLOW_DECODE_TOK_S, SLOW_DECODE_TOKENS = 2.0, 8
 OUT_DIR = ROOT / "eval" / "results"
 
 try:
@@ -67,109 +74,6 @@ def rss_mb() -> float | None:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    out_emb = model.get_output_embeddings()
-    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not out_emb]
-
-
-def _tbytes(*ts: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
-
-
-# ------------------------------------------------------------------ row builders: (model, bits/weight, notes)
-
-
-def build_dense(fp_dir: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=dtype).eval()
-    return model, 16.0 if dtype == torch.bfloat16 else 32.0, []
-
-
-def build_rtn(fp_dir: Path):
-    model, bpw = rtn_model(fp_dir, BITS, GROUP)
-    return model, bpw, []
-
-
-def build_bnb(fp_dir: Path):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    cfg = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        fp_dir, quantization_config=cfg, dtype=torch.bfloat16, device_map="cpu"
-    ).eval()
-    import bitsandbytes as bnb
-
-    stored = n = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            qs = m.weight.quant_state
-            stored += _tbytes(m.weight, qs.absmax, qs.code)
-            if getattr(qs, "nested", False):
-                stored += _tbytes(qs.state2.absmax, qs.state2.code, getattr(qs, "offset", None))
-            n += m.in_features * m.out_features
-    return model, 8 * stored / n, [f"bitsandbytes {bnb.__version__}: NF4, blocksize 64, float32 absmax"]
-
-
-def build_hqq(fp_dir: Path):
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16).eval()
-    qcfg = BaseQuantizeConfig(nbits=BITS, group_size=64)
-    stored = n = 0
-    for name, lin in _linears(model):
-        parent = model.get_submodule(name.rsplit(".", 1)[0])
-        q = HQQLinear(lin, qcfg, compute_dtype=torch.bfloat16, device="cpu", del_orig=True)
-        stored += _tbytes(q.W_q, q.meta["scale"], q.meta["zero"])
-        n += lin.in_features * lin.out_features
-        setattr(parent, name.rsplit(".", 1)[1], q)
-    import hqq
-
-    return (
-        model,
-        8 * stored / n,
-        [
-            f"hqq {getattr(hqq, '__version__', '0.2.8.post1')}: 4-bit, group 64, bf16 scale+zero, default optimizer"
-        ],
-    )
-
-
-def build_torchao(fp_dir: Path):
-    import torchao
-    from torchao.quantization import Int4WeightOnlyConfig, quantize_
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16).eval()
-    lin_names = {n for n, _ in _linears(model)}
-    quantize_(model, Int4WeightOnlyConfig(group_size=64), filter_fn=lambda m, fqn: fqn in lin_names)
-    x = torch.zeros(1, 4, dtype=torch.long)
-    model(input_ids=x)  # the failure is usually at the first forward
-    stored = n = 0
-    for name in lin_names:
-        w = model.get_submodule(name).weight
-        stored += _tbytes(*(getattr(w, a) for a in getattr(w, "tensor_data_names", [])))
-        n += w.shape[0] * w.shape[1]
-    return model, 8 * stored / n, [f"torchao {torchao.__version__}: int4 weight-only, group 64"]
-
-
-def build_fpxint(fp_dir: Path, terms: int):
-    from transformers import AutoModelForCausalLM
-
-    import fpxint_hf
-
-    cfg = FPxINTConfig(bits=BITS, terms=terms, group_size=GROUP, forward_mode="auto")
-    model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=cfg, dtype=torch.bfloat16).eval()
-    fpxint_hf.set_forward_mode(model, "auto")
-    return (
-        model,
-        model_bits_per_weight(model),
-        ["forward_mode auto (int8 / int4 packed CPU kernels for bf16)"],
-    )
 
 
 # ------------------------------------------------------------------ timing
@@ -374,144 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(md)
     print(md)
     return 0
-
-
-def targets(by: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The acceptance targets, each with the measured numbers and met / missed / not measurable."""
-    out: list[dict[str, Any]] = []
-
-    def ppl(n: str) -> float | None:
-        r = by.get(n, {})
-        return r["quality"]["perplexity"] if "quality" in r else None
-
-    def add(target: str, ok: bool | None, measured: str) -> None:
-        out.append({"target": target, "met": ok, "measured": measured})
-
-    t1, t2, rtn, nf4, fp = (
-        ppl("FP=xINT T=1"),
-        ppl("FP=xINT T=2"),
-        ppl("RTN W4 g128"),
-        ppl("bnb NF4"),
-        ppl("fp32"),
-    )
-    b1 = by.get("FP=xINT T=1", {}).get("bits_per_weight")
-    if t1 is not None and rtn is not None:
-        add("T=1 PPL <= RTN-W4 PPL", t1 <= rtn, f"T=1 {t1:.4f} vs RTN {rtn:.4f} (both bf16)")
-    if t1 is not None and nf4 is not None:
-        bn = by["bnb NF4"]["bits_per_weight"]
-        add(
-            "T=1 PPL <= NF4 PPL at no more bits",
-            t1 <= nf4 and b1 <= bn,
-            f"T=1 {t1:.4f} @ {b1:.3f} b/w vs NF4 {nf4:.4f} @ {bn:.3f} b/w",
-        )
-    elif t1 is not None:
-        add("T=1 PPL <= NF4 PPL at no more bits", None, "NF4 row skipped")
-    if t2 is not None and fp is not None:
-        rel = t2 / fp - 1
-        add(
-            "T=2 PPL within 1% of FP",
-            abs(rel) <= 0.01,
-            f"T=2 {t2:.4f} (bf16) vs FP {fp:.4f} (fp32): {100 * rel:+.2f}%",
-        )
-        bf = ppl("bf16")
-        if bf is not None:
-            out[-1]["measured"] += f"; vs bf16 {bf:.4f}: {100 * (t2 / bf - 1):+.2f}%"
-    for t, need in ((1, 1.0), (2, 0.8)):
-        r = by.get(f"FP=xINT T={t}", {})
-        if "decode_vs_bf16" in r:
-            add(
-                f"decode T={t} >= {need}x bf16",
-                r["decode_vs_bf16"] >= need,
-                f"{r['decode_vs_bf16']:.3f}x bf16",
-            )
-    for t in (1, 2, 3):
-        r = by.get(f"FP=xINT T={t}", {})
-        if "bits_per_weight" in r:
-            limit = t * BITS + 0.5
-            add(
-                f"T={t} linear weights <= (T*X+0.5)/16 of bf16",
-                r["bits_per_weight"] <= limit,
-                f"{r['bits_per_weight']:.3f} b/w = {r['bits_per_weight'] / 16:.4f} of bf16 (limit {limit / 16:.4f})",
-            )
-        if "quantize_vs_rtn" in r:
-            add(
-                f"T={t} quantization time <= 3x RTN",
-                r["quantize_vs_rtn"] <= 3,
-                f"{r['quantize_vs_rtn']:.2f}x RTN",
-            )
-    return out
-
-
-def _f(v: Any, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def to_markdown(res: dict[str, Any]) -> str:
-    s, env = res["settings"], res["environment"]
-    lines = [
-        "# Side-by-side benchmark (one process)",
-        "",
-        f"`{res['command']}` — SmolLM2-135M-Instruct FP folder (GGUF Q4_1 dequantized to fp32); "
-        f"{env.get('cpu', '?')}, {env['cpu_count']} cores, torch {env['torch']} with "
-        f"{env['torch_threads']} threads, transformers {env['transformers']}; wall {res['wall_time_s']:.0f} s.",
-        "",
-        "| method | dtype | bits/weight | PPL | KL vs fp32 | top-1 | quant time (s) | quant vs RTN | "
-        "prefill tok/s | prefill vs bf16 | decode tok/s | decode vs bf16 | RSS +MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in res["rows"]:
-        if "skipped" in r:
-            lines.append(f"| {r['name']} | skipped: {r['skipped']} |" + " |" * 11)
-            continue
-        q = r["quality"]
-        lines.append(
-            f"| {r['name']} | {r['compute_dtype']} | {r['bits_per_weight']:.3f} | {q['perplexity']:.3f} | "
-            f"{q['kl_vs_fp']:.4f} | {100 * q['top1_agreement']:.1f}% | {r['quantize_s']:.1f} | "
-            f"{_f(r.get('quantize_vs_rtn'), '.2f')} | {_f(r.get('prefill_tok_s'), '.0f')} | "
-            f"{_f(r.get('prefill_vs_bf16'), '.2f')} | {_f(r.get('decode_tok_s'), '.1f')} | "
-            f"{_f(r.get('decode_vs_bf16'), '.2f')} | {_f(r.get('rss_increase_mb'), '.0f')} |"
-        )
-    lines += ["", "## Targets", "", "| target | met | measured |", "|---|---|---|"]
-    for t in res["targets"]:
-        met = {True: "yes", False: "**MISSED**", None: "n/a"}[t["met"]]
-        lines.append(f"| {t['target']} | {met} | {t['measured']} |")
-    rtn = next((r for r in res["rows"] if r["name"].startswith("RTN") and "fp32_quality" in r), None)
-    lines += [
-        "",
-        "## Protocol",
-        "",
-        f"- PPL / KL / top-1: first {s['ppl_tokens']} pydoc tokens in windows of {s['context']} "
-        "(`fpxint_hf.evaluation.metrics`), each row in its compute dtype (fp32 row in fp32, all others in bf16), "
-        "KL and top-1 against the fp32 model."
-        + (
-            f" RTN scored in fp32 (fake-quantized weights): PPL {rtn['fp32_quality']['perplexity']:.3f}."
-            if rtn
-            else ""
-        ),
-        "- bits/weight: stored bytes of the quantized linear weights (all `nn.Linear` except `lm_head`, which is "
-        "tied to the embedding and kept) / their count. FP=xINT: codes + fp16 scales + zeros + term count; RTN: "
-        "4 bits + fp16 scale and zero per group; bnb: packed uint8 + fp32 absmax + NF4 code table; HQQ: packed "
-        "W_q + bf16 scale + zero; dense rows: 16 / 32.",
-        f"- Group size: RTN and FP=xINT {s['group_size']} (64 for the 576-input layers, which 128 does not "
-        "divide); bnb NF4 blocksize 64 and HQQ group 64 (their defaults), so they spend more bits on scales.",
-        "- Quantization time: wall time of building the row (load from the fp32 safetensors folder + quantize), "
-        "ratio to RTN (`fpxint_hf.evaluation.table.rtn_model`: load fp32 + round-to-nearest). The dense rows' "
-        "times are plain loads.",
-        f"- Prefill: one forward of {s['prefill_tokens']} tokens (batch 1, no cache); decode: greedy `generate` "
-        f"of {s['decode_new_tokens']} new tokens after a {s['decode_prompt_tokens']}-token prompt (batch 1; the "
-        "time includes the prompt's prefill); median of "
-        f"{s['repeats']} repeat(s), rows timed round-robin after one warm-up each.",
-        f"- Decode of rows slower than {SLOW_DECODE_TOK_S} tok/s at warm-up: timed once on {SLOW_DECODE_TOKENS} new tokens.",
-        "- RSS +MB: process RSS after building the row minus before (earlier rows' models stay resident, freed "
-        "allocator memory may be reused, so this is an estimate of the row's resident size). Process peak RSS: "
-        f"{res['process_peak_rss_mb']:.0f} MB (getrusage, monotone over the whole run).",
-    ]
-    for r in res["rows"]:
-        for n in r.get("notes", []):
-            lines.append(f"- {r['name']}: {n}")
-        if "skipped" in r:
-            lines.append(f"- {r['name']} skipped: {r['skipped']}")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -66,6 +66,15 @@ def test_small_files_without_asserts_or_prints(path):
             raise AssertionError(f"print in library code: {path.name}:{node.lineno}")
 
 
+@pytest.mark.parametrize(
+    "path",
+    sorted([*(PKG.parent / "eval").glob("*.py"), *(PKG.parent / "tests").glob("*.py")]),
+    ids=lambda p: str(p.relative_to(PKG.parent)),
+)
+def test_scripts_and_tests_stay_small(path):
+    assert len(path.read_text().splitlines()) <= 400, f"{path.name} has grown past 400 lines"
+
+
 def test_ruff_clean():
     """The repository passes ``ruff check`` and ``ruff format --check`` (the project's lint gate)."""
     import subprocess
