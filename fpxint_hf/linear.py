@@ -302,11 +302,18 @@ def model_bits_per_weight(model: nn.Module, terms: int | None = None) -> float:
     return stored / n
 
 
+def accelerate_hooks(module: nn.Module) -> tuple:
+    """The accelerate hooks attached to ``module`` itself (a ``SequentialHook`` unwrapped), possibly none."""
+    hook = getattr(module, "_hf_hook", None)
+    return () if hook is None else tuple(getattr(hook, "hooks", (hook,)))
+
+
 def _buffers_offloaded(module: nn.Module) -> bool:
     """True when an accelerate hook on ``module`` loads its buffers for each forward (``offload_buffers``)."""
-    hook = getattr(module, "_hf_hook", None)
-    hooks = getattr(hook, "hooks", (hook,)) if hook is not None else ()
-    return any(getattr(h, "offload", False) and getattr(h, "offload_buffers", False) for h in hooks)
+    return any(
+        getattr(h, "offload", False) and getattr(h, "offload_buffers", False)
+        for h in accelerate_hooks(module)
+    )
 
 
 def set_active_terms(model: nn.Module, k: int | None) -> nn.Module:

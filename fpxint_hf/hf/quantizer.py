@@ -10,7 +10,7 @@ import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
-from ..linear import FPxINTLinear
+from ..linear import FPxINTLinear, accelerate_hooks
 from .config import FPxINTConfig
 from .replace import replace_with_fpxint_linear
 from .saving import install_atomic_save
@@ -234,8 +234,7 @@ def _offload_hooks(model: torch.nn.Module, module_name: str):
     """``(path below the hooked module, hook)`` for every accelerate hook on ``module_name`` and its parents."""
     parts = module_name.split(".") if module_name else []
     for i in range(len(parts), -1, -1):
-        hook = getattr(model.get_submodule(".".join(parts[:i])), "_hf_hook", None)
-        for h in getattr(hook, "hooks", (hook,)) if hook is not None else ():
+        for h in accelerate_hooks(model.get_submodule(".".join(parts[:i]))):
             yield parts[i:], h
 
 
