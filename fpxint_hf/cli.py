@@ -160,9 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prefix = Path(args.out)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         prefix.with_suffix(".json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
-        prefix.with_suffix(".md").write_text(
-            f"# FP=xINT table\n\nCommand: `{result.settings['command']}`\n\n{table}"
-        )
+        prefix.with_suffix(".md").write_text(result.document())
         print(f"wrote {prefix.with_suffix('.json')} and {prefix.with_suffix('.md')}")
     return 0
 

@@ -85,6 +85,21 @@ class TableResult:
             "notes": self.notes,
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TableResult:
+        """Inverse of :meth:`to_json` (``paper_mmlu_avg`` is this module's constant, not read back)."""
+
+        def row(r: dict[str, Any]) -> Row:
+            mmlu = None if r["mmlu"] is None else MMLUResult(**r["mmlu"])
+            return Row(r["name"], r["bits_per_weight"], QualityMetrics(**r["quality"]), mmlu, r["quantize_s"])
+
+        rows = [row(r) for r in data["rows"]]
+        return cls(rows, data["settings"], data["environment"], data["wall_time_s"], data["notes"])
+
+    def document(self) -> str:
+        """The markdown file ``fpxint eval --out`` writes: title, the command, then :meth:`to_markdown`."""
+        return f"# FP=xINT table\n\nCommand: `{self.settings.get('command', '?')}`\n\n{self.to_markdown()}"
+
     def to_markdown(self) -> str:
         s = self.settings
         head = (

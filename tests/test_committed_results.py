@@ -1,0 +1,65 @@
+"""The committed results are what this repository's own code makes of its own JSON, and the README quotes them:
+the markdown files re-render byte for byte, the benchmark's met / missed verdicts are recomputed from its measured
+rows, and every row of the README's results table carries the committed numbers."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fpxint_hf.evaluation.table import TableResult
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "eval" / "results"
+
+
+@pytest.fixture(scope="module")
+def bench_report():
+    sys.path.insert(0, str(ROOT / "eval"))
+    try:
+        import _bench_report
+
+        yield _bench_report
+    finally:
+        sys.path.remove(str(ROOT / "eval"))
+
+
+@pytest.fixture(scope="module")
+def table_json() -> dict:
+    return json.loads((RESULTS / "table.json").read_text())
+
+
+def readme_row(row: dict) -> str:
+    """One row of the README's "Results on the embedded model" table."""
+    bpw = "32" if row["bits_per_weight"] is None else f"{row['bits_per_weight']:.3f}"
+    mmlu = "-" if row["mmlu"] is None else f"{100 * row['mmlu']['overall']:.1f}"
+    q = row["quality"]
+    return (
+        f"| {row['name']} | {bpw} | {mmlu} | {q['perplexity']:.3f} | {q['kl_vs_fp']:.4f} | "
+        f"{100 * q['top1_agreement']:.1f}% |"
+    )
+
+
+def test_committed_table_markdown_is_rendered_from_its_json(table_json):
+    result = TableResult.from_json(table_json)
+    assert result.document() == (RESULTS / "table.md").read_text()
+    assert json.dumps(result.to_json(), indent=1) + "\n" == (RESULTS / "table.json").read_text()
+
+
+def test_readme_quotes_the_committed_table(table_json):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Results on the embedded model", 1)[1].split("\n## ", 1)[0]
+    assert f"`{table_json['settings']['command']}`" in section
+    for row in table_json["rows"]:
+        assert readme_row(row) in section, readme_row(row)
+
+
+def test_committed_bench_markdown_is_rendered_from_its_json(bench_report):
+    result = json.loads((RESULTS / "bench.json").read_text())
+    assert bench_report.to_markdown(result) == (RESULTS / "bench.md").read_text()
+
+
+def test_committed_bench_targets_follow_from_the_measured_rows(bench_report):
+    result = json.loads((RESULTS / "bench.json").read_text())
+    assert bench_report.targets({r["name"]: r for r in result["rows"]}) == result["targets"]
