@@ -1,6 +1,6 @@
 """The committed results are what this repository's own code makes of its own JSON, and the README quotes them:
 the markdown files re-render byte for byte, the benchmark's met / missed verdicts are recomputed from its measured
-rows, and every row of the README's results table carries the committed numbers."""
+rows, every row of the README's results table carries the committed numbers, and the series errors are recomputed."""
 
 import json
 import sys
@@ -9,20 +9,28 @@ from pathlib import Path
 import pytest
 
 from fpxint_hf.evaluation.table import TableResult
+from fpxint_hf.expansion import expand, reconstruct, relative_error, rtn
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "eval" / "results"
 
 
 @pytest.fixture(scope="module")
-def bench_report():
+def eval_scripts():
+    """Import the eval scripts' modules (they live outside the package, as scripts)."""
     sys.path.insert(0, str(ROOT / "eval"))
     try:
         import _bench_report
+        import series_report
 
-        yield _bench_report
+        yield _bench_report, series_report
     finally:
         sys.path.remove(str(ROOT / "eval"))
+
+
+@pytest.fixture(scope="module")
+def bench_report(eval_scripts):
+    return eval_scripts[0]
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +71,15 @@ def test_committed_bench_markdown_is_rendered_from_its_json(bench_report):
 def test_committed_bench_targets_follow_from_the_measured_rows(bench_report):
     result = json.loads((RESULTS / "bench.json").read_text())
     assert bench_report.targets({r["name"]: r for r in result["rows"]}) == result["targets"]
+
+
+def test_committed_series_is_reproduced(eval_scripts):
+    """series.md re-renders from series.json, and its 4-bit errors are recomputed on the same seeded matrix."""
+    series_report = eval_scripts[1]
+    result = json.loads((RESULTS / "series.json").read_text())
+    assert series_report.to_markdown(result) == (RESULTS / "series.md").read_text()
+    w = series_report.weight_matrix()
+    e = expand(w, bits=4, terms=4, group_size=128)
+    errors = [relative_error(reconstruct(e, k), w) for k in range(1, 5)]
+    assert errors == pytest.approx(result["errors"]["4-bit"], rel=1e-4)
+    assert relative_error(rtn(w, 4, 128), w) == pytest.approx(result["errors"]["rtn"]["4-bit"], rel=1e-4)
