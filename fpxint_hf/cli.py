@@ -1,7 +1,7 @@
 """``fpxint``: quantize, evaluate, inspect and push FP=xINT checkpoints from the command line.
 
 fpxint quantize MODEL OUT [--bits 4 --terms 2 --group-size 128 ...]   MODEL: hub id, folder or .gguf file
-fpxint eval [--limit 5 | --full] [--rows fp,rtn,t1,t2,rtn2x,t3] [--out PREFIX]
+fpxint eval [--limit 2 | --full] [--rows fp,rtn,t1,t2,rtn2x,t3] [--out PREFIX]
 fpxint inspect DIR [--reference FP_MODEL]
 fpxint push DIR REPO_ID [--private]
 """
