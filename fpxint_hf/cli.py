@@ -154,13 +154,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             mmlu_local=args.local,
         )
     result.settings["command"] = "fpxint " + " ".join(sys.argv[1:])
-    table = result.to_markdown()
-    print(table)
+    document = result.document()
+    print(document)
     if args.out:
         prefix = Path(args.out)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         prefix.with_suffix(".json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
-        prefix.with_suffix(".md").write_text(result.document())
+        prefix.with_suffix(".md").write_text(document)
         print(f"wrote {prefix.with_suffix('.json')} and {prefix.with_suffix('.md')}")
     return 0
 
