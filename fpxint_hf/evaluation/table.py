@@ -130,7 +130,7 @@ class TableResult:
             for model, nums in PAPER_MMLU_AVG.items()
         )
         return (
-            f"Model: {s['model']} — {FP_LABEL}. Quantized: every linear layer except `lm_head` "
+            f"Model: {s['model']} — {s.get('fp_label', FP_LABEL)}. Quantized: every linear layer except `lm_head` "
             f"(bits={s['bits']}, group_size={s['group_size']}; layers whose in-features it does not divide use "
             "the largest power of two that does).\n\n"
             + head
@@ -153,8 +153,15 @@ def _quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not out_emb]
 
 
+def _model_label(model_dir: str | Path | None) -> str:
+    """The embedded default's name, a local folder's name, or a hub id as given."""
+    if model_dir is None:
+        return "SmolLM2-135M-Instruct"
+    return Path(model_dir).name if Path(model_dir).is_dir() else str(model_dir)
+
+
 @torch.no_grad()
-def rtn_model(fp_dir: Path, bits: int, group_size: int | None) -> tuple[nn.Module, float]:
+def rtn_model(fp_dir: str | Path, bits: int, group_size: int | None) -> tuple[nn.Module, float]:
     """FP model with RTN-dequantized linear weights, and its bits per weight (X + 32 / group)."""
     from transformers import AutoModelForCausalLM
 
@@ -204,7 +211,8 @@ def run_table(
     if bad:
         raise ValueError(f"rows={bad} unknown; allowed: {ROW_KINDS}")
     start = time.perf_counter()
-    fp_dir = Path(model_dir) if model_dir else fp_model_dir(cache_dir)
+    # a local folder or a hub id (kept a string: from_pretrained resolves it through the hub cache)
+    fp_dir = str(model_dir) if model_dir else fp_model_dir(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
     windows = pydoc_windows(tokenizer, tokens, context)
     t = time.perf_counter()
@@ -212,7 +220,8 @@ def run_table(
     fp_load_s = time.perf_counter() - t
     reference = fp_reference(fp, windows)
     settings: dict[str, Any] = {
-        "model": fp_dir.name if model_dir else "SmolLM2-135M-Instruct",
+        "model": _model_label(model_dir),
+        "fp_label": FP_LABEL if model_dir is None else "FP = its published weights in float32",
         "bits": bits,
         "group_size": group_size,
         "mmlu_limit": mmlu_limit,
@@ -272,8 +281,12 @@ def run_table(
     notes = [
         "FP=xINT rows share one checkpoint quantized with the largest T; `quantize_s` is its load+quantize time "
         f"(the FP model loads in {fp_load_s:.1f} s).",
-        "SmolLM2-135M is near chance on MMLU; PPL, KL and top-1 are the metrics that resolve quantization damage.",
-        "Its weights come from a Q4_1 GGUF (4-bit min-max per block of 32): a 4-bit quantizer with group 32 "
-        "re-finds that grid almost losslessly, so group 32 is not used here.",
     ]
+    if model_dir is None:  # what holds for the embedded SmolLM2 only
+        notes += [
+            "SmolLM2-135M is near chance on MMLU; PPL, KL and top-1 are the metrics that resolve quantization "
+            "damage.",
+            "Its weights come from a Q4_1 GGUF (4-bit min-max per block of 32): a 4-bit quantizer with group 32 "
+            "re-finds that grid almost losslessly, so group 32 is not used here.",
+        ]
     return TableResult(out, settings, _environment(), time.perf_counter() - start, notes)
