@@ -114,6 +114,38 @@ def test_eval_table_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     assert "| FP=xINT T=2 (2x4-bit) |" in prefix.with_suffix(".md").read_text()
     with pytest.raises(ValueError, match="unknown"):
         main([*args, "--rows", "fp,t9"])
+    with pytest.raises(ValueError, match=r"rows=\['t2'\] repeated"):
+        main([*args, "--rows", "t2,fp,t2"])
+
+
+@pytest.mark.parametrize("rows", [("fp", "rtn", "t1"), ("rtn", "t1")], ids=["with_fp_row", "without_fp_row"])
+def test_eval_table_frees_the_fp_model_before_loading_the_next(tiny_dir, rows, monkeypatch):
+    """At 8B scale two float32 models at once would double the memory: the FP model must be gone (only its
+    reference log-probs kept) by the time the RTN / FP=xINT models load."""
+    import gc
+    import weakref
+
+    import fpxint_hf.evaluation.table as table_mod
+
+    seen: dict = {}
+    real_reference, real_rtn = table_mod.fp_reference, table_mod.rtn_model
+
+    def fp_reference(model, windows):
+        seen["fp"] = weakref.ref(model)
+        return real_reference(model, windows)
+
+    def rtn_model(*args, **kwargs):
+        gc.collect()
+        seen["fp_alive_at_rtn"] = seen["fp"]() is not None
+        return real_rtn(*args, **kwargs)
+
+    monkeypatch.setattr(table_mod, "fp_reference", fp_reference)
+    monkeypatch.setattr(table_mod, "rtn_model", rtn_model)
+    result = table_mod.run_table(
+        rows, group_size=32, mmlu_limit=0, tokens=256, context=128, model_dir=tiny_dir
+    )
+    assert [r.name for r in result.rows][-1] == "FP=xINT T=1 (1x4-bit)"
+    assert seen["fp_alive_at_rtn"] is False
 
 
 def test_eval_table_from_a_hub_id(tiny_dir, tmp_path):

@@ -210,6 +210,9 @@ def run_table(
     bad = sorted(set(rows) - set(ROW_KINDS))
     if bad:
         raise ValueError(f"rows={bad} unknown; allowed: {ROW_KINDS}")
+    repeated = sorted({r for r in rows if rows.count(r) > 1})
+    if repeated:
+        raise ValueError(f"rows={repeated} repeated; name each row once")
     start = time.perf_counter()
     # a local folder or a hub id (kept a string: from_pretrained resolves it through the hub cache)
     fp_dir = str(model_dir) if model_dir else fp_model_dir(cache_dir)
@@ -219,6 +222,8 @@ def run_table(
     fp = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).eval()
     fp_load_s = time.perf_counter() - t
     reference = fp_reference(fp, windows)
+    if "fp" not in rows:
+        fp = None  # only its reference is needed from here on: free the float32 model before the next one loads
     settings: dict[str, Any] = {
         "model": _model_label(model_dir),
         "fp_label": FP_LABEL if model_dir is None else "FP = its published weights in float32",
@@ -248,6 +253,8 @@ def run_table(
             # the FP row scores the reference itself: no second pass over the same tokens
             fp_quality = QualityMetrics(reference.perplexity, 0.0, 1.0, reference.n_tokens)
             out.append(Row("FP", None, fp_quality, mmlu(fp)))
+            fp = None
+            gc.collect()
             continue
         if kind in ("rtn", "rtn2x"):
             rtn_bits = bits if kind == "rtn" else 2 * bits
