@@ -109,7 +109,7 @@ def to_markdown(res: dict[str, Any]) -> str:
     for t in res["targets"]:
         met = {True: "yes", False: "**MISSED**", None: "n/a"}[t["met"]]
         lines.append(f"| {t['target']} | {met} | {t['measured']} |")
-    rtn = next((r for r in res["rows"] if r["name"].startswith("RTN") and "fp32_quality" in r), None)
+    rtn_rows = [r for r in res["rows"] if r["name"].startswith("RTN") and "fp32_quality" in r]
     lines += [
         "",
         "## Protocol",
@@ -117,15 +117,14 @@ def to_markdown(res: dict[str, Any]) -> str:
         f"- PPL / KL / top-1: first {s['ppl_tokens']} pydoc tokens in windows of {s['context']} "
         "(`fpxint_hf.evaluation.metrics`), each row in its compute dtype (fp32 row in fp32, all others in bf16), "
         "KL and top-1 against the fp32 model."
-        + (
-            f" RTN scored in fp32 (fake-quantized weights): PPL {rtn['fp32_quality']['perplexity']:.3f}."
-            if rtn
-            else ""
+        + "".join(
+            f" {r['name']} scored in fp32 (fake-quantized weights): PPL {r['fp32_quality']['perplexity']:.3f}."
+            for r in rtn_rows
         ),
         "- bits/weight: stored bytes of the quantized linear weights (all `nn.Linear` except `lm_head`, which is "
         "tied to the embedding and kept) / their count. FP=xINT: codes + fp16 scales + zeros + term count; RTN: "
-        "4 bits + fp16 scale and zero per group; bnb: packed uint8 + fp32 absmax + NF4 code table; HQQ: packed "
-        "W_q + bf16 scale + zero; dense rows: 16 / 32.",
+        "4 or 8 bits + fp16 scale and zero per group; bnb NF4: packed uint8 + fp32 absmax + NF4 code table; bnb "
+        "int8: int8 weight + fp32 absmax per row; HQQ: packed W_q + bf16 scale + zero; dense rows: 16 / 32.",
         f"- Group size: RTN and FP=xINT {s['group_size']} (64 for the 576-input layers, which 128 does not "
         "divide); bnb NF4 blocksize 64 and HQQ group 64 (their defaults), so they spend more bits on scales.",
         "- Quantization time: wall time of building the row (load from the fp32 safetensors folder + quantize), "

@@ -38,8 +38,8 @@ def build_dense(fp_dir: Path, dtype: torch.dtype):
     return model, 16.0 if dtype == torch.bfloat16 else 32.0, []
 
 
-def build_rtn(fp_dir: Path):
-    model, bpw = rtn_model(fp_dir, BITS, GROUP)
+def build_rtn(fp_dir: Path, bits: int = BITS):
+    model, bpw = rtn_model(fp_dir, bits, GROUP)
     return model, bpw, []
 
 
@@ -65,12 +65,30 @@ def build_bnb(fp_dir: Path):
     return model, 8 * stored / n, [f"bitsandbytes {bnb.__version__}: NF4, blocksize 64, float32 absmax"]
 
 
-def build_hqq(fp_dir: Path):
+def build_bnb_int8(fp_dir: Path):
+    """bitsandbytes LLM.int8 (8-bit weights, per-row absmax; outlier threshold 6.0 on activations)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        fp_dir, quantization_config=cfg, dtype=torch.bfloat16, device_map="cpu"
+    ).eval()
+    import bitsandbytes as bnb
+
+    stored = n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            stored += _tbytes(m.weight, getattr(m.weight, "SCB", None))
+            n += m.in_features * m.out_features
+    return model, 8 * stored / n, [f"bitsandbytes {bnb.__version__}: LLM.int8, per-row float32 absmax"]
+
+
+def build_hqq(fp_dir: Path, nbits: int = BITS):
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16).eval()
-    qcfg = BaseQuantizeConfig(nbits=BITS, group_size=64)
+    qcfg = BaseQuantizeConfig(nbits=nbits, group_size=64)
     stored = n = 0
     for name, lin in _linears(model):
         parent = model.get_submodule(name.rsplit(".", 1)[0])
@@ -84,7 +102,8 @@ def build_hqq(fp_dir: Path):
         model,
         8 * stored / n,
         [
-            f"hqq {getattr(hqq, '__version__', '0.2.8.post1')}: 4-bit, group 64, bf16 scale+zero, default optimizer"
+            f"hqq {getattr(hqq, '__version__', '0.2.8.post1')}: {nbits}-bit, group 64, bf16 scale+zero, "
+            "default optimizer"
         ],
     )
 

@@ -4,7 +4,8 @@
 
 Same model (the SmolLM2-135M FP folder of ``fpxint_hf.evaluation.assets.fp_model_dir()``), same inputs, rows:
 bf16 and fp32 baselines, RTN W4 (fake-quantized, same group size as FP=xINT), bitsandbytes NF4, HQQ 4-bit
-(``hqq.core.quantize.HQQLinear`` per ``nn.Linear``), torchao int4 weight-only (if it runs on CPU), FP=xINT T=1,2,3.
+(``hqq.core.quantize.HQQLinear`` per ``nn.Linear``), torchao int4 weight-only (if it runs on CPU), the 8-bit peers
+of T=2 at equal bits (RTN W8, bitsandbytes LLM.int8, HQQ 8-bit), FP=xINT T=1,2,3.
 A row whose library is missing or fails is kept in the output with the reason.
 
 Columns: bits per weight of the quantized linear weights from their stored bytes; PPL / KL / top-1 on the pydoc
@@ -48,6 +49,7 @@ from _bench_rows import (  # noqa: E402
     BITS,
     GROUP,
     build_bnb,
+    build_bnb_int8,
     build_dense,
     build_fpxint,
     build_hqq,
@@ -174,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         ("bnb NF4", "bfloat16", lambda: build_bnb(fp_dir)),
         ("HQQ 4-bit g64", "bfloat16", lambda: build_hqq(fp_dir)),
         ("torchao int4wo g64", "bfloat16", lambda: build_torchao(fp_dir)),
+        # the equal-bits peers of FP=xINT T=2 (2x4 bits)
+        ("RTN W8 g128", "bfloat16", lambda: build_rtn(fp_dir, 8)),
+        ("bnb int8 (LLM.int8)", "bfloat16", lambda: build_bnb_int8(fp_dir)),
+        ("HQQ 8-bit g64", "bfloat16", lambda: build_hqq(fp_dir, 8)),
         *[(f"FP=xINT T={t}", "bfloat16", (lambda t=t: build_fpxint(fp_dir, t))) for t in (1, 2, 3)],
     ]
     rows: list[dict[str, Any]] = []

@@ -63,6 +63,24 @@ def test_readme_quotes_the_committed_table(table_json):
         assert readme_row(row) in section, readme_row(row)
 
 
+def readme_bench_row(row: dict) -> str:
+    """One row of the README's table of the calibration-free peers."""
+    q, dec = row["quality"], row.get("decode_vs_bf16")
+    return (
+        f"| {row['name']} | {row['bits_per_weight']:.3f} | {q['perplexity']:.3f} | {q['kl_vs_fp']:.4f} | "
+        f"{100 * q['top1_agreement']:.1f}% | {'-' if dec is None else format(dec, '.2f')} |"
+    )
+
+
+def test_readme_quotes_the_committed_bench():
+    result = json.loads((RESULTS / "bench.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Against the calibration-free peers", 1)[1].split("\n## ", 1)[0]
+    quoted = [r for r in result["rows"] if "quality" in r and readme_bench_row(r) in section]
+    table_lines = [ln for ln in section.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
+    assert len(quoted) == len(table_lines) >= 8, "every README peers row must be a committed bench row"
+
+
 def test_committed_bench_markdown_is_rendered_from_its_json(bench_report):
     result = json.loads((RESULTS / "bench.json").read_text())
     assert bench_report.to_markdown(result) == (RESULTS / "bench.md").read_text()
