@@ -12,16 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fpxint_hf.evaluation.table import rtn_model
+from fpxint_hf.evaluation.table import quantizable_linears, rtn_model
 from fpxint_hf.hf import FPxINTConfig
 from fpxint_hf.linear import model_bits_per_weight
 
 BITS, GROUP = 4, 128
-
-
-def _linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    out_emb = model.get_output_embeddings()
-    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not out_emb]
 
 
 def _tbytes(*ts: Any) -> int:
@@ -43,44 +38,54 @@ def build_rtn(fp_dir: Path, bits: int = BITS):
     return model, bpw, []
 
 
+def _build_bnb(fp_dir: Path, cfg: Any, layer: str, stored_bytes: Any, note: str):
+    """A bitsandbytes row: load with ``cfg``; bits per weight from ``stored_bytes`` of every ``bnb.nn.<layer>``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        fp_dir, quantization_config=cfg, dtype=torch.bfloat16, device_map="cpu"
+    ).eval()
+    import bitsandbytes as bnb
+
+    cls = getattr(bnb.nn, layer)
+    stored = n = 0
+    for m in model.modules():
+        if isinstance(m, cls):
+            stored += stored_bytes(m)
+            n += m.in_features * m.out_features
+    return model, 8 * stored / n, [f"bitsandbytes {bnb.__version__}: {note}"]
+
+
+def _nf4_bytes(m: nn.Module) -> int:
+    qs = m.weight.quant_state
+    nested = (
+        _tbytes(qs.state2.absmax, qs.state2.code, getattr(qs, "offset", None))
+        if getattr(qs, "nested", False)
+        else 0
+    )
+    return _tbytes(m.weight, qs.absmax, qs.code) + nested
+
+
 def build_bnb(fp_dir: Path):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     cfg = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        fp_dir, quantization_config=cfg, dtype=torch.bfloat16, device_map="cpu"
-    ).eval()
-    import bitsandbytes as bnb
-
-    stored = n = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            qs = m.weight.quant_state
-            stored += _tbytes(m.weight, qs.absmax, qs.code)
-            if getattr(qs, "nested", False):
-                stored += _tbytes(qs.state2.absmax, qs.state2.code, getattr(qs, "offset", None))
-            n += m.in_features * m.out_features
-    return model, 8 * stored / n, [f"bitsandbytes {bnb.__version__}: NF4, blocksize 64, float32 absmax"]
+    return _build_bnb(fp_dir, cfg, "Linear4bit", _nf4_bytes, "NF4, blocksize 64, float32 absmax")
 
 
 def build_bnb_int8(fp_dir: Path):
     """bitsandbytes LLM.int8 (8-bit weights, per-row absmax; outlier threshold 6.0 on activations)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
-    cfg = BitsAndBytesConfig(load_in_8bit=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        fp_dir, quantization_config=cfg, dtype=torch.bfloat16, device_map="cpu"
-    ).eval()
-    import bitsandbytes as bnb
-
-    stored = n = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear8bitLt):
-            stored += _tbytes(m.weight, getattr(m.weight, "SCB", None))
-            n += m.in_features * m.out_features
-    return model, 8 * stored / n, [f"bitsandbytes {bnb.__version__}: LLM.int8, per-row float32 absmax"]
+    return _build_bnb(
+        fp_dir,
+        BitsAndBytesConfig(load_in_8bit=True),
+        "Linear8bitLt",
+        lambda m: _tbytes(m.weight, getattr(m.weight, "SCB", None)),
+        "LLM.int8, per-row float32 absmax",
+    )
 
 
 def build_hqq(fp_dir: Path, nbits: int = BITS):
@@ -90,7 +95,7 @@ def build_hqq(fp_dir: Path, nbits: int = BITS):
     model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16).eval()
     qcfg = BaseQuantizeConfig(nbits=nbits, group_size=64)
     stored = n = 0
-    for name, lin in _linears(model):
+    for name, lin in quantizable_linears(model):
         parent = model.get_submodule(name.rsplit(".", 1)[0])
         q = HQQLinear(lin, qcfg, compute_dtype=torch.bfloat16, device="cpu", del_orig=True)
         stored += _tbytes(q.W_q, q.meta["scale"], q.meta["zero"])
@@ -114,7 +119,7 @@ def build_torchao(fp_dir: Path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16).eval()
-    lin_names = {n for n, _ in _linears(model)}
+    lin_names = {n for n, _ in quantizable_linears(model)}
     quantize_(model, Int4WeightOnlyConfig(group_size=64), filter_fn=lambda m, fqn: fqn in lin_names)
     x = torch.zeros(1, 4, dtype=torch.long)
     model(input_ids=x)  # the failure is usually at the first forward

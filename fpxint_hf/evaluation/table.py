@@ -147,7 +147,7 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-def _quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The linear layers the FP=xINT quantizer converts (all but the output embedding)."""
     out_emb = model.get_output_embeddings()
     return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not out_emb]
@@ -167,7 +167,7 @@ def rtn_model(fp_dir: str | Path, bits: int, group_size: int | None) -> tuple[nn
 
     model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).eval()
     stored = n = 0
-    for _, m in _quantizable(model):
+    for _, m in quantizable_linears(model):
         gs = resolve_group_size(m.in_features, group_size)
         m.weight.copy_(rtn(m.weight, bits, gs))
         stored += m.weight.numel() * (bits + 32 / gs)
