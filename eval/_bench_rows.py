@@ -14,7 +14,7 @@ from torch import nn
 
 from fpxint_hf.evaluation.table import quantizable_linears, rtn_model
 from fpxint_hf.hf import FPxINTConfig
-from fpxint_hf.linear import model_bits_per_weight
+from fpxint_hf.model_ops import model_bits_per_weight
 
 BITS, GROUP = 4, 128
 

@@ -5,7 +5,8 @@
 
 from .expansion import Expansion, expand, reconstruct
 from .hf import FPxINTConfig, FPxINTHfQuantizer, register
-from .linear import FPxINTLinear, set_active_terms, set_forward_mode
+from .linear import FPxINTLinear
+from .model_ops import set_active_terms, set_forward_mode
 
 __version__ = "0.1.0"
 

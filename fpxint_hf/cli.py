@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .hf import FPxINTConfig
-from .linear import FPxINTLinear, model_bits_per_weight, quant_method_of
+from .linear import FPxINTLinear
+from .model_ops import model_bits_per_weight, quant_method_of
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -10,16 +10,28 @@ Theorem 1 of the paper writes every weight tensor, group by group, as
 - ``M_sa`` holds the few values cut off by saturation (the part outside the clip range), kept as a
   sparse tensor with a fixed budget per output row.
 
-Scales.  ``scale_1`` is chosen per group so that every value of ``M - M_sa`` lands on the grid
-without clamping, hence ``|R_1| <= scale_1 / 2``.  Later terms use signed codes in
-``[-(2^(X-1) - 1), 2^(X-1) - 1]`` and the fixed ratio ``scale_i = scale_{i-1} / (2^X - 2)``, so the
-residual always fits the next grid exactly: ``|R_i| <= scale_i / 2`` and the error shrinks by
-``2^X - 2`` (14 for 4-bit) with every added term.  Only ``scale_1`` (and ``bias``) are stored; the
-residual scales follow from it.  Both are stored in float16, and every code is computed from the
-*stored* value, so rounding of the stored scale/bias is absorbed by the later terms.
+Only ``scale_1`` and ``bias`` are stored (float16, per group); the residual scales follow from them by a
+fixed ratio, and every code is computed from the *stored* values, so their rounding is absorbed by the
+later terms.
 
 Every code is stored unsigned with the offset ``2^(X-1)``: ``value = (q - 2^(X-1)) · scale (+ bias)``,
 the same convention as PyTorch's packed int4 kernels.
+
+Two series rules (``SERIES_RULES``; a checkpoint records its rule in its config):
+
+- ``"legacy"`` (checkpoints of fpxint_hf 0.1): ``scale_1`` covers each group's min-max range without
+  clamping (``|R_1| <= scale_1/2``); later terms use signed codes ``±(2^(X-1) - 1)`` on a grid ``2^X - 2``
+  times finer, so the residual always fits and the error shrinks 14x per 4-bit term.
+- ``"nested"`` (the default): the terms may have different widths ``X_i`` (``term_bits``); term i > 1 is
+  a *mid-rise* quantizer that uses all ``2^(X_i)`` codes, ``value = (q - 2^(X_i-1) + 1/2)·scale_i`` with
+  ``scale_i = scale_{i-1} / 2^(X_i)``.  If ``|R_{i-1}| <= scale_{i-1}/2`` then ``|R_i| <= scale_i/2``: the
+  error falls by ``2^(X_i)`` per term (16 for 4-bit, 4 for 2-bit), and the first k terms together are
+  exactly one uniform grid of ``2^(X_1+…+X_k)`` levels.  ``scale_1`` and ``bias`` are chosen so that the
+  full T-term grid is the error-minimizing uniform grid of ``N = ΣX_i`` bits (``fit.fit_grid``: clip
+  search + least squares; min-max when ``fit="minmax"`` or N > ``FIT_MAX_BITS``).  Values clipped by that
+  grid are carried by the later terms up to half a first-term step (beyond that they saturate, as in
+  any clipped quantizer; ``M_sa`` keeps them exactly when ``outlier_fraction > 0``).  Truncating to k
+  terms gives the nested coarser grid, a proper ``X_1+…+X_k``-bit quantizer on a slightly shrunk range.
 
 This module is pure torch math: no ``nn``, no transformers.
 """
@@ -32,8 +44,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .fit import fit_grid, minmax_grid, relative_error, rtn, snr_db  # noqa: F401  (re-exported)
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 CLIP_METHODS = ("laplace", "search", "minmax")
+SERIES_RULES = ("nested", "legacy")
+FIT_METHODS = ("optimized", "minmax")
+FIT_MAX_BITS = 8  # the error-minimizing fit is used for series of at most this many bits in total
 
 # ACIQ (Banner et al., 2019): clip value alpha / b minimizing the MSE of X-bit quantization of a
 # Laplace(mu, b) variable.  The paper chooses the saturation range from a Laplace fit of the weights.
@@ -52,27 +69,58 @@ class Expansion:
     outlier_idx: torch.Tensor  # int32 [out, K]: column of each kept saturated value
     outlier_val: torch.Tensor  # float16 [out, K]: M_sa at that column (0 where the slot is unused)
     terms_used: int  # terms actually computed (<= T; fewer when the residual fell below tol)
-    bits: int
+    term_bits: tuple[int, ...]  # X_i of each stored term
     group_size: int
+    series: str = "legacy"  # one of SERIES_RULES
+    errors: tuple[float, ...] = ()  # ||M - approx_k||_F / ||M||_F after k = 1..terms_used terms (not stored)
 
     @property
     def terms(self) -> int:
         return self.codes.shape[0]
 
     @property
+    def bits(self) -> int:
+        """X of the first term (all terms share it unless ``term_bits`` is mixed)."""
+        return self.term_bits[0]
+
+    @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape[1:])
 
 
-def residual_ratio(bits: int) -> int:
-    """``scale_{i-1} / scale_i`` for i >= 2: the residual grid is ``2^X - 2`` times finer."""
-    return 2**bits - 2
+def residual_ratio(bits: int, series: str = "legacy") -> int:
+    """``scale_{i-1} / scale_i`` for a term of ``bits`` bits: ``2^X - 2`` (legacy) or ``2^X`` (nested)."""
+    return 2**bits if series == "nested" else 2**bits - 2
 
 
-def term_scales(scale: torch.Tensor, bits: int, terms: int) -> torch.Tensor:
-    """float32 ``[terms, out, G]``: ``scale_i = scale_1 / (2^X - 2)^(i-1)`` (Eq. 1)."""
-    powers = torch.arange(terms, device=scale.device, dtype=torch.float32)
-    return scale.float().unsqueeze(0) / residual_ratio(bits) ** powers.view(-1, 1, 1)
+def normalize_bits(bits: int | tuple[int, ...] | list[int], terms: int) -> tuple[int, ...]:
+    """``term_bits`` of a series: an int means every term has that width; a sequence gives one width a term."""
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        return (bits,) * terms
+    out = tuple(bits)
+    if len(out) != terms:
+        raise ValueError(f"bits={list(out)} gives {len(out)} widths for terms={terms}")
+    return out
+
+
+def term_scales(
+    scale: torch.Tensor, term_bits: tuple[int, ...], terms: int, series: str = "legacy"
+) -> torch.Tensor:
+    """float32 ``[terms, out, G]``: ``scale_i = scale_{i-1} / residual_ratio(X_i)`` (Eq. 1)."""
+    ratios = [1.0] + [float(residual_ratio(b, series)) for b in term_bits[1:terms]]
+    div = torch.tensor(ratios, dtype=torch.float64).cumprod(0).to(torch.float32)
+    return scale.float().unsqueeze(0) / div.to(scale.device).view(-1, 1, 1)
+
+
+def term_offsets(term_bits: tuple[int, ...], terms: int, series: str = "legacy") -> tuple[float, ...]:
+    """``o_i`` of ``value_i = (q_i - 2^(X_i-1) + o_i)·scale_i``: 1/2 for the mid-rise terms of a nested series."""
+    return tuple(0.5 if series == "nested" and i else 0.0 for i in range(terms))
+
+
+def code_range(bits: int, i: int, series: str = "legacy") -> tuple[int, int]:
+    """Centred code range ``[cmin, cmax]`` of term ``i`` (0-based) of width ``bits``."""
+    half = 2 ** (bits - 1)
+    return (-half, half - 1) if i == 0 or series == "nested" else (-(half - 1), half - 1)
 
 
 def resolve_group_size(in_features: int, group_size: int | None) -> int:
@@ -178,66 +226,67 @@ def sparse_matrix(idx: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) 
     return dense.scatter_add_(1, idx.long(), val.float())
 
 
-def quantize_first_term(
+def legacy_first_term(
     wc: torch.Tensor, bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``Q_1``, ``scale_1``, ``bias`` and the residual ``R_1`` for the saturated groups ``wc`` ``[out, G, gs]``.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float16 ``scale_1`` and bias ``[out, G]`` of the legacy rule for the saturated groups ``wc`` ``[out, G, gs]``.
 
-    ``scale_1`` (float16, rounded up) covers ``[min, max]`` of each group given the stored bias,
-    so no value is clamped: ``|R_1| <= scale_1 / 2``.  ``Q_1`` is returned centred (float32,
-    without the ``2^(X-1)`` offset).
+    ``scale_1`` (rounded up) covers ``[min, max]`` of each group given the stored bias, so no value is
+    clamped: ``|R_1| <= scale_1 / 2``.
     """
     half = 2 ** (bits - 1)
     lo, hi = wc.amin(-1), wc.amax(-1)
     if symmetric:
         zero16 = None
         need = torch.maximum(hi.abs(), lo.abs()) / (half - 1)
-        residual = wc.clone()
     else:
         zero16 = (lo + half * (hi - lo) / (2**bits - 1)).to(torch.float16)
         zero = zero16.float()
         need = torch.maximum((zero - lo) / half, (hi - zero) / (half - 1))
-        residual = wc - zero.unsqueeze(-1)
     if need.numel() and need.max() > _FP16_MAX:
         raise ValueError(f"weight range {need.max().item():.3g} per step exceeds the float16 scale range")
-    scale16 = _ceil_fp16(need)
-    q = _quantize_residual(residual, scale16.float().unsqueeze(-1), -half, half - 1)
-    return q, scale16, zero16, residual
+    return _ceil_fp16(need), zero16
 
 
-def _quantize_residual(residual: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Centred codes ``round(R / step)`` (float32); subtracts ``step · Q`` from ``residual`` in place."""
-    q = residual.div(step).round_().clamp_(qmin, qmax)
-    residual.sub_(q * step)
-    return q
-
-
-def dequantize_term(codes: torch.Tensor, step: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """float32 ``step · (Q - 2^(X-1))`` for codes ``[out, in]`` and per-group ``step`` ``[out, G]``."""
-    q = _groups(codes, group_size).float().sub_(2 ** (bits - 1))
+def dequantize_term(
+    codes: torch.Tensor, step: torch.Tensor, bits: int, group_size: int, offset: float = 0.0
+) -> torch.Tensor:
+    """float32 ``step · (Q - 2^(X-1) + offset)`` for codes ``[out, in]`` and per-group ``step`` ``[out, G]``."""
+    q = _groups(codes, group_size).float().sub_(2 ** (bits - 1) - offset)
     return q.mul_(step.unsqueeze(-1)).reshape(codes.shape)
 
 
 def expand(
     w: torch.Tensor,
-    bits: int = 4,
+    bits: int | tuple[int, ...] = 4,
     terms: int = 2,
     group_size: int | None = 128,
     symmetric: bool = False,
     clip: str = "laplace",
     outlier_fraction: float = 0.0,
     tol: float = 0.0,
+    series: str = "legacy",
+    fit: str = "minmax",
 ) -> Expansion:
     """Expand a 2-D weight into Eq. 1.  ``group_size`` must divide ``in_features`` (see
-    ``resolve_group_size``); ``tol > 0`` stops once ``max |R_i| < tol``.
+    ``resolve_group_size``); ``tol > 0`` stops once ``max |R_i| < tol``.  ``bits`` is one width for all
+    terms or one width per term (``series="nested"`` only); ``fit`` chooses the first term of a nested
+    series (``"optimized"``: ``fit.fit_grid``; ``"minmax"``: RTN's range).
 
-    With ``outlier_fraction == 0`` nothing is saturated (``M_sa = 0``): every value must then be
-    representable, so the clip range is the group's min-max range whatever ``clip`` says.
+    With ``outlier_fraction == 0`` nothing is saturated (``M_sa = 0``).  In the legacy rule every value
+    must then be representable, so the clip range is the group's min-max range whatever ``clip`` says.
     """
     if w.dim() != 2:
         raise ValueError(f"expand() takes a 2-D weight, got shape {tuple(w.shape)}")
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported; allowed: {SUPPORTED_BITS}")
+    term_bits = normalize_bits(bits, terms)
+    if any(b not in SUPPORTED_BITS for b in term_bits):
+        raise ValueError(f"bits={bits} is not supported; allowed: {SUPPORTED_BITS} (one, or one per term)")
+    if series not in SERIES_RULES:
+        raise ValueError(f"series={series!r} is not supported; allowed: {SERIES_RULES}")
+    if series == "legacy" and len(set(term_bits)) > 1:
+        raise ValueError(f"mixed widths bits={list(term_bits)} need series='nested'")
+    if fit not in FIT_METHODS:
+        raise ValueError(f"fit={fit!r} is not supported; allowed: {FIT_METHODS}")
     if clip not in CLIP_METHODS:
         raise ValueError(f"clip={clip!r} is not supported; allowed: {CLIP_METHODS}")
     out_features, in_features = w.shape
@@ -247,11 +296,10 @@ def expand(
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf values")
     w = w.detach().float()
-    half = 2 ** (bits - 1)
 
     budget = outlier_budget(in_features, outlier_fraction)
     if budget:
-        lo, hi = clip_range(_groups(w, gs), bits, symmetric, clip)
+        lo, hi = clip_range(_groups(w, gs), term_bits[0], symmetric, clip)
         idx, val = saturate(w, lo, hi, gs, budget)
         wc = w - sparse_matrix(idx, val, w.shape)  # M - M_sa
     else:
@@ -259,50 +307,95 @@ def expand(
         val = torch.zeros(out_features, 0, dtype=torch.float16, device=w.device)
         wc = w
 
-    q, scale16, zero16, residual = quantize_first_term(_groups(wc, gs), bits, symmetric)
-    codes = torch.full((terms, out_features, in_features), half, dtype=torch.uint8, device=w.device)
-    codes[0] = q.add_(half).reshape(out_features, in_features)
-    steps = term_scales(scale16, bits, terms).unsqueeze(-1)
-    used = 1
-    for i in range(1, terms):
-        if tol > 0 and residual.abs().max() < tol:
+    if series == "nested":
+        scale16, zero16 = nested_first_term(_groups(wc, gs), term_bits, symmetric, fit)
+    else:
+        scale16, zero16 = legacy_first_term(_groups(wc, gs), term_bits[0], symmetric)
+    codes, used, errors = _series_codes(w, wc, scale16, zero16, term_bits, gs, series, tol)
+    return Expansion(codes, scale16, zero16, idx, val, used, term_bits, gs, series, errors)
+
+
+def nested_first_term(
+    wc: torch.Tensor, term_bits: tuple[int, ...], symmetric: bool, fit: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float16 ``scale_1`` and bias ``[out, G]`` of a nested series on the groups ``wc`` ``[out, G, gs]``.
+
+    The whole series is one uniform grid of ``N = ΣX_i`` bits with step ``δ = scale_1 / 2^(N - X_1)``;
+    its levels run from ``bias - 2^(X_1-1)·scale_1 - (scale_1 - δ)/2`` upwards (the mid-rise terms add
+    ``±(scale_1 - δ)/2`` around each first-term level).  ``δ`` and the grid's lowest level come from
+    the N-bit fit; the bias follows.
+    """
+    n = sum(term_bits)
+    h1, tail = 2 ** (term_bits[0] - 1), 2.0 ** (n - term_bits[0])
+    optimized = fit == "optimized" and n <= FIT_MAX_BITS
+    if symmetric:
+        g = fit_grid(wc, n, symmetric=True) if optimized else minmax_grid(wc, n, symmetric=True)
+        reach = g.scale * (2 ** (n - 1) - 1)  # the fitted |range|
+        scale = reach / (h1 - 0.5 - 0.5 / tail)
+        return _fp16_scale(scale), None
+    g = fit_grid(wc, n) if optimized else minmax_grid(wc, n)
+    lowest = g.zero - 2 ** (n - 1) * g.scale  # the fitted grid's lowest and highest levels
+    highest = g.zero + (2 ** (n - 1) - 1) * g.scale
+    zero = lowest + h1 * g.scale * tail + (g.scale * tail - g.scale) / 2
+    if zero.numel() and zero.abs().max() > _FP16_MAX:
+        raise ValueError(f"weight bias {zero.abs().max().item():.3g} exceeds the float16 range")
+    zero16 = zero.to(torch.float16)
+    # scale_1 (rounded up) such that the stored grid, about the stored bias, still spans [lowest, highest]
+    below, above = h1 + 0.5 - 0.5 / tail, h1 - 0.5 - 0.5 / tail
+    z = zero16.float()
+    scale = torch.maximum((z - lowest) / below, (highest - z) / above)  # above >= 1: every width is >= 2 bits
+    return _fp16_scale(scale), zero16
+
+
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """float16 scale rounded up, so the stored grid never shrinks the range it must cover."""
+    if scale.numel() and scale.max() > _FP16_MAX:
+        raise ValueError(f"weight range {scale.max().item():.3g} per step exceeds the float16 scale range")
+    return _ceil_fp16(scale)
+
+
+def _series_codes(
+    w: torch.Tensor,
+    wc: torch.Tensor,
+    scale16: torch.Tensor,
+    zero16: torch.Tensor | None,
+    term_bits: tuple[int, ...],
+    gs: int,
+    series: str,
+    tol: float,
+) -> tuple[torch.Tensor, int, tuple[float, ...]]:
+    """Greedy codes of every term from the *stored* scale/bias: term i rounds the residual ``R_{i-1}`` to
+    its grid.  Returns the uint8 codes ``[T, out, in]``, the terms computed and the error after each."""
+    terms, (out_features, in_features) = len(term_bits), w.shape
+    codes = torch.empty((terms, out_features, in_features), dtype=torch.uint8, device=w.device)
+    for i, b in enumerate(term_bits):
+        codes[i] = 2 ** (b - 1)  # value 0 (legacy) / unused
+    residual = _groups(wc, gs).clone()
+    if zero16 is not None:
+        residual -= zero16.float().unsqueeze(-1)
+    steps = term_scales(scale16, term_bits, terms, series).unsqueeze(-1)
+    offsets = term_offsets(term_bits, terms, series)
+    norm, errors, used = w.norm().clamp(min=1e-30), [], 0
+    for i, b in enumerate(term_bits):
+        if i and tol > 0 and residual.abs().max() < tol:
             break
-        q = _quantize_residual(residual, steps[i], -(half - 1), half - 1)
-        codes[i] = q.add_(half).reshape(out_features, in_features)
+        cmin, cmax = code_range(b, i, series)
+        c = residual.div(steps[i]).sub_(offsets[i]).round_().clamp_(cmin, cmax)
+        residual.sub_((c + offsets[i]) * steps[i])
+        codes[i] = c.add_(2 ** (b - 1)).reshape(out_features, in_features)
         used += 1
-    return Expansion(codes, scale16, zero16, idx, val, used, bits, gs)
+        errors.append((residual.norm() / norm).item())
+    return codes, used, tuple(errors)
 
 
 def reconstruct(e: Expansion, terms: int | None = None) -> torch.Tensor:
     """Invert Eq. 1 with the first ``terms`` terms (default: all computed): float32 ``[out, in]``."""
     k = e.terms_used if terms is None else min(terms, e.terms_used)
-    steps = term_scales(e.scale, e.bits, k)
-    approx = dequantize_term(e.codes[0], steps[0], e.bits, e.group_size)
+    steps = term_scales(e.scale, e.term_bits, k, e.series)
+    offsets = term_offsets(e.term_bits, k, e.series)
+    approx = dequantize_term(e.codes[0], steps[0], e.term_bits[0], e.group_size)
     if e.zero is not None:
         approx = _groups(approx, e.group_size).add_(e.zero.float().unsqueeze(-1)).reshape(approx.shape)
     for i in range(1, k):
-        approx += dequantize_term(e.codes[i], steps[i], e.bits, e.group_size)
+        approx += dequantize_term(e.codes[i], steps[i], e.term_bits[i], e.group_size, offsets[i])
     return approx + sparse_matrix(e.outlier_idx, e.outlier_val, e.shape)
-
-
-def rtn(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
-    """Plain asymmetric min-max round-to-nearest ("Normal" in the paper), dequantized, float32."""
-    w = w.detach().float()
-    gs = w.shape[1] if group_size is None else group_size
-    wg = _groups(w, gs)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    step = ((hi - lo) / (2**bits - 1)).clamp(min=1e-12)
-    return (((wg - lo) / step).round() * step + lo).reshape(w.shape)
-
-
-def relative_error(approx: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||approx - ref||_F / ||ref||_F``."""
-    ref = ref.float()
-    return ((approx.float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
-
-
-def snr_db(approx: torch.Tensor, ref: torch.Tensor) -> float:
-    """Signal-to-noise ratio in dB, as torchao's ``compute_error``: ``20·log10(||ref|| / ||ref - approx||)``."""
-    ref = ref.float()
-    noise = (ref - approx.float()).norm()
-    return math.inf if noise == 0 else (20 * torch.log10(ref.norm() / noise)).item()

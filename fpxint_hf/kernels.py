@@ -44,9 +44,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .expansion import Expansion, residual_ratio, term_scales
+from .expansion import Expansion, code_range, normalize_bits, reconstruct, term_offsets, term_scales
 
-KERNEL_MODES = ("int4", "int8")
+KERNEL_MODES = ("int4", "int8", "dense")
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # group sizes of _weight_int4pack_mm_for_cpu, largest first
 INT4_BITS = (2, 3, 4)
 INT4_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
@@ -82,11 +82,21 @@ class Int4Weights:
 class Int8Weights:
     """Prepared collapsed ``int8`` weight of the first ``terms`` terms of one per-channel layer."""
 
-    weight: torch.Tensor  # int8 [out, in]: Σ_i r^(k-i)·c_i
+    weight: torch.Tensor  # int8 [out, in]: Σ_i m_i·c_i + shift (see ``collapse_codes``)
     scales: torch.Tensor  # [out] scale_k in the compute dtype
-    zero: torch.Tensor | None  # float32 [out, 1] bias of the one group, or None (symmetric)
+    zero: torch.Tensor | None  # float32 [out, 1]: bias + mid-rise offsets - shift·scale_k, or None when all 0
     terms: int
     outliers: torch.Tensor | None  # M_sa as float32 sparse CSR [out, in], or None
+
+
+@dataclass
+class DenseWeights:
+    """The first ``terms`` terms dequantized once into one matrix in the compute dtype (``"dense"`` mode).
+
+    Fastest where no packed kernel is (float32/float16 on the CPU, CUDA), at the memory of a dense layer."""
+
+    weight: torch.Tensor  # [out, in] in the compute dtype
+    terms: int
 
 
 def _ops_missing(names: tuple[str, ...]) -> list[str]:
@@ -109,37 +119,64 @@ def int4_group_size(group_size: int) -> int | None:
     return next((g for g in INT4_GROUP_SIZES if group_size % g == 0), None)
 
 
+def _widths(bits: int | tuple[int, ...], terms: int = 1) -> tuple[int, ...]:
+    return normalize_bits(bits, terms) if isinstance(bits, int) else tuple(bits)[:terms]
+
+
 def int4_supported(
-    bits: int, group_size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    bits: int | tuple[int, ...],
+    group_size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Support:
     """Whether the ``int4`` path applies to a layer with these parameters (see the module docstring)."""
-    if bits not in INT4_BITS:
+    widths = _widths(bits, len(bits) if isinstance(bits, tuple) else 1)
+    if any(b not in INT4_BITS for b in widths):
         return Support(False, f"bits={bits} is not one of {INT4_BITS}")
     if int4_group_size(group_size) is None:
         return Support(False, f"group_size={group_size} is not a multiple of 32")
     return _common_support(device, dtype, _INT4_OPS)
 
 
-def collapsed_range(bits: int, terms: int) -> tuple[int, int]:
-    """Worst-case range of ``Σ_{i<=k} r^(k-i)·c_i`` (``k = terms``) over all valid centred codes."""
-    half, r = 2 ** (bits - 1), residual_ratio(bits)
-    below = sum(r**j for j in range(terms - 1))  # weights of terms 2..k
-    return -half * r ** (terms - 1) - (half - 1) * below, (half - 1) * (below + r ** (terms - 1))
+def collapse_multipliers(bits: int | tuple[int, ...], terms: int, series: str = "legacy") -> tuple[int, ...]:
+    """``m_i = scale_i / scale_k`` (integers) for ``i <= k = terms``."""
+    widths = _widths(bits, terms)
+    steps = term_scales(torch.ones(1, 1), widths, terms, series)[:, 0, 0].double()
+    return tuple(int(round(float(v))) for v in steps / steps[-1])
+
+
+def collapsed_range(bits: int | tuple[int, ...], terms: int, series: str = "legacy") -> tuple[int, int]:
+    """Worst-case range of ``Σ_{i<=k} m_i·c_i`` (``k = terms``) over all valid centred codes."""
+    widths = _widths(bits, terms)
+    mult = collapse_multipliers(widths, terms, series)
+    ranges = [code_range(b, i, series) for i, b in enumerate(widths)]
+    return sum(m * r[0] for m, r in zip(mult, ranges, strict=True)), sum(
+        m * r[1] for m, r in zip(mult, ranges, strict=True)
+    )
+
+
+def collapse_shift(bits: int | tuple[int, ...], terms: int, series: str = "legacy") -> int | None:
+    """The integer added to ``Σ m_i·c_i`` so that it fits int8 (0 when it already does), or ``None``."""
+    lo, hi = collapsed_range(bits, terms, series)
+    if hi - lo > 255:
+        return None
+    return 0 if lo >= -128 and hi <= 127 else -128 - lo
 
 
 def int8_supported(
-    bits: int,
+    bits: int | tuple[int, ...],
     group_size: int,
     in_features: int,
     terms: int,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    series: str = "legacy",
 ) -> Support:
     """Whether the collapsed ``int8`` path applies to the first ``terms`` terms of such a layer."""
     if group_size != in_features:
         return Support(False, f"group_size={group_size} is not per-channel (in_features={in_features})")
-    lo, hi = collapsed_range(bits, terms)
-    if lo < -128 or hi > 127:
+    if collapse_shift(bits, terms, series) is None:
+        lo, hi = collapsed_range(bits, terms, series)
         return Support(False, f"{terms} terms of {bits} bits collapse to [{lo}, {hi}], wider than int8")
     return _common_support(device, dtype, _INT8_OPS)
 
@@ -153,12 +190,15 @@ def supported(
     terms: int,
     device: torch.device | str,
     dtype: torch.dtype,
+    series: str = "legacy",
 ) -> Support:
-    """``int4_supported`` or ``int8_supported`` by ``mode`` (one of ``KERNEL_MODES``)."""
+    """``int4_supported`` or ``int8_supported`` by ``mode`` (one of ``KERNEL_MODES``; ``dense`` always applies)."""
     if mode == "int4":
-        return int4_supported(bits, group_size, device, dtype)
+        return int4_supported(_widths(bits, terms), group_size, device, dtype)
     if mode == "int8":
-        return int8_supported(bits, group_size, in_features, terms, device, dtype)
+        return int8_supported(bits, group_size, in_features, terms, device, dtype, series)
+    if mode == "dense":
+        return Support(True)
     raise ValueError(f"kernel mode={mode!r} is not one of {KERNEL_MODES}")
 
 
@@ -170,18 +210,26 @@ def choose_kernel(
     terms: int,
     device: torch.device | str,
     dtype: torch.dtype,
-) -> str | None:
-    """The kernel ``"auto"`` uses, or ``None`` (use the reference path).
+    series: str = "legacy",
+) -> str:
+    """The kernel ``"auto"`` uses.
 
-    Only bfloat16 activations get a kernel: in torch 2.13 on CPU the float32 and float16 variants of
-    both ops are correct but unvectorized, 10-90x slower than dense ``F.linear`` in the same dtype.
+    Only bfloat16 activations on the CPU get a packed kernel: in torch 2.13 the float32 and float16 variants
+    of both ops are correct but unvectorized, 10-90x slower than dense ``F.linear`` in the same dtype.
     ``int8`` goes first (one matmul for all its terms; with one term it measured as fast as ``int4`` or
-    faster), then ``int4``.  Measurements: ``eval/results/bench_kernels.md``.
+    faster), then ``int4``.  Everything else gets ``dense`` (dequantized once, cached).  Measurements:
+    ``eval/results/bench_kernels.md``.
     """
     if dtype not in AUTO_DTYPES:
-        return None
-    kw = {"bits": bits, "group_size": group_size, "in_features": in_features, "terms": terms}
-    return next((m for m in ("int8", "int4") if supported(m, **kw, device=device, dtype=dtype)), None)
+        return "dense"
+    kw = {
+        "bits": bits,
+        "group_size": group_size,
+        "in_features": in_features,
+        "terms": terms,
+        "series": series,
+    }
+    return next((m for m in ("int8", "int4") if supported(m, **kw, device=device, dtype=dtype)), "dense")
 
 
 # --------------------------------------------------------------------------- shared small terms
@@ -234,22 +282,23 @@ def prepare_int4(
 ) -> Int4Weights:
     """Re-pack the first ``terms`` terms of ``e`` for ``_weight_int4pack_mm_for_cpu`` (once per layer)."""
     device = torch.device(device)
-    why = int4_supported(e.bits, e.group_size, device, dtype)
+    why = int4_supported(e.term_bits[:terms], e.group_size, device, dtype)
     if not why:
         raise ValueError(f"the int4 kernel does not apply: {why.reason}")
     gs = int4_group_size(e.group_size)
     n_out, _ = e.shape
     pad = (-n_out) % INT4_ROW_MULTIPLE
-    shift = 8 - 2 ** (e.bits - 1)  # codes q + shift, so that (q + shift - 8) = q - 2^(X-1)
-    steps = term_scales(e.scale.to(device), e.bits, terms).repeat_interleave(e.group_size // gs, dim=2)
+    rep = e.group_size // gs
+    steps = term_scales(e.scale.to(device), e.term_bits, terms, e.series).repeat_interleave(rep, dim=2)
+    offsets = term_offsets(e.term_bits, terms, e.series)
     packed, tables = [], []
     for i in range(terms):
+        shift = 8 - 2 ** (e.term_bits[i] - 1)  # codes q + shift, so that (q + shift - 8) = q - 2^(X-1)
         codes = e.codes[i].to(device=device, dtype=torch.int32) + shift
         scale = steps[i]  # [out, G']
+        zero = scale * offsets[i]  # the mid-rise half step of a nested term (0 otherwise)
         if i == 0 and e.zero is not None:
-            zero = e.zero.to(device).float().repeat_interleave(e.group_size // gs, dim=1)
-        else:
-            zero = torch.zeros_like(scale)
+            zero = zero + e.zero.to(device).float().repeat_interleave(rep, dim=1)
         if pad:  # code 8 with scale 0 and zero 0: rows of value 0
             codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
             scale, zero = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scale, zero))
@@ -273,26 +322,35 @@ def int4_linear(x2d: torch.Tensor, w: Int4Weights) -> torch.Tensor:
 
 
 def collapse_codes(e: Expansion, terms: int) -> torch.Tensor:
-    """int32 ``[out, in]``: ``Σ_{i<=k} r^(k-i)·(q_i - 2^(X-1))`` for ``k = terms``."""
-    half, r = 2 ** (e.bits - 1), residual_ratio(e.bits)
+    """int32 ``[out, in]``: ``Σ_{i<=k} m_i·c_i`` for ``k = terms``, centred codes ``c_i`` and
+    ``m_i = scale_i / scale_k`` (``collapse_multipliers``)."""
+    mult = collapse_multipliers(e.term_bits, terms, e.series)
     total = torch.zeros(e.shape, dtype=torch.int32, device=e.codes.device)
     for i in range(terms):
-        total.mul_(r).add_(e.codes[i].to(torch.int32) - half)
+        total.add_((e.codes[i].to(torch.int32) - 2 ** (e.term_bits[i] - 1)) * mult[i])
     return total
 
 
 def prepare_int8(
     e: Expansion, terms: int, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> Int8Weights:
-    """Collapse the first ``terms`` terms of a per-channel ``e`` into one int8 matrix (once per layer)."""
+    """Collapse the first ``terms`` terms of a per-channel ``e`` into one int8 matrix (once per layer).
+
+    ``Σ_i scale_i·(c_i + o_i) = scale_k·(Σ_i m_i·c_i + shift) + Σ_i scale_i·o_i - shift·scale_k``: the
+    integer goes to the kernel, the per-row constant joins the bias term."""
     device = torch.device(device)
-    why = int8_supported(e.bits, e.group_size, e.shape[1], terms, device, dtype)
+    why = int8_supported(e.term_bits[:terms], e.group_size, e.shape[1], terms, device, dtype, e.series)
     if not why:
         raise ValueError(f"the collapsed int8 kernel does not apply: {why.reason}")
-    weight = collapse_codes(e, terms).to(device=device, dtype=torch.int8).contiguous()
-    scales = term_scales(e.scale.to(device), e.bits, terms)[terms - 1, :, 0].to(dtype).contiguous()
-    zero = None if e.zero is None else e.zero.to(device).float()
-    return Int8Weights(weight, scales, zero, terms, _outliers(e, device))
+    shift = collapse_shift(e.term_bits, terms, e.series)
+    weight = (collapse_codes(e, terms) + shift).to(device=device, dtype=torch.int8).contiguous()
+    steps = term_scales(e.scale.to(device), e.term_bits, terms, e.series)[:, :, 0]  # [k, out]
+    offsets = torch.tensor(term_offsets(e.term_bits, terms, e.series), device=device).view(-1, 1)
+    const = (steps * offsets).sum(0) - shift * steps[-1]  # [out]
+    if e.zero is not None:
+        const = const + e.zero.to(device).float()[:, 0]
+    zero = const.view(-1, 1) if bool(const.abs().max() > 0) else None
+    return Int8Weights(weight, steps[-1].to(dtype).contiguous(), zero, terms, _outliers(e, device))
 
 
 def int8_linear(x2d: torch.Tensor, w: Int8Weights) -> torch.Tensor:
@@ -307,17 +365,28 @@ def int8_linear(x2d: torch.Tensor, w: Int8Weights) -> torch.Tensor:
 # --------------------------------------------------------------------------- dispatch
 
 
+def prepare_dense(
+    e: Expansion, terms: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> DenseWeights:
+    """Dequantize the first ``terms`` terms once (``reconstruct``) into the compute dtype."""
+    return DenseWeights(reconstruct(e, terms).to(device=device, dtype=dtype), terms)
+
+
 def prepare(mode: str, e: Expansion, terms: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-    """``prepare_int4`` or ``prepare_int8`` by ``mode``."""
+    """``prepare_int4``, ``prepare_int8`` or ``prepare_dense`` by ``mode``."""
     if mode == "int4":
         return prepare_int4(e, terms, dtype, device)
     if mode == "int8":
         return prepare_int8(e, terms, dtype, device)
+    if mode == "dense":
+        return prepare_dense(e, terms, dtype, device)
     raise ValueError(f"kernel mode={mode!r} is not one of {KERNEL_MODES}")
 
 
-def kernel_linear(x: torch.Tensor, w: Int4Weights | Int8Weights) -> torch.Tensor:
+def kernel_linear(x: torch.Tensor, w: Int4Weights | Int8Weights | DenseWeights) -> torch.Tensor:
     """``x @ M.T`` for any leading shape of ``x`` with prepared weights ``w``."""
+    if isinstance(w, DenseWeights):
+        return torch.nn.functional.linear(x, w.weight)
     x2d = x.reshape(-1, x.shape[-1])
     y = int4_linear(x2d, w) if isinstance(w, Int4Weights) else int8_linear(x2d, w)
     return y.reshape(*x.shape[:-1], y.shape[-1])

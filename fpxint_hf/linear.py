@@ -11,8 +11,10 @@ them with a plain shape check.  The forward paths (``forward_mode``) give the sa
 - ``int4`` / ``int8``: packed-integer CPU kernels (``kernels.py``; ``int8`` collapses the terms of a
   per-channel layer into one int8 matrix), prepared on first use and cached on the module (a plain
   attribute, not in ``state_dict``), rebuilt when the active terms, dtype, device or buffers change;
-- ``auto``: the fastest kernel that applies to the layer, device and dtype (bfloat16 activations on
-  the CPU: ``kernels.choose_kernel``), else ``reference``; also ``reference`` when x needs a gradient.
+- ``dense``: the series dequantized once into the activation dtype and cached (the memory of a dense
+  layer, the speed of ``F.linear``);
+- ``auto`` (the default): the fastest path for the layer, device and dtype (``kernels.choose_kernel``:
+  ``int8``/``int4`` for bfloat16 activations on the CPU, else ``dense``); ``dense`` when x needs a gradient.
 
 ``active_terms`` truncates the series at run time: one checkpoint, several precisions.
 """
@@ -26,10 +28,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .expansion import Expansion, expand, outlier_budget, reconstruct, resolve_group_size, term_scales
-from .packing import pack, packed_size, unpack
+from .expansion import (
+    Expansion,
+    expand,
+    normalize_bits,
+    outlier_budget,
+    reconstruct,
+    resolve_group_size,
+    term_offsets,
+    term_scales,
+)
+from .packing import pack_series, series_shape, unpack_series
 
-FORWARD_MODES = ("reference", "terms", "int4", "int8", "auto")
+FORWARD_MODES = ("reference", "terms", "dense", "int4", "int8", "auto")
 
 
 def outlier_index_dtype(in_features: int) -> torch.dtype:
@@ -51,11 +62,13 @@ class FPxINTLinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        bits: int = 4,
+        bits: int | tuple[int, ...] = 4,
         terms: int = 2,
         group_size: int | None = None,
         symmetric: bool = False,
         outlier_budget: int = 0,
+        series: str = "legacy",
+        fit: str = "minmax",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -64,18 +77,23 @@ class FPxINTLinear(nn.Module):
         if in_features % group_size:
             raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.terms, self.group_size = bits, terms, group_size
+        self.term_bits = normalize_bits(bits, terms)
+        self.bits = self.term_bits[0] if len(set(self.term_bits)) == 1 else self.term_bits
+        self.terms, self.group_size = terms, group_size
         self.symmetric, self.outlier_budget = symmetric, outlier_budget
+        self.series, self.fit = (
+            series,
+            fit,
+        )  # the series rule; how the first term is fitted (quantize time only)
         self.active_terms: int | None = None  # run-time truncation; None = every stored term
-        self.forward_mode = "reference"
+        self.forward_mode = "auto"
         self._kernel_cache: tuple | None = None  # (key, buffers, prepared kernel weights or None)
         groups = in_features // group_size
         kw = {"device": device}
-        # [T, out, ceil(in·X/8)] packed codes Q_i + 2^(X-1), term-major
-        self.register_buffer(
-            "codes", torch.zeros(terms, out_features, packed_size(in_features, bits), dtype=torch.uint8, **kw)
-        )
-        # [out, G] scale_1 per group; scale_i = scale_1 / (2^X - 2)^(i-1)
+        # [T, out, ceil(in·X/8)] packed codes Q_i + 2^(X-1), term-major; mixed widths: [out, Σ_i ceil(in·X_i/8)]
+        shape = series_shape(self.term_bits, out_features, in_features)
+        self.register_buffer("codes", torch.zeros(shape, dtype=torch.uint8, **kw))
+        # [out, G] scale_1 per group; scale_i = scale_{i-1} / 2^(X_i) (nested) or / (2^X - 2) (legacy)
         self.register_buffer("scale", torch.zeros(out_features, groups, dtype=torch.float16, **kw))
         if not symmetric:
             # [out, G] bias (zero point) per group
@@ -131,6 +149,8 @@ class FPxINTLinear(nn.Module):
         clip: str = "laplace",
         outlier_fraction: float = 0.0,
         tol: float = 0.0,
+        series: str = "legacy",
+        fit: str = "minmax",
     ) -> FPxINTLinear:
         """Quantize one ``nn.Linear`` (its bias is copied). ``group_size`` falls back as ``resolve_group_size``."""
         module = cls(
@@ -142,6 +162,8 @@ class FPxINTLinear(nn.Module):
             group_size=resolve_group_size(linear.in_features, group_size),
             symmetric=symmetric,
             outlier_budget=outlier_budget(linear.in_features, outlier_fraction),
+            series=series,
+            fit=fit,
             device=linear.weight.device,
             dtype=linear.weight.dtype,
         )
@@ -155,22 +177,31 @@ class FPxINTLinear(nn.Module):
     ) -> Expansion:
         """Expand a full-precision ``[out, in]`` weight with this layer's bits, terms, group size and symmetry."""
         return expand(
-            weight, self.bits, self.terms, self.group_size, self.symmetric, clip, outlier_fraction, tol
+            weight,
+            self.term_bits,
+            self.terms,
+            self.group_size,
+            self.symmetric,
+            clip,
+            outlier_fraction,
+            tol,
+            self.series,
+            self.fit,
         )
 
     def expansion_state(self, e: Expansion) -> dict[str, torch.Tensor]:
         """The buffers of this module holding ``e``, keyed by buffer name (declared dtypes and shapes)."""
-        if e.shape != (self.out_features, self.in_features) or (e.bits, e.terms, e.group_size) != (
-            self.bits,
-            self.terms,
-            self.group_size,
+        mine = (self.term_bits, self.terms, self.group_size, self.series)
+        if (
+            e.shape != (self.out_features, self.in_features)
+            or (e.term_bits, e.terms, e.group_size, e.series) != mine
         ):
             raise ValueError(
-                f"expansion (shape={e.shape}, bits={e.bits}, terms={e.terms}, group_size={e.group_size}) does not "
-                f"match {self.extra_repr()}"
+                f"expansion (shape={e.shape}, bits={e.term_bits}, terms={e.terms}, group_size={e.group_size}, "
+                f"series={e.series}) does not match {self.extra_repr()}"
             )
         state = {
-            "codes": pack(e.codes, self.bits),
+            "codes": pack_series(e.codes, self.term_bits),
             "scale": e.scale,
             "terms_used": torch.tensor([e.terms_used], dtype=torch.int32, device=e.scale.device),
         }
@@ -193,7 +224,7 @@ class FPxINTLinear(nn.Module):
         """The stored series as an ``Expansion`` (codes unpacked)."""
         n_out = self.out_features
         return Expansion(
-            codes=unpack(self.codes, self.bits, self.in_features),
+            codes=unpack_series(self.codes, self.term_bits, self.in_features),
             scale=self.scale,
             zero=None if self.symmetric else self.zero,
             outlier_idx=self.outlier_idx
@@ -201,8 +232,9 @@ class FPxINTLinear(nn.Module):
             else self.scale.new_zeros(n_out, 0, dtype=torch.int32),
             outlier_val=self.outlier_val if self.outlier_budget else self.scale.new_zeros(n_out, 0),
             terms_used=int(self.terms_used.item()),
-            bits=self.bits,
+            term_bits=self.term_bits,
             group_size=self.group_size,
+            series=self.series,
         )
 
     @property
@@ -223,7 +255,7 @@ class FPxINTLinear(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        prepared = self._kernel_weights(x) if self.forward_mode in ("int4", "int8", "auto") else None
+        prepared = self._kernel_weights(x) if self.forward_mode in ("int4", "int8", "dense", "auto") else None
         if prepared is not None:
             y = kernels.kernel_linear(x, prepared)
         elif self.forward_mode == "terms":
@@ -236,20 +268,26 @@ class FPxINTLinear(nn.Module):
         """Prepared weights of the ``int4``/``int8`` kernel for ``x`` (cached), or ``None``: ``auto`` fell back."""
         mode, k = self.forward_mode, self.num_terms()
         if mode == "auto" and x.requires_grad and torch.is_grad_enabled():
-            return None  # the packed kernels have no backward: differentiate through the reference path
+            mode = "dense"  # the packed kernels have no backward; the dense weight is a constant of autograd
         key, buffers = (mode, k, x.dtype, x.device), tuple(self._buffers.values())
         cache = getattr(self, "_kernel_cache", None)  # absent on modules unpickled from older versions
         hit = cache is not None and cache[0] == key and len(cache[1]) == len(buffers)
         if hit and all(map(operator.is_, cache[1], buffers)):  # same buffer objects: still valid
             return cache[2]
-        kw = {"bits": self.bits, "group_size": self.group_size, "in_features": self.in_features, "terms": k}
+        kw = {
+            "bits": self.term_bits[:k],
+            "group_size": self.group_size,
+            "in_features": self.in_features,
+            "terms": k,
+            "series": self.series,
+        }
         if mode == "auto":
             mode = kernels.choose_kernel(**kw, device=x.device, dtype=x.dtype)
         else:
             why = kernels.supported(mode, **kw, device=x.device, dtype=x.dtype)
             if not why:
                 raise ValueError(f"forward_mode={mode!r} does not apply to {self.extra_repr()}: {why.reason}")
-        prepared = None if mode is None else kernels.prepare(mode, self.expansion(), k, x.dtype, x.device)
+        prepared = kernels.prepare(mode, self.expansion(), k, x.dtype, x.device)
         # accelerate swaps offloaded buffers in for each forward and back to meta after it: a cache would only
         # miss, and would keep every offloaded layer's weights in memory
         self._kernel_cache = None if _buffers_offloaded(self) else (key, buffers, prepared)
@@ -258,11 +296,19 @@ class FPxINTLinear(nn.Module):
     def _forward_terms(self, x: torch.Tensor) -> torch.Tensor:
         """Σ_{i,g} scale_{i,g}·(Q_{i,g} x_g) + bias_g·Σx_g + M_sa x: T integer matmuls, then the reduce."""
         e, k = self.expansion(), self.num_terms()
-        half, groups, gs = 2 ** (self.bits - 1), self.in_features // self.group_size, self.group_size
+        groups, gs = self.in_features // self.group_size, self.group_size
         xg = x.reshape(-1, groups, gs)  # [N, G, gs]
-        q = (e.codes[:k].to(x.dtype) - half).view(k, self.out_features, groups, gs)  # exact integers
+        shift = torch.tensor(
+            [
+                2 ** (b - 1) - o
+                for b, o in zip(self.term_bits[:k], term_offsets(self.term_bits, k, self.series), strict=True)
+            ],
+            dtype=x.dtype,
+            device=x.device,
+        )  # integers or half-integers: exact in bf16/fp16
+        q = (e.codes[:k].to(x.dtype) - shift.view(-1, 1, 1)).view(k, self.out_features, groups, gs)
         partial = torch.einsum("ngc,togc->tnog", xg, q).float()  # [k, N, out, G]: the k low-bit matmuls
-        steps = term_scales(e.scale, self.bits, k)  # [k, out, G]
+        steps = term_scales(e.scale, self.term_bits, k, self.series)  # [k, out, G]
         y = torch.einsum("tnog,tog->no", partial, steps)  # the Abelian add over terms and groups
         if e.zero is not None:
             y = y + kernels.zero_term(x.reshape(-1, self.in_features), e.zero, gs)
@@ -272,6 +318,23 @@ class FPxINTLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     # ------------------------------------------------------------------ reporting
+
+    @torch.no_grad()
+    def truncate_terms(self, k: int) -> FPxINTLinear:
+        """Keep only the first ``k`` stored terms (the buffers shrink; used by a bits budget)."""
+        if not 1 <= k <= self.terms:
+            raise ValueError(f"cannot keep {k} terms of a layer that stores {self.terms}")
+        if k == self.terms:
+            return self
+        e = self.expansion()
+        e.codes = e.codes[:k]
+        e.terms_used = min(e.terms_used, k)
+        self.terms, self.term_bits = k, self.term_bits[:k]
+        self.bits = self.term_bits[0] if len(set(self.term_bits)) == 1 else self.term_bits
+        self._kernel_cache = None
+        self.codes = pack_series(e.codes, self.term_bits)
+        self.terms_used = torch.tensor([e.terms_used], dtype=torch.int32, device=self.terms_used.device)
+        return self
 
     def stored_bytes(self) -> int:
         """Bytes of every buffer that stores the weight (codes, scales, zeros, outliers, term count)."""
@@ -284,22 +347,9 @@ class FPxINTLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={self.bits}, terms={self.terms}, group_size={self.group_size}, symmetric={self.symmetric}, "
+            f"series={self.series}, "
             f"outliers_per_row={self.outlier_budget}, bits_per_weight={self.bits_per_weight():.3f}"
         )
-
-
-def model_bits_per_weight(model: nn.Module, terms: int | None = None) -> float:
-    """Bits per weight of all ``FPxINTLinear`` layers of ``model`` from their stored bytes, as if saved with
-    ``terms`` terms (``None``: as stored); ``ValueError`` when the model has none."""
-    stored = n = 0
-    for m in model.modules():
-        if isinstance(m, FPxINTLinear):
-            unused = 0 if terms is None else max(m.terms - terms, 0)
-            stored += 8 * (m.stored_bytes() - unused * m.codes[0].numel() * m.codes.element_size())
-            n += m.in_features * m.out_features
-    if n == 0:
-        raise ValueError(f"{type(model).__name__} holds no FPxINTLinear layer")
-    return stored / n
 
 
 def accelerate_hooks(module: nn.Module) -> tuple:
@@ -314,42 +364,3 @@ def _buffers_offloaded(module: nn.Module) -> bool:
         getattr(h, "offload", False) and getattr(h, "offload_buffers", False)
         for h in accelerate_hooks(module)
     )
-
-
-def set_active_terms(model: nn.Module, k: int | None) -> nn.Module:
-    """Truncate every ``FPxINTLinear`` of ``model`` to its first ``k`` terms (``None``: all stored)."""
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"active terms k={k!r} must be an int >= 1 or None")
-    for m in _fpxint_layers(model):
-        m.active_terms = k
-    return model
-
-
-def set_forward_mode(model: nn.Module, mode: str) -> nn.Module:
-    """Select the forward path of every ``FPxINTLinear``: one of ``FORWARD_MODES``."""
-    if mode not in FORWARD_MODES:
-        raise ValueError(f"forward mode={mode!r} is not supported; allowed: {FORWARD_MODES}")
-    for m in _fpxint_layers(model):
-        m.forward_mode = mode
-    return model
-
-
-def quant_method_of(config) -> str | None:
-    """``quant_method`` of a model config's ``quantization_config`` (a dict or a config object), or ``None``."""
-    qcfg = getattr(config, "quantization_config", None)
-    return qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
-
-
-def _fpxint_layers(model: nn.Module) -> list[FPxINTLinear]:
-    """The ``FPxINTLinear`` modules of ``model``; ``ValueError`` when there are none although its config says
-    ``quant_method="fpxint"``: it was loaded while the plugin was not registered (transformers then only warns
-    "Unknown quantization type" and initialises the linear layers at random)."""
-    layers = [m for m in model.modules() if isinstance(m, FPxINTLinear)]
-    if not layers and quant_method_of(getattr(model, "config", None)) == "fpxint":
-        raise ValueError(
-            f"{type(model).__name__} comes from an FP=xINT checkpoint (quant_method='fpxint') but holds no "
-            "FPxINTLinear: it was loaded before quant_method 'fpxint' was registered, and its linear layers are "
-            "randomly initialised. `import fpxint_hf` (or install it so that its start-up hook registers it) "
-            "before from_pretrained, and load it again"
-        )
-    return layers

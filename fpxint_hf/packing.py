@@ -27,12 +27,16 @@ __all__ = [
     "pack_3bit",
     "pack_4bit",
     "pack_8bit",
+    "pack_series",
     "packed_size",
+    "series_shape",
+    "term_bytes",
     "unpack",
     "unpack_2bit",
     "unpack_3bit",
     "unpack_4bit",
     "unpack_8bit",
+    "unpack_series",
 ]
 
 
@@ -236,3 +240,42 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Unpack ``uint8 [..., packed_size(n, bits)]`` back to ``uint8 [..., n]`` codes."""
     _check_bits(bits)
     return _UNPACKERS[bits](packed, n)
+
+
+# --------------------------------------------------------------------------- a whole series
+
+
+def series_shape(term_bits: tuple[int, ...], out_features: int, in_features: int) -> tuple[int, ...]:
+    """Shape of the packed codes buffer of a series with widths ``term_bits``::
+
+    uniform widths  [T, out, packed_size(in, X)]          term-major, one packed row per output
+    mixed widths    [out, Σ_i packed_size(in, X_i)]        each row: term 1's packed row, then term 2's, …
+    """
+    if len(set(term_bits)) == 1:
+        return (len(term_bits), out_features, packed_size(in_features, term_bits[0]))
+    return (out_features, sum(packed_size(in_features, b) for b in term_bits))
+
+
+def pack_series(codes: torch.Tensor, term_bits: tuple[int, ...]) -> torch.Tensor:
+    """Pack ``uint8 [T, out, in]`` codes, term i in ``[0, 2**X_i)``, into the layout of ``series_shape``."""
+    if codes.dim() != 3 or codes.shape[0] != len(term_bits):
+        raise ValueError(
+            f"codes of shape {tuple(codes.shape)} do not hold {len(term_bits)} terms [T, out, in]"
+        )
+    if len(set(term_bits)) == 1:
+        return pack(codes, term_bits[0])
+    return torch.cat([pack(codes[i], b) for i, b in enumerate(term_bits)], dim=-1)
+
+
+def unpack_series(packed: torch.Tensor, term_bits: tuple[int, ...], in_features: int) -> torch.Tensor:
+    """Inverse of ``pack_series``: ``uint8 [T, out, in]``."""
+    if len(set(term_bits)) == 1:
+        return unpack(packed, term_bits[0], in_features)
+    sizes = [packed_size(in_features, b) for b in term_bits]
+    parts = torch.split(packed, sizes, dim=-1)
+    return torch.stack([unpack(p, b, in_features) for p, b in zip(parts, term_bits, strict=True)])
+
+
+def term_bytes(term_bits: tuple[int, ...], out_features: int, in_features: int) -> tuple[int, ...]:
+    """Bytes each term occupies in the packed buffer."""
+    return tuple(out_features * packed_size(in_features, b) for b in term_bits)

@@ -65,7 +65,8 @@ def test_valid_field_accepted(field, value):
 def test_defaults():
     cfg = FPxINTConfig()
     assert (cfg.bits, cfg.terms, cfg.group_size, cfg.symmetric) == (4, 2, 128, False)
-    assert (cfg.clip, cfg.outlier_fraction, cfg.tol, cfg.forward_mode) == ("laplace", 0.0, 0.0, "reference")
+    assert (cfg.clip, cfg.outlier_fraction, cfg.tol, cfg.forward_mode) == ("laplace", 0.0, 0.0, "auto")
+    assert (cfg.series, cfg.fit, cfg.bits_budget, cfg.layer_terms) == ("nested", "optimized", None, None)
     assert cfg.modules_to_not_convert is None
     assert cfg.nominal_bits_per_weight() == 8
 
@@ -92,6 +93,10 @@ NON_DEFAULT = dict(
     tol=1e-4,
     modules_to_not_convert=["mlp.down_proj"],
     forward_mode="terms",
+    series="legacy",
+    fit="minmax",
+    bits_budget=9.0,
+    layer_terms={"model.layers.0.mlp.down_proj": 2},
 )
 
 
@@ -110,6 +115,28 @@ def test_dict_round_trip(kwargs):
     # through JSON, as in config.json
     from_json = FPxINTConfig.from_dict(json.loads(cfg.to_json_string()))
     assert from_json.to_dict() == d
+
+
+def test_old_config_json_loads_as_legacy_and_new_fields_are_validated():
+    """A config.json of fpxint_hf 0.1 has no ``series``/``fit``: it must reload with the rule its tensors used."""
+    old = {"quant_method": "fpxint", "bits": 4, "terms": 2, "group_size": 128, "symmetric": False}
+    cfg = FPxINTConfig.from_dict(old)
+    assert (cfg.series, cfg.fit) == ("legacy", "minmax")
+    assert FPxINTConfig.from_dict({**old, "series": "nested", "fit": "optimized"}).series == "nested"
+    assert FPxINTConfig(bits=[4, 2], terms=2).term_bits == (4, 2)
+    assert FPxINTConfig(bits=[4, 2], terms=2).nominal_bits_per_weight() == 6
+    for kwargs, field in [
+        (dict(bits=[4, 2], terms=3), "bits"),
+        (dict(bits=[4, 5], terms=2), "bits"),
+        (dict(bits=[4, 2], terms=2, series="legacy"), "bits"),
+        (dict(series="v2"), "series"),
+        (dict(fit="best"), "fit"),
+        (dict(bits_budget=5.0, terms=1), "bits_budget"),
+        (dict(bits_budget=0.5), "bits_budget"),
+        (dict(layer_terms={"a": 3}, terms=2), "layer_terms"),
+    ]:
+        with pytest.raises(ValueError, match=rf"FPxINTConfig\.{field}="):
+            FPxINTConfig(**kwargs)
 
 
 def test_auto_quantization_config_builds_fpxint():

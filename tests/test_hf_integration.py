@@ -111,15 +111,15 @@ def test_group_size_fallback_in_model(make_fp_dir, load_fp, load_quantized, logi
 def test_active_terms_equal_fewer_stored_terms(
     arch, mode, make_fp_dir, load_fp, load_quantized, logits_of, tmp_path
 ):
+    """The legacy rule's first term does not depend on T, so truncating to k terms equals storing k terms."""
     fp_dir = make_fp_dir(arch)
-    full = fpxint_hf.set_forward_mode(load_quantized(fp_dir, bits=4, terms=3, group_size=32), mode)
+    legacy = dict(bits=4, group_size=32, series="legacy", fit="minmax")
+    full = fpxint_hf.set_forward_mode(load_quantized(fp_dir, terms=3, **legacy), mode)
     all_terms = logits_of(full)
     full.save_pretrained(tmp_path / "q3")
     reloaded = fpxint_hf.set_forward_mode(load_fp(tmp_path / "q3"), mode)
     for k in (1, 2):
-        direct = logits_of(
-            fpxint_hf.set_forward_mode(load_quantized(fp_dir, bits=4, terms=k, group_size=32), mode)
-        )
+        direct = logits_of(fpxint_hf.set_forward_mode(load_quantized(fp_dir, terms=k, **legacy), mode))
         fpxint_hf.set_active_terms(full, k)
         assert all(m.num_terms() == k for m in fpxint_modules(full).values())
         assert torch.equal(logits_of(full), direct), f"k={k}"
@@ -127,8 +127,8 @@ def test_active_terms_equal_fewer_stored_terms(
         assert torch.equal(logits_of(reloaded), direct), f"k={k} (reloaded)"
     fpxint_hf.set_active_terms(full, None)
     assert torch.equal(logits_of(full), all_terms)
-    fpxint_hf.set_active_terms(full, 7)  # more than stored: every stored term
-    assert torch.equal(logits_of(full), all_terms)
+    with pytest.raises(ValueError, match="exceeds the 3 terms stored"):
+        fpxint_hf.set_active_terms(full, 7)
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="active terms"):
             fpxint_hf.set_active_terms(full, bad)

@@ -9,7 +9,8 @@ import torch
 
 from fpxint_hf import kernels
 from fpxint_hf.expansion import expand, reconstruct, snr_db
-from fpxint_hf.linear import FORWARD_MODES, FPxINTLinear, set_active_terms, set_forward_mode
+from fpxint_hf.linear import FORWARD_MODES, FPxINTLinear
+from fpxint_hf.model_ops import set_active_terms, set_forward_mode
 
 needs_int4 = pytest.mark.skipif(
     bool(kernels._ops_missing(kernels._INT4_OPS)), reason=f"torch {torch.__version__} lacks the CPU int4 ops"
@@ -33,9 +34,11 @@ def run(m, x, mode, k=None):
 
 
 def kind(m):
-    """Which kernel the module's cache holds: "int4", "int8" or None (reference fallback)."""
+    """Which kernel the module's cache holds: "int4", "int8" or "dense"."""
     prepared = m._kernel_cache[2]
-    return {kernels.Int4Weights: "int4", kernels.Int8Weights: "int8"}.get(type(prepared))
+    return {kernels.Int4Weights: "int4", kernels.Int8Weights: "int8", kernels.DenseWeights: "dense"}[
+        type(prepared)
+    ]
 
 
 LAYOUTS = [  # (in_features, group_size, symmetric, outlier fraction); out_features = 81 (odd)
@@ -140,11 +143,11 @@ def test_auto_picks_a_kernel_where_one_applies_and_falls_back_otherwise():
         (grouped, 2, xb, "int4"),
         (grouped, 3, xb, "int4"),
         (eight_bit, 1, xb, "int8"),
-        (eight_bit, 2, xb, None),
-        (small_groups, 2, xb, None),  # no kernel group size divides 16
-        (grouped, 2, x, None),  # float32 / float16 kernels are unvectorized on CPU: reference
-        (per_channel, 2, x.half(), None),
-        (grouped, 2, x.double(), None),
+        (eight_bit, 2, xb, "dense"),
+        (small_groups, 2, xb, "dense"),  # no kernel group size divides 16
+        (grouped, 2, x, "dense"),  # float32 / float16 kernels are unvectorized on CPU: dequantize once
+        (per_channel, 2, x.half(), "dense"),
+        (grouped, 2, x.double(), "dense"),
     ]
     for m, k, xi, expected in cases:
         out = run(m, xi, "auto", k)
@@ -156,9 +159,9 @@ def test_auto_picks_a_kernel_where_one_applies_and_falls_back_otherwise():
         )
     assert (
         kernels.choose_kernel(bits=4, group_size=64, in_features=256, terms=2, device="cuda", dtype=xb.dtype)
-        is None
+        == "dense"
     )
-    xg = xb.clone().requires_grad_()  # the kernels have no backward: auto differentiates via reference
+    xg = xb.clone().requires_grad_()  # the kernels have no backward: auto differentiates through dense
     out = run(grouped, xg, "auto", 2)
     out.float().sum().backward()
     assert torch.equal(out, run(grouped, xb, "reference", 2)) and xg.grad.shape == xg.shape
@@ -175,7 +178,7 @@ def test_unsupported_explicit_mode_raises_with_the_reason():
     assert "CUDA" in kernels.int4_supported(4, 64, "cuda", torch.float16).reason
     assert not kernels.int8_supported(4, 256, 256, 2, "cuda", torch.bfloat16)
     assert kernels.int4_supported(4, 64) and kernels.int4_supported(4, 64).reason == ""
-    assert set(FORWARD_MODES) == {"reference", "terms", "int4", "int8", "auto"}
+    assert set(FORWARD_MODES) == {"reference", "terms", "dense", "int4", "int8", "auto"}
 
 
 @needs_int4

@@ -7,12 +7,15 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "fpxint_hf"
 # each layer may import only from the layers to its left
-ORDER = ["expansion", "packing", "kernels", "linear", "hf", "evaluation", "cli"]
+ORDER = ["fit", "expansion", "packing", "budget", "kernels", "linear", "model_ops", "hf", "evaluation", "cli"]
 FORBIDDEN_EXTERNAL = {
+    "fit": {"torch.nn", "transformers", "accelerate"},
+    "budget": {"torch", "transformers", "accelerate"},
     "expansion": {"torch.nn", "transformers", "accelerate"},
     "packing": {"torch.nn", "transformers", "accelerate"},
     "kernels": {"torch.nn", "transformers", "accelerate"},
     "linear": {"transformers", "accelerate"},
+    "model_ops": {"transformers", "accelerate"},
 }
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fpxint_hf.expansion import expand, outlier_budget, reconstruct, snr_db
-from fpxint_hf.linear import FPxINTLinear, set_active_terms, set_forward_mode
+from fpxint_hf.linear import FPxINTLinear
+from fpxint_hf.model_ops import set_active_terms, set_forward_mode
 
 
 def make(

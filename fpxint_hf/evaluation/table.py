@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..expansion import resolve_group_size, rtn
 from ..hf import FPxINTConfig
-from ..linear import model_bits_per_weight, set_active_terms
+from ..model_ops import model_bits_per_weight, set_active_terms
 from .assets import FP_LABEL, fp_model_dir
 from .metrics import (
     DEFAULT_CONTEXT,

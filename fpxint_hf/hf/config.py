@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..expansion import CLIP_METHODS, SUPPORTED_BITS
+from ..expansion import CLIP_METHODS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS
 from ..linear import FORWARD_MODES
 
 QUANT_METHOD = "fpxint"
@@ -21,8 +21,9 @@ class FPxINTConfig(QuantizationConfigMixin):
     weight is expanded as ``M = M_sa + bias·1 + Σ_{i=1..T} scale_i·Q_i`` with X-bit integer terms ``Q_i``.
 
     Args:
-        bits (`int`, *optional*, defaults to 4):
-            Bit width X of every term. One of 2, 3, 4, 8.
+        bits (`int` or `list[int]`, *optional*, defaults to 4):
+            Bit width X of every term (one of 2, 3, 4, 8), or one width per term (e.g. `[4, 2]`: a 4-bit term plus
+            a 2-bit correction; needs `series="nested"`).
         terms (`int`, *optional*, defaults to 2):
             Number T of terms stored (1 to 8). The forward can use fewer at run time (`set_active_terms`).
         group_size (`int` or `None`, *optional*, defaults to 128):
@@ -43,8 +44,23 @@ class FPxINTConfig(QuantizationConfigMixin):
         modules_to_not_convert (`list[str]`, *optional*):
             Module names (or name suffixes) kept in full precision. `lm_head` (and tied output embeddings)
             are always kept.
-        forward_mode (`str`, *optional*, defaults to `"reference"`):
-            `"reference"` (dequantize, one matmul) or `"terms"` (T integer matmuls then the weighted reduce).
+        forward_mode (`str`, *optional*, defaults to `"auto"`):
+            `"auto"` (packed int8/int4 CPU kernels for bfloat16, else `"dense"`), `"dense"` (dequantize once and
+            cache), `"int4"`, `"int8"`, `"terms"` (T integer matmuls then the weighted reduce) or `"reference"`
+            (dequantize on every call; for debugging).
+        series (`str`, *optional*, defaults to `"nested"`):
+            How later terms refine earlier ones. `"nested"`: mid-rise terms using all 2^X codes, each 2^X times
+            finer, the first term fitted so the whole series is the error-minimizing uniform grid. `"legacy"`:
+            the rule of fpxint_hf 0.1 (grid 2^X - 2 finer); a config.json without this key is legacy.
+        fit (`str`, *optional*, defaults to `"optimized"`):
+            First-term fit of a nested series: `"optimized"` (clip search + least squares, calibration-free) or
+            `"minmax"` (round-to-nearest on the min-max range). A config.json without this key is `"minmax"`.
+        bits_budget (`float`, *optional*):
+            Average bits per weight to spend (scales included). Each layer is quantized with 1..`terms` terms
+            and keeps the number of terms that lowers the summed relative weight error most per stored bit;
+            the choice is written to `layer_terms`. Needs `terms >= 2`.
+        layer_terms (`dict[str, int]`, *optional*):
+            Terms stored per layer where they differ from `terms` (written by `bits_budget`; read on reload).
         kwargs (`dict[str, Any]`, *optional*):
             Only `quant_method` (as written in config.json) is accepted here; other names raise `ValueError`.
     """
@@ -59,7 +75,11 @@ class FPxINTConfig(QuantizationConfigMixin):
         outlier_fraction: float = 0.0,
         tol: float = 0.0,
         modules_to_not_convert: list[str] | None = None,
-        forward_mode: str = "reference",
+        forward_mode: str = "auto",
+        series: str = "nested",
+        fit: str = "optimized",
+        bits_budget: float | None = None,
+        layer_terms: dict[str, int] | None = None,
         **kwargs: Any,
     ):
         method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -70,7 +90,7 @@ class FPxINTConfig(QuantizationConfigMixin):
                 f"unknown FPxINTConfig field(s) {sorted(kwargs)}; allowed: {sorted(self._fields())}"
             )
         self.quant_method = QUANT_METHOD
-        self.bits = bits
+        self.bits = list(bits) if isinstance(bits, (list, tuple)) else bits
         self.terms = terms
         self.group_size = group_size
         self.symmetric = symmetric
@@ -79,11 +99,18 @@ class FPxINTConfig(QuantizationConfigMixin):
         self.tol = tol
         self.modules_to_not_convert = modules_to_not_convert
         self.forward_mode = forward_mode
+        self.series = series
+        self.fit = fit
+        self.bits_budget = bits_budget
+        self.layer_terms = layer_terms
         self.post_init()
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        """As ``QuantizationConfigMixin.from_dict``, validating again after ``kwargs`` override fields."""
+        """As ``QuantizationConfigMixin.from_dict``, validating again after ``kwargs`` override fields.
+
+        A saved config without ``series``/``fit`` comes from fpxint_hf 0.1: its tensors follow the legacy rule."""
+        config_dict = {"series": "legacy", "fit": "minmax", **config_dict}
         out = super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
         (out[0] if return_unused_kwargs else out).post_init()
         return out
@@ -100,18 +127,64 @@ class FPxINTConfig(QuantizationConfigMixin):
             "tol",
             "modules_to_not_convert",
             "forward_mode",
+            "series",
+            "fit",
+            "bits_budget",
+            "layer_terms",
         )
+
+    @property
+    def term_bits(self) -> tuple[int, ...]:
+        """The width of each of the ``terms`` terms."""
+        return tuple(self.bits) if isinstance(self.bits, list) else (self.bits,) * self.terms
+
+    def terms_of(self, module_name: str) -> int:
+        """Terms stored for ``module_name`` (``layer_terms``, else ``terms``)."""
+        return (self.layer_terms or {}).get(module_name, self.terms)
 
     def post_init(self):
         """Check every field; raise ``ValueError`` naming the field, the value and what is allowed."""
-        _check(
-            _is_int(self.bits) and self.bits in SUPPORTED_BITS, "bits", self.bits, f"one of {SUPPORTED_BITS}"
-        )
         _check(
             _is_int(self.terms) and 1 <= self.terms <= MAX_TERMS,
             "terms",
             self.terms,
             f"an int from 1 to {MAX_TERMS}",
+        )
+        _check(self.series in SERIES_RULES, "series", self.series, f"one of {SERIES_RULES}")
+        _check(self.fit in FIT_METHODS, "fit", self.fit, f"one of {FIT_METHODS}")
+        widths = self.bits if isinstance(self.bits, list) else [self.bits]
+        _check(
+            all(_is_int(b) and b in SUPPORTED_BITS for b in widths)
+            and (not isinstance(self.bits, list) or len(self.bits) == self.terms),
+            "bits",
+            self.bits,
+            f"one of {SUPPORTED_BITS}, or a list of {self.terms} of them (one per term)",
+        )
+        _check(
+            self.series == "nested" or len(set(widths)) == 1,
+            "bits",
+            self.bits,
+            "a single width with series='legacy' (mixed widths need series='nested')",
+        )
+        _check(
+            self.bits_budget is None
+            or (_is_real(self.bits_budget) and 1 <= self.bits_budget <= 64 and self.terms >= 2),
+            "bits_budget",
+            self.bits_budget,
+            "None, or a number of bits per weight from 1 to 64 with terms >= 2",
+        )
+        _check(
+            self.layer_terms is None
+            or (
+                isinstance(self.layer_terms, dict)
+                and all(
+                    isinstance(k, str) and _is_int(v) and 1 <= v <= self.terms
+                    for k, v in self.layer_terms.items()
+                )
+            ),
+            "layer_terms",
+            self.layer_terms,
+            f"None or a dict of module name -> terms from 1 to {self.terms}",
         )
         _check(
             self.group_size is None or (_is_int(self.group_size) and 16 <= self.group_size <= 65536),
@@ -144,7 +217,7 @@ class FPxINTConfig(QuantizationConfigMixin):
 
     def nominal_bits_per_weight(self) -> int:
         """``terms · bits``: code bits only; scales, biases and outliers come on top (see ``bits_per_weight``)."""
-        return self.terms * self.bits
+        return sum(self.term_bits)
 
 
 def _is_int(v: Any) -> bool:

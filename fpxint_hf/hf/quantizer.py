@@ -10,7 +10,9 @@ import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
+from ..budget import LayerCandidates, allocate_terms
 from ..linear import FPxINTLinear, accelerate_hooks
+from ..model_ops import model_bits_per_weight
 from .config import FPxINTConfig
 from .replace import replace_with_fpxint_linear
 from .saving import install_atomic_save
@@ -43,6 +45,8 @@ class FPxINTQuantize(ConversionOps):
         except ValueError as err:
             raise ValueError(f"FP=xINT cannot quantize {full_layer_name}: {err}") from err
         state = module.expansion_state(e)
+        if cfg.bits_budget is not None:
+            module._budget_candidates = budget_candidates(module, weight, cfg, e, state)
         module._parameters.pop("weight", None)  # the full-precision placeholder is not kept
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
@@ -113,6 +117,8 @@ class FPxINTHfQuantizer(HfQuantizer):
             self._progress.close()
             self._progress = None
         check_loaded(model)
+        if self.quantization_config.bits_budget is not None and not self.pre_quantized:
+            apply_bits_budget(model, self.quantization_config)
         warn_resident_offloaded_buffers(model)
         install_atomic_save(model)
         return model
@@ -126,6 +132,68 @@ class FPxINTHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def budget_candidates(
+    module: FPxINTLinear, weight: torch.Tensor, cfg: FPxINTConfig, full, full_state
+) -> dict:
+    """``{k: (buffers, relative error, stored bits)}`` for k = 1..terms: each k fitted for exactly k terms."""
+    cands = {}
+    for k in range(1, module.terms + 1):
+        if k == module.terms:
+            e, state = full, full_state
+        else:
+            probe = FPxINTLinear(
+                module.in_features,
+                module.out_features,
+                bias=False,
+                bits=module.term_bits[:k],
+                terms=k,
+                group_size=module.group_size,
+                symmetric=module.symmetric,
+                outlier_budget=module.outlier_budget,
+                series=module.series,
+                fit=module.fit,
+                device="meta",
+            )
+            e = probe.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol)
+            state = probe.expansion_state(e)
+        stored = 8 * sum(t.numel() * t.element_size() for t in state.values())
+        cands[k] = (state, e.errors[-1] if e.errors else 0.0, stored)
+    return cands
+
+
+def apply_bits_budget(model: torch.nn.Module, cfg: FPxINTConfig) -> None:
+    """Choose each layer's terms under ``cfg.bits_budget`` (``budget.allocate_terms``), shrink the layers that
+    keep fewer than ``terms`` and record them in ``cfg.layer_terms``."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FPxINTLinear)}
+    cands = {n: m.__dict__.pop("_budget_candidates", None) for n, m in layers.items()}
+    if any(c is None for c in cands.values()):
+        raise ValueError("bits_budget needs every FP=xINT layer quantized on load in this process")
+    options = [
+        LayerCandidates(
+            n,
+            m.in_features * m.out_features,
+            tuple(cands[n][k][2] for k in sorted(cands[n])),
+            tuple(cands[n][k][1] for k in sorted(cands[n])),
+        )
+        for n, m in layers.items()
+    ]
+    keep = allocate_terms(options, cfg.bits_budget)
+    with torch.no_grad():
+        for name, k in keep.items():
+            module = layers[name]
+            if k < module.terms:
+                module.truncate_terms(k)
+                for t_name, value in cands[name][k][0].items():
+                    setattr(module, t_name, value.to(getattr(module, t_name).device))
+    cfg.layer_terms = {n: k for n, k in keep.items() if k != cfg.terms} or None
+    logger.info(
+        "FP=xINT bits_budget=%s: %.4f bits per weight stored; terms per layer %s",
+        cfg.bits_budget,
+        model_bits_per_weight(model),
+        {k: list(keep.values()).count(k) for k in sorted(set(keep.values()))},
+    )
 
 
 def check_checkpoint_keys(model: torch.nn.Module, checkpoint_files: list[str]) -> None:

@@ -15,23 +15,28 @@ from .config import FPxINTConfig
 logger = logging.getLogger(__name__)
 
 
-def make_fpxint_linear(linear: nn.Linear, config: FPxINTConfig, weight_placeholder: bool) -> FPxINTLinear:
-    """An empty (meta) ``FPxINTLinear`` shaped like ``linear`` under ``config``.
+def make_fpxint_linear(
+    linear: nn.Linear, config: FPxINTConfig, weight_placeholder: bool, name: str = ""
+) -> FPxINTLinear:
+    """An empty (meta) ``FPxINTLinear`` shaped like ``linear`` (module ``name``) under ``config``.
 
     With ``weight_placeholder`` the module also gets a meta ``weight`` parameter, so transformers'
     quantize-on-load finds the full-precision key and hands it to the quantize op, which drops it.
     """
     dtype = linear.weight.dtype
+    terms = config.terms_of(name)
     with torch.device("meta"):
         module = FPxINTLinear(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
-            bits=config.bits,
-            terms=config.terms,
+            bits=config.term_bits[:terms],
+            terms=terms,
             group_size=resolve_group_size(linear.in_features, config.group_size),
             symmetric=config.symmetric,
             outlier_budget=outlier_budget(linear.in_features, config.outlier_fraction),
+            series=config.series,
+            fit=config.fit,
             dtype=dtype,
         )
         if weight_placeholder:
@@ -55,7 +60,7 @@ def replace_with_fpxint_linear(
     replaced = []
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and should_convert_module(name, modules_to_not_convert):
-            model.set_submodule(name, make_fpxint_linear(module, config, weight_placeholder))
+            model.set_submodule(name, make_fpxint_linear(module, config, weight_placeholder, name))
             replaced.append(name)
     if not replaced:
         kinds = sorted({type(m).__name__ for m in model.modules() if m is not model})
