@@ -25,6 +25,35 @@ from .model_ops import model_bits_per_weight, quant_method_of
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _is_checkpoint(folder: Path) -> bool:
+    return folder.is_dir() and (folder / "config.json").is_file()
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` folder to ``out`` with the umask's permissions (``mkdtemp`` makes 0700).
+
+    A missing ``out`` is created by one rename.  An existing one (possibly created by a concurrent run while
+    this one quantized) is replaced only with ``overwrite`` and only when it is a checkpoint, by moving it
+    aside and renaming ``tmp`` in its place, then deleting the old copy."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    try:
+        os.rename(tmp, out)  # fails when out exists (non-empty) or was created meanwhile
+        return
+    except OSError:
+        if not out.exists():
+            raise
+    if not overwrite:
+        raise SystemExit(f"{out} appeared while quantizing (another run?); left it as it is")
+    if not _is_checkpoint(out):
+        raise SystemExit(f"{out} is not a model checkpoint (no config.json); refusing to replace it")
+    old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _config_from_args(args: argparse.Namespace) -> FPxINTConfig:
     return FPxINTConfig(
         bits=args.bits,
@@ -58,6 +87,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     if out.exists() and not args.overwrite:
         raise SystemExit(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and not _is_checkpoint(out):
+        raise SystemExit(f"{out} is not a model checkpoint (no config.json); refusing to replace it")
     source, cleanup = _load_source(args.model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -69,11 +100,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
         except (OSError, ValueError):
             print("note: no tokenizer found next to the model; saved the weights only", file=sys.stderr)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(
-            tmp, out
-        )  # the finished folder appears at once: an interrupted run leaves no valid-looking OUT
+        _publish(tmp, out, args.overwrite)  # an interrupted run leaves no valid-looking OUT
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if cleanup:

@@ -50,6 +50,44 @@ def test_quantize_refuses_existing_output(tiny_dir, tmp_path):
         main(["quantize", str(tiny_dir), str(out)])
 
 
+def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tiny_dir, tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="not a model checkpoint"):
+        main(["quantize", str(tiny_dir), str(out), "--overwrite"])
+    assert (out / "mine.txt").read_text() == "keep me"
+
+
+def test_output_folder_follows_the_umask_and_overwrite_swaps_a_checkpoint(tiny_dir, tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "q"
+    old = os.umask(0o022)
+    try:
+        assert main(["quantize", str(tiny_dir), str(out), "--group-size", "32", "--terms", "1"]) == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not mkdtemp's 0700
+        assert main(["quantize", str(tiny_dir), str(out), "--group-size", "32", "--overwrite"]) == 0
+    finally:
+        os.umask(old)
+    assert AutoModelForCausalLM.from_pretrained(out).config.quantization_config.terms == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.")]  # no temp or old copy left
+
+
+def test_publish_never_deletes_a_folder_created_meanwhile_without_overwrite(tmp_path):
+    from fpxint_hf.cli import _publish
+
+    tmp, out = tmp_path / ".o.tmp-1", tmp_path / "o"
+    tmp.mkdir()
+    (tmp / "config.json").write_text("{}")
+    out.mkdir()  # a concurrent run finished first
+    (out / "config.json").write_text('{"theirs": 1}')
+    with pytest.raises(SystemExit, match="appeared while quantizing"):
+        _publish(tmp, out, overwrite=False)
+    assert (out / "config.json").read_text() == '{"theirs": 1}'
+
+
 def test_bad_flag_values_name_the_field(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="bits"):
         main(["quantize", str(tiny_dir), str(tmp_path / "o"), "--bits", "5"])

@@ -1,0 +1,154 @@
+"""Quality per bit: PPL and KL vs bits per weight for FP=xINT configurations and their peers, group 64 everywhere.
+
+    python eval/bench_pareto.py [--tokens 8192] [--out eval/results/pareto]
+
+One process, float32 forward for every row, the same pydoc tokens (windows of 512).  Writes
+``<out>.json``, ``<out>.md`` (table + targets met/missed) and ``<out>.png`` (PPL and KL against bits).
+Needs the ``bench`` extra (hqq, bitsandbytes; installed with ``--no-deps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _pareto_report as report  # noqa: E402
+import _pareto_rows as rows  # noqa: E402
+
+from fpxint_hf.evaluation.assets import fp_model_dir  # noqa: E402
+from fpxint_hf.evaluation.metrics import evaluate_against, fp_reference, pydoc_windows  # noqa: E402
+from fpxint_hf.evaluation.table import quantizable_linears  # noqa: E402
+from fpxint_hf.expansion import expand  # noqa: E402
+
+NESTED = {"series": "nested", "fit": "optimized"}
+LEGACY = {"series": "legacy", "fit": "minmax"}
+
+ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder)
+    ("RTN W3", "RTN", lambda d: rows.rtn_row(d, 3)),
+    ("RTN W4", "RTN", lambda d: rows.rtn_row(d, 4)),
+    ("RTN W4 g32 (the GGUF's own Q4_1 grid)", "artefact", lambda d: rows.rtn_row(d, 4, 32)),
+    ("RTN W5", "RTN", lambda d: rows.rtn_row(d, 5)),
+    ("RTN W6", "RTN", lambda d: rows.rtn_row(d, 6)),
+    ("RTN W8", "RTN", lambda d: rows.rtn_row(d, 8)),
+    ("HQQ 4-bit", "HQQ", lambda d: rows.hqq_row(d, 4)),
+    ("HQQ 8-bit", "HQQ", lambda d: rows.hqq_row(d, 8)),
+    ("bnb NF4", "NF4", rows.nf4_row),
+    ("int8 row-wise (LLM.int8 weights)", "int8", rows.int8_row),
+    ("FP=xINT legacy T=1 (4)", "FP=xINT legacy", lambda d: rows.fpxint_row(d, bits=4, terms=1, **LEGACY)),
+    ("FP=xINT legacy T=2 (4+4)", "FP=xINT legacy", lambda d: rows.fpxint_row(d, bits=4, terms=2, **LEGACY)),
+    ("FP=xINT T=1 (4)", "FP=xINT", lambda d: rows.fpxint_row(d, bits=4, terms=1, **NESTED)),
+    ("FP=xINT 2+2", "FP=xINT", lambda d: rows.fpxint_row(d, bits=2, terms=2, **NESTED)),
+    ("FP=xINT 4+2", "FP=xINT", lambda d: rows.fpxint_row(d, bits=[4, 2], terms=2, **NESTED)),
+    ("FP=xINT 3+3", "FP=xINT", lambda d: rows.fpxint_row(d, bits=3, terms=2, **NESTED)),
+    ("FP=xINT 2+2+2", "FP=xINT", lambda d: rows.fpxint_row(d, bits=2, terms=3, **NESTED)),
+    ("FP=xINT T=2 (4+4)", "FP=xINT", lambda d: rows.fpxint_row(d, bits=4, terms=2, **NESTED)),
+    *[
+        (
+            f"FP=xINT budget {b} (4+2+2)",
+            "FP=xINT budget",
+            lambda d, b=b: rows.fpxint_row(d, bits=[4, 2, 2], terms=3, bits_budget=b, **NESTED),
+        )
+        for b in (5.0, 6.0, 7.0)
+    ],
+    (
+        "FP=xINT T=2 checkpoint read at T=1",
+        "one checkpoint",
+        lambda d: rows.fpxint_row(d, active=1, bits=4, terms=2, **NESTED),
+    ),
+    ("RTN W8 checkpoint, top 4 bits", "one checkpoint", rows.rtn8_top4_row),
+]
+
+
+def quantization_times(fp_dir: Path) -> dict[str, float]:
+    """Seconds to quantize every linear weight of the model (weights already in memory), same process."""
+    from hqq.core.quantize import Quantizer
+
+    weights = [lin.weight.detach().float() for _, lin in quantizable_linears(rows.load_fp(fp_dir))]
+    out = {}
+    for label, fn in [
+        (
+            "HQQ 4-bit",
+            lambda w: Quantizer.quantize(
+                w, nbits=4, group_size=64, axis=1, compute_dtype=torch.float32, device="cpu"
+            ),
+        ),
+        ("FP=xINT T=1 (4)", lambda w: expand(w, 4, 1, 64, series="nested", fit="optimized")),
+        ("FP=xINT T=2 (4+4)", lambda w: expand(w, 4, 2, 64, series="nested", fit="optimized")),
+        ("RTN W4", lambda w: rows.rtn(w, 4, 64)),
+    ]:
+        start = time.perf_counter()
+        for w in weights:
+            fn(w)
+        out[label] = time.perf_counter() - start
+    big = torch.randn(4096, 4096) * 0.02
+    start = time.perf_counter()
+    expand(big, 4, 2, 64, series="nested", fit="optimized")
+    out["FP=xINT T=2 (4+4), one 4096x4096 layer"] = time.perf_counter() - start
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--out", default="eval/results/pareto")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    fp_dir = fp_model_dir()
+    fp = rows.load_fp(fp_dir)
+    from transformers import AutoTokenizer
+
+    windows = pydoc_windows(AutoTokenizer.from_pretrained(fp_dir), args.tokens, 512)
+    ref = fp_reference(fp, windows)
+    fp_m = evaluate_against(fp, ref)
+    del fp
+    results = [{"label": "FP", "family": "FP", "bits": 32.0, "ppl": fp_m.perplexity, "kl": 0.0, "top1": 1.0}]
+    for label, family, build in ROWS:
+        built = build(fp_dir)
+        m = evaluate_against(built.pop("model"), ref)
+        results.append(
+            {
+                "label": label,
+                "family": family,
+                **built,
+                "ppl": m.perplexity,
+                "kl": m.kl_vs_fp,
+                "top1": m.top1_agreement,
+            }
+        )
+        print(
+            f"{label:45s} {results[-1]['bits']:7.3f} b/w  PPL {m.perplexity:8.3f}  KL {m.kl_vs_fp:.4f}",
+            flush=True,
+        )
+    res = {
+        "command": "python eval/bench_pareto.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": "SmolLM2-135M-Instruct (FP = its GGUF Q4_1 weights dequantized to float32)",
+        "tokens": windows.numel(),
+        "group_size": rows.GROUP,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "rows": results,
+        "quant_seconds": quantization_times(fp_dir),
+        "wall_s": None,
+    }
+    res["wall_s"] = time.perf_counter() - start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(report.to_markdown(res))
+    report.plot(res, out.with_suffix(".png"))
+    print(report.to_markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

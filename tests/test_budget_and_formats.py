@@ -1,0 +1,86 @@
+"""Bits budget, mixed widths and old checkpoints through transformers (tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from checkpoint_helpers import fpxint_modules
+
+import fpxint_hf
+from fpxint_hf.budget import LayerCandidates, allocate_terms
+from fpxint_hf.expansion import snr_db
+from fpxint_hf.model_ops import model_bits_per_weight
+
+
+def test_allocate_terms_spends_where_the_error_falls_most():
+    layers = [
+        LayerCandidates("a", 100, (450, 650, 850), (0.10, 0.025, 0.006)),
+        LayerCandidates("b", 100, (450, 650, 850), (0.05, 0.012, 0.003)),
+    ]
+    assert allocate_terms(layers, 4.5) == {"a": 1, "b": 1}
+    assert allocate_terms(layers, 5.5) == {"a": 2, "b": 1}  # a's step removes more error per bit
+    assert allocate_terms(layers, 8.5) == {"a": 3, "b": 3}
+    with pytest.raises(ValueError, match="bits_budget=4.0 is below"):
+        allocate_terms(layers, 4.0)
+
+
+def test_budget_model_meets_its_budget_saves_and_reloads(
+    make_fp_dir, load_fp, load_quantized, logits_of, tmp_path
+):
+    fp_dir = make_fp_dir("llama_untied")
+    ref = logits_of(load_fp(fp_dir))
+    snrs, bpws = [], []
+    for budget in (6.0, 7.5, 9.1):  # group 32: one 4-bit term is 5 bits per weight
+        q = load_quantized(fp_dir, bits=[4, 2, 2], terms=3, group_size=32, bits_budget=budget)
+        bpw = model_bits_per_weight(q)
+        assert bpw <= budget + 1e-9
+        bpws.append(bpw)
+        snrs.append(snr_db(logits_of(q), ref))
+    assert bpws[0] < bpws[1] < bpws[2]
+    assert snrs[0] < snrs[1] < snrs[2], snrs
+    q = load_quantized(fp_dir, bits=[4, 2, 2], terms=3, group_size=32, bits_budget=7.5)
+    per_layer = {n: m.terms for n, m in fpxint_modules(q).items()}
+    assert len(set(per_layer.values())) > 1  # a mix of terms across layers
+    before = logits_of(q)
+    q.save_pretrained(tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]
+    assert saved["layer_terms"] == {n: k for n, k in per_layer.items() if k != 3}
+    reloaded = load_fp(tmp_path / "b")
+    assert {n: m.terms for n, m in fpxint_modules(reloaded).items()} == per_layer
+    assert torch.equal(logits_of(reloaded), before)
+    assert model_bits_per_weight(reloaded) == pytest.approx(model_bits_per_weight(q))
+    fpxint_hf.set_active_terms(reloaded, 1)  # truncation still works on a budget model
+    assert model_bits_per_weight(reloaded, 1) < model_bits_per_weight(reloaded)
+
+
+@pytest.mark.parametrize("bits,terms", [([4, 2], 2), (2, 3), (3, 2)])
+def test_mixed_and_low_width_series_save_and_reload(
+    bits, terms, make_fp_dir, load_fp, load_quantized, logits_of, tmp_path
+):
+    fp_dir = make_fp_dir("qwen2")
+    q = load_quantized(fp_dir, bits=bits, terms=terms, group_size=32)
+    before = logits_of(q)
+    q.save_pretrained(tmp_path / "m")
+    reloaded = load_fp(tmp_path / "m")
+    assert torch.equal(logits_of(reloaded), before)
+    assert snr_db(before, logits_of(load_fp(fp_dir))) > 25.0
+
+
+def test_old_checkpoint_without_series_keys_still_loads(
+    make_fp_dir, load_fp, load_quantized, logits_of, tmp_path
+):
+    """A checkpoint written by fpxint_hf 0.1 has no series/fit in its config.json and legacy tensors."""
+    q = load_quantized(make_fp_dir("llama"), bits=4, terms=2, group_size=32, series="legacy", fit="minmax")
+    before = logits_of(q)
+    q.save_pretrained(tmp_path / "old")
+    cfg_path = tmp_path / "old" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("series", "fit", "bits_budget", "layer_terms"):
+        cfg["quantization_config"].pop(key)
+    cfg["quantization_config"]["forward_mode"] = "reference"
+    cfg_path.write_text(json.dumps(cfg))
+    reloaded = load_fp(tmp_path / "old")
+    assert all(m.series == "legacy" for m in fpxint_modules(reloaded).values())
+    assert torch.equal(logits_of(reloaded), before)
