@@ -159,7 +159,9 @@ def fp_reference(
     fp_model.eval()
     chunks, top1, nll = [], [], []
     try:
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc="FP reference", leave=False):
+        for start in tqdm(
+            range(0, windows.shape[0], batch_size), desc="FP reference", leave=False, disable=None
+        ):
             batch = windows[start : start + batch_size]
             lp = _log_probs(fp_model, batch)
             top1.append(lp.argmax(-1).cpu())
@@ -177,7 +179,7 @@ def evaluate_against(model: torch.nn.Module, reference: FPReference) -> QualityM
     model.eval()
     kl_sum, nll_sum, agree = 0.0, 0.0, 0
     try:
-        for rows, fp_chunk in tqdm(reference.chunks(), desc="quality vs FP", leave=False):
+        for rows, fp_chunk in tqdm(reference.chunks(), desc="quality vs FP", leave=False, disable=None):
             batch = reference.windows[rows]
             lq = _log_probs(model, batch)
             lp = fp_chunk.to(device=lq.device, dtype=torch.float32)

@@ -246,7 +246,7 @@ def run_table(
     out: list[Row] = []
     fpxint: tuple[nn.Module, float] | None = None  # (model quantized with the largest T, its quantize time)
     max_terms = max((int(k[1:]) for k in rows if k.startswith("t")), default=1)
-    progress = tqdm(rows, desc="FP=xINT table", unit="row")
+    progress = tqdm(rows, desc="FP=xINT table", unit="row", disable=None)
     for kind in progress:
         progress.set_postfix_str(kind)
         if kind == "fp":

@@ -105,7 +105,9 @@ class FPxINTHfQuantizer(HfQuantizer):
         else:
             from tqdm.auto import tqdm
 
-            self._progress = tqdm(total=len(replaced), desc="FP=xINT quantizing", unit="layer", leave=False)
+            self._progress = tqdm(
+                total=len(replaced), desc="FP=xINT quantizing", unit="layer", leave=False, disable=None
+            )  # disable=None: no bar when stderr is not a terminal (log files, CI)
         return model
 
     def progress_update(self) -> None:
