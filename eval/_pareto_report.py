@@ -12,7 +12,9 @@ def _by(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def best_under(res: dict[str, Any], bits: float, families: tuple[str, ...]) -> dict[str, Any] | None:
     """The lowest-KL row of ``families`` at no more than ``bits`` bits per weight."""
-    cands = [r for r in res["rows"] if r["family"] in families and r["bits"] <= bits + 1e-9]
+    cands = [
+        r for r in res["rows"] if r["family"] in families and r["bits"] <= bits + 0.005
+    ]  # + the 32-bit terms_used counter per layer
     return min(cands, key=lambda r: r["kl"]) if cands else None
 
 

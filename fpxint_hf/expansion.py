@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from .fit import fit_grid, minmax_grid, relative_error, rtn, snr_db  # noqa: F401  (re-exported)
+from .saturation import LAPLACE_CLIP, SEARCH_GRID, clip_range, outlier_budget, saturate, sparse_matrix  # noqa: F401
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 CLIP_METHODS = ("laplace", "search", "minmax")
@@ -52,10 +53,6 @@ SERIES_RULES = ("nested", "legacy")
 FIT_METHODS = ("optimized", "minmax")
 FIT_MAX_BITS = 8  # the error-minimizing fit is used for series of at most this many bits in total
 
-# ACIQ (Banner et al., 2019): clip value alpha / b minimizing the MSE of X-bit quantization of a
-# Laplace(mu, b) variable.  The paper chooses the saturation range from a Laplace fit of the weights.
-LAPLACE_CLIP = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.20, 6: 7.41, 7: 8.64, 8: 9.89}
-SEARCH_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # shrink factors of the min-max range
 _FP16_MAX = torch.finfo(torch.float16).max
 
 
@@ -146,11 +143,6 @@ def resolve_group_size(in_features: int, group_size: int | None) -> int:
     return fallback
 
 
-def outlier_budget(in_features: int, outlier_fraction: float) -> int:
-    """Fixed number K of saturated values kept per output row (0 disables ``M_sa``)."""
-    return math.ceil(outlier_fraction * in_features) if outlier_fraction > 0 else 0
-
-
 def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(w.shape[0], -1, group_size)
 
@@ -159,71 +151,6 @@ def _ceil_fp16(x: torch.Tensor) -> torch.Tensor:
     """Smallest float16 >= x (so a stored scale never shrinks the range it must cover)."""
     y = x.clamp(min=2.0**-24).to(torch.float16)
     return torch.where(y.float() < x, torch.nextafter(y, torch.full_like(y, math.inf)), y)
-
-
-def clip_range(
-    wg: torch.Tensor, bits: int, symmetric: bool, method: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Saturation range ``[lo, hi]`` per group of ``wg`` ``[out, G, gs]``.
-
-    ``laplace``: fit Laplace(mu, b) per group (mu = mean, b = mean |w - mu|; mu = 0 when symmetric)
-    and clip at ``mu ± c_X·b`` (ACIQ constants).  ``search``: shrink the min-max range by the factor
-    in ``SEARCH_GRID`` that minimizes the squared error of one X-bit term with clamping.
-    ``minmax``: no saturation.
-    """
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    if symmetric:
-        hi = torch.maximum(hi.abs(), lo.abs())
-        lo = -hi
-    if method == "minmax":
-        return lo, hi
-    if method == "laplace":
-        mu = torch.zeros_like(lo) if symmetric else wg.mean(-1)
-        alpha = LAPLACE_CLIP[bits] * (wg - mu.unsqueeze(-1)).abs().mean(-1)
-        return torch.maximum(lo, mu - alpha), torch.minimum(hi, mu + alpha)
-    mid, half = (hi + lo) / 2, (hi - lo) / 2
-    best, best_err = (lo, hi), None
-    for gamma in SEARCH_GRID:
-        cand_lo, cand_hi = mid - gamma * half, mid + gamma * half
-        step = ((cand_hi - cand_lo) / (2**bits - 1)).clamp(min=1e-12).unsqueeze(-1)
-        q = ((wg.clamp(cand_lo.unsqueeze(-1), cand_hi.unsqueeze(-1)) - cand_lo.unsqueeze(-1)) / step).round()
-        err = (q * step + cand_lo.unsqueeze(-1) - wg).pow(2).sum(-1)
-        if best_err is None:
-            best_err = err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = (torch.where(better, cand_lo, best[0]), torch.where(better, cand_hi, best[1]))
-    return best
-
-
-def saturate(
-    w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, group_size: int, budget: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``M_sa``: keep the ``budget`` largest saturated excesses per row, as (idx int32, val float16).
-
-    Saturated values that do not fit the budget widen their group's range instead, so every
-    value of ``M - M_sa`` stays representable and the series still converges.
-    """
-    out_features = w.shape[0]
-    wg = _groups(w, group_size)
-    excess = (wg - wg.clamp(lo.unsqueeze(-1), hi.unsqueeze(-1))).reshape(out_features, -1)
-    idx = excess.abs().topk(budget, dim=1).indices if budget else excess.new_zeros(out_features, 0).long()
-    kept = torch.zeros_like(excess, dtype=torch.bool).scatter_(1, idx, True)
-    dropped = _groups(~kept & (excess != 0), group_size)
-    lo = torch.minimum(lo, torch.where(dropped, wg, math.inf).amin(-1))
-    hi = torch.maximum(hi, torch.where(dropped, wg, -math.inf).amax(-1))
-    excess = (wg - wg.clamp(lo.unsqueeze(-1), hi.unsqueeze(-1))).reshape(out_features, -1)
-    val = excess.gather(1, idx)
-    if val.numel() and val.abs().max() > _FP16_MAX:
-        raise ValueError(f"saturated weight excess {val.abs().max().item():.3g} exceeds the float16 range")
-    return idx.to(torch.int32), val.to(torch.float16)
-
-
-def sparse_matrix(idx: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Dense float32 ``M_sa`` from its per-row (idx, val) lists; unused slots carry val 0."""
-    dense = torch.zeros(shape, dtype=torch.float32, device=val.device)
-    return dense.scatter_add_(1, idx.long(), val.float())
 
 
 def legacy_first_term(
@@ -267,11 +194,13 @@ def expand(
     tol: float = 0.0,
     series: str = "legacy",
     fit: str = "minmax",
+    importance: torch.Tensor | None = None,
 ) -> Expansion:
     """Expand a 2-D weight into Eq. 1.  ``group_size`` must divide ``in_features`` (see
     ``resolve_group_size``); ``tol > 0`` stops once ``max |R_i| < tol``.  ``bits`` is one width for all
     terms or one width per term (``series="nested"`` only); ``fit`` chooses the first term of a nested
-    series (``"optimized"``: ``fit.fit_grid``; ``"minmax"``: RTN's range).
+    series (``"optimized"``: ``fit.fit_grid``; ``"minmax"``: RTN's range).  ``importance`` (``[in]``, >= 0)
+    weighs the fit's error by input column (a data-free estimate of ``E[x_j²]``; ``None``: all equal).
 
     With ``outlier_fraction == 0`` nothing is saturated (``M_sa = 0``).  In the legacy rule every value
     must then be representable, so the clip range is the group's min-max range whatever ``clip`` says.
@@ -308,15 +237,26 @@ def expand(
         wc = w
 
     if series == "nested":
-        scale16, zero16 = nested_first_term(_groups(wc, gs), term_bits, symmetric, fit)
+        a = None if importance is None else _column_weight(importance, in_features, gs, w.device)
+        scale16, zero16 = nested_first_term(_groups(wc, gs), term_bits, symmetric, fit, a)
     else:
+        a = None
         scale16, zero16 = legacy_first_term(_groups(wc, gs), term_bits[0], symmetric)
-    codes, used, errors = _series_codes(w, wc, scale16, zero16, term_bits, gs, series, tol)
+    codes, used, errors = _series_codes(w, wc, scale16, zero16, term_bits, gs, series, tol, a)
     return Expansion(codes, scale16, zero16, idx, val, used, term_bits, gs, series, errors)
 
 
+def _column_weight(importance: torch.Tensor, in_features: int, gs: int, device: torch.device) -> torch.Tensor:
+    """``[G, gs]`` fit weights from a per-column ``importance``, normalized to mean 1 per group."""
+    a = importance.detach().float().to(device).reshape(-1)
+    if a.numel() != in_features or not torch.isfinite(a).all() or (a < 0).any():
+        raise ValueError(f"importance must hold {in_features} finite values >= 0, got shape {tuple(a.shape)}")
+    a = a.reshape(-1, gs)
+    return (a / a.mean(-1, keepdim=True).clamp(min=1e-30)).clamp(min=1e-6)
+
+
 def nested_first_term(
-    wc: torch.Tensor, term_bits: tuple[int, ...], symmetric: bool, fit: str
+    wc: torch.Tensor, term_bits: tuple[int, ...], symmetric: bool, fit: str, a: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float16 ``scale_1`` and bias ``[out, G]`` of a nested series on the groups ``wc`` ``[out, G, gs]``.
 
@@ -329,11 +269,11 @@ def nested_first_term(
     h1, tail = 2 ** (term_bits[0] - 1), 2.0 ** (n - term_bits[0])
     optimized = fit == "optimized" and n <= FIT_MAX_BITS
     if symmetric:
-        g = fit_grid(wc, n, symmetric=True) if optimized else minmax_grid(wc, n, symmetric=True)
+        g = fit_grid(wc, n, symmetric=True, weight=a) if optimized else minmax_grid(wc, n, symmetric=True)
         reach = g.scale * (2 ** (n - 1) - 1)  # the fitted |range|
         scale = reach / (h1 - 0.5 - 0.5 / tail)
         return _fp16_scale(scale), None
-    g = fit_grid(wc, n) if optimized else minmax_grid(wc, n)
+    g = fit_grid(wc, n, weight=a) if optimized else minmax_grid(wc, n)
     lowest = g.zero - 2 ** (n - 1) * g.scale  # the fitted grid's lowest and highest levels
     highest = g.zero + (2 ** (n - 1) - 1) * g.scale
     zero = lowest + h1 * g.scale * tail + (g.scale * tail - g.scale) / 2
@@ -363,9 +303,11 @@ def _series_codes(
     gs: int,
     series: str,
     tol: float,
+    a: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, tuple[float, ...]]:
     """Greedy codes of every term from the *stored* scale/bias: term i rounds the residual ``R_{i-1}`` to
-    its grid.  Returns the uint8 codes ``[T, out, in]``, the terms computed and the error after each."""
+    its grid.  Returns the uint8 codes ``[T, out, in]``, the terms computed and the relative error after
+    each (weighted by the column weights ``a`` ``[G, gs]`` when given)."""
     terms, (out_features, in_features) = len(term_bits), w.shape
     codes = torch.empty((terms, out_features, in_features), dtype=torch.uint8, device=w.device)
     for i, b in enumerate(term_bits):
@@ -375,7 +317,9 @@ def _series_codes(
         residual -= zero16.float().unsqueeze(-1)
     steps = term_scales(scale16, term_bits, terms, series).unsqueeze(-1)
     offsets = term_offsets(term_bits, terms, series)
-    norm, errors, used = w.norm().clamp(min=1e-30), [], 0
+    wa = None if a is None else a.sqrt()
+    norm = (w if wa is None else _groups(w, gs) * wa).norm().clamp(min=1e-30)
+    errors, used = [], 0
     for i, b in enumerate(term_bits):
         if i and tol > 0 and residual.abs().max() < tol:
             break
@@ -384,7 +328,7 @@ def _series_codes(
         residual.sub_((c + offsets[i]) * steps[i])
         codes[i] = c.add_(2 ** (b - 1)).reshape(out_features, in_features)
         used += 1
-        errors.append((residual.norm() / norm).item())
+        errors.append(((residual if wa is None else residual * wa).norm() / norm).item())
     return codes, used, tuple(errors)
 
 

@@ -8,7 +8,7 @@ and quantizing ``w`` on it means ``c_j = clamp(round((w_j - z) / s))``.  Min-max
 "Normal" in the paper) takes ``s = (max - min) / (2^N - 1)`` and puts the first and last levels on the
 group's extremes.  ``fit_grid`` instead minimizes the squared error
 
-    E(s, z) = Σ_j (w_j - z - s·c_j)²                                                 (Eq. F)
+    E(s, z) = Σ_j a_j (w_j - z - s·c_j)²                                             (Eq. F)
 
 in two calibration-free steps, vectorized over all groups of a matrix:
 
@@ -20,7 +20,9 @@ in two calibration-free steps, vectorized over all groups of a matrix:
    ``E``, so ``E`` never rises, and since factor 1.0 (min-max) is a candidate the fit is never worse
    than RTN on the same grid.
 
-``symmetric=True`` fixes ``z = 0`` and fits ``s`` alone (``s = Σ c·w / Σ c²``).
+``a_j >= 0`` weighs input column j (default 1): a data-free estimate of ``E[x_j²]``, the second moment of
+the activation that multiplies column j, turns Eq. F into the expected output error of the group
+(``expansion.expand``'s ``importance``).  ``symmetric=True`` fixes ``z = 0`` and fits ``s`` alone.
 Pure torch: no ``nn``, no transformers.
 """
 
@@ -51,10 +53,11 @@ def grid_codes(wg: torch.Tensor, g: Grid) -> torch.Tensor:
     return wg.sub(g.zero.unsqueeze(-1)).div_(g.scale.unsqueeze(-1)).round_().clamp_(g.qmin, g.qmax)
 
 
-def grid_error(wg: torch.Tensor, g: Grid) -> torch.Tensor:
-    """``E`` of Eq. F per group (float32 ``[out, G]``)."""
+def grid_error(wg: torch.Tensor, g: Grid, a: torch.Tensor | None = None) -> torch.Tensor:
+    """``E`` of Eq. F per group (float32 ``[out, G]``); ``a`` broadcasts against ``wg`` (e.g. ``[1, G, gs]``)."""
     approx = grid_codes(wg, g).mul_(g.scale.unsqueeze(-1)).add_(g.zero.unsqueeze(-1))
-    return approx.sub_(wg).pow_(2).sum(-1)
+    err = approx.sub_(wg).pow_(2)
+    return (err if a is None else err.mul_(a)).sum(-1)
 
 
 def minmax_grid(wg: torch.Tensor, bits: int, symmetric: bool = False, shrink: float = 1.0) -> Grid:
@@ -70,15 +73,16 @@ def minmax_grid(wg: torch.Tensor, bits: int, symmetric: bool = False, shrink: fl
     return Grid(scale, mid - rad + half * scale, -half, half - 1)
 
 
-def _least_squares(wg: torch.Tensor, c: torch.Tensor, g: Grid, symmetric: bool) -> Grid:
+def _least_squares(wg: torch.Tensor, c: torch.Tensor, g: Grid, symmetric: bool, a: torch.Tensor) -> Grid:
     """The ``(s, z)`` minimizing Eq. F for fixed codes ``c``; groups with a degenerate fit keep ``g``."""
+    ac = a * c
     if symmetric:
-        scc, scw = (c * c).sum(-1), (c * wg).sum(-1)
+        scc, scw = (ac * c).sum(-1), (ac * wg).sum(-1)
         s = scw / scc.clamp(min=_TINY)
         ok = (scc > 0) & (s > 0)
         return Grid(torch.where(ok, s, g.scale), g.zero, g.qmin, g.qmax)
-    n = float(wg.shape[-1])
-    sc, scc, sw, scw = c.sum(-1), (c * c).sum(-1), wg.sum(-1), (c * wg).sum(-1)
+    n = a.expand_as(wg).sum(-1)
+    sc, scc, sw, scw = ac.sum(-1), (ac * c).sum(-1), (a * wg).sum(-1), (ac * wg).sum(-1)
     det = scc * n - sc * sc
     ok = det > 1e-6 * (scc * n).clamp(min=_TINY)  # at least two distinct codes in the group
     safe = torch.where(ok, det, torch.ones_like(det))
@@ -87,8 +91,10 @@ def _least_squares(wg: torch.Tensor, c: torch.Tensor, g: Grid, symmetric: bool) 
     return Grid(torch.where(ok, s, g.scale), torch.where(ok, z, g.zero), g.qmin, g.qmax)
 
 
-def _keep_better(wg: torch.Tensor, best: Grid, err: torch.Tensor, cand: Grid) -> tuple[Grid, torch.Tensor]:
-    cand_err = grid_error(wg, cand)
+def _keep_better(
+    wg: torch.Tensor, best: Grid, err: torch.Tensor, cand: Grid, a: torch.Tensor | None
+) -> tuple[Grid, torch.Tensor]:
+    cand_err = grid_error(wg, cand, a)
     better = cand_err < err
     pick = Grid(
         torch.where(better, cand.scale, best.scale),
@@ -105,16 +111,21 @@ def fit_grid(
     symmetric: bool = False,
     clip_grid: tuple[float, ...] = CLIP_GRID,
     iters: int = LS_ITERS,
+    weight: torch.Tensor | None = None,
 ) -> Grid:
     """The error-minimizing ``bits``-bit grid of each group of ``wg`` ``[out, G, gs]`` (see the module
-    docstring): clip search over ``clip_grid``, then ``iters`` rounds of alternating least squares."""
+    docstring): clip search over ``clip_grid``, then ``iters`` rounds of alternating least squares.
+    ``weight``: the column weights ``a`` of Eq. F, shape ``[G, gs]`` (or anything broadcasting to ``wg``)."""
     wg = wg.float()
+    a = None if weight is None else weight.float().expand_as(wg)
     best = minmax_grid(wg, bits, symmetric, clip_grid[0])
-    err = grid_error(wg, best)
+    err = grid_error(wg, best, a)
     for shrink in clip_grid[1:]:
-        best, err = _keep_better(wg, best, err, minmax_grid(wg, bits, symmetric, shrink))
+        best, err = _keep_better(wg, best, err, minmax_grid(wg, bits, symmetric, shrink), a)
+    ones = torch.ones_like(wg) if a is None else a
     for _ in range(iters):
-        best, err = _keep_better(wg, best, err, _least_squares(wg, grid_codes(wg, best), best, symmetric))
+        cand = _least_squares(wg, grid_codes(wg, best), best, symmetric, ones)
+        best, err = _keep_better(wg, best, err, cand, a)
     return best
 
 

@@ -173,9 +173,15 @@ class FPxINTLinear(nn.Module):
         return module
 
     def quantize_weight(
-        self, weight: torch.Tensor, clip: str = "laplace", outlier_fraction: float = 0.0, tol: float = 0.0
+        self,
+        weight: torch.Tensor,
+        clip: str = "laplace",
+        outlier_fraction: float = 0.0,
+        tol: float = 0.0,
+        importance: torch.Tensor | None = None,
     ) -> Expansion:
-        """Expand a full-precision ``[out, in]`` weight with this layer's bits, terms, group size and symmetry."""
+        """Expand a full-precision ``[out, in]`` weight with this layer's bits, terms, group size and symmetry
+        (``importance``: per-input-column fit weights, see ``expansion.expand``)."""
         return expand(
             weight,
             self.term_bits,
@@ -187,6 +193,7 @@ class FPxINTLinear(nn.Module):
             tol,
             self.series,
             self.fit,
+            importance,
         )
 
     def expansion_state(self, e: Expansion) -> dict[str, torch.Tensor]:

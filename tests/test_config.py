@@ -97,6 +97,7 @@ NON_DEFAULT = dict(
     fit="minmax",
     bits_budget=9.0,
     layer_terms={"model.layers.0.mlp.down_proj": 2},
+    act_proxy=None,
 )
 
 
@@ -121,7 +122,7 @@ def test_old_config_json_loads_as_legacy_and_new_fields_are_validated():
     """A config.json of fpxint_hf 0.1 has no ``series``/``fit``: it must reload with the rule its tensors used."""
     old = {"quant_method": "fpxint", "bits": 4, "terms": 2, "group_size": 128, "symmetric": False}
     cfg = FPxINTConfig.from_dict(old)
-    assert (cfg.series, cfg.fit) == ("legacy", "minmax")
+    assert (cfg.series, cfg.fit, cfg.act_proxy) == ("legacy", "minmax", None)
     assert FPxINTConfig.from_dict({**old, "series": "nested", "fit": "optimized"}).series == "nested"
     assert FPxINTConfig(bits=[4, 2], terms=2).term_bits == (4, 2)
     assert FPxINTConfig(bits=[4, 2], terms=2).nominal_bits_per_weight() == 6
@@ -134,6 +135,7 @@ def test_old_config_json_loads_as_legacy_and_new_fields_are_validated():
         (dict(bits_budget=5.0, terms=1), "bits_budget"),
         (dict(bits_budget=0.5), "bits_budget"),
         (dict(layer_terms={"a": 3}, terms=2), "layer_terms"),
+        (dict(act_proxy="activations"), "act_proxy"),
     ]:
         with pytest.raises(ValueError, match=rf"FPxINTConfig\.{field}="):
             FPxINTConfig(**kwargs)

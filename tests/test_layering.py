@@ -7,9 +7,22 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "fpxint_hf"
 # each layer may import only from the layers to its left
-ORDER = ["fit", "expansion", "packing", "budget", "kernels", "linear", "model_ops", "hf", "evaluation", "cli"]
+ORDER = [
+    "fit",
+    "saturation",
+    "expansion",
+    "packing",
+    "budget",
+    "kernels",
+    "linear",
+    "model_ops",
+    "hf",
+    "evaluation",
+    "cli",
+]
 FORBIDDEN_EXTERNAL = {
     "fit": {"torch.nn", "transformers", "accelerate"},
+    "saturation": {"torch.nn", "transformers", "accelerate"},
     "budget": {"torch", "transformers", "accelerate"},
     "expansion": {"torch.nn", "transformers", "accelerate"},
     "packing": {"torch.nn", "transformers", "accelerate"},

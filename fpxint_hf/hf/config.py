@@ -11,6 +11,7 @@ from ..expansion import CLIP_METHODS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS
 from ..linear import FORWARD_MODES
 
 QUANT_METHOD = "fpxint"
+ACT_PROXIES = ("norm", None)
 MAX_TERMS = 8
 MAX_OUTLIER_FRACTION = 0.1
 
@@ -59,6 +60,10 @@ class FPxINTConfig(QuantizationConfigMixin):
             Average bits per weight to spend (scales included). Each layer is quantized with 1..`terms` terms
             and keeps the number of terms that lowers the summed relative weight error most per stored bit;
             the choice is written to `layer_terms`. Needs `terms >= 2`.
+        act_proxy (`str` or `None`, *optional*, defaults to `"norm"`):
+            Weigh the first-term fit by a data-free estimate of each input column's activation energy read from
+            the neighbouring norm and projection weights (LLaMA/Qwen2 blocks; see `fpxint_hf.hf.proxy`). `None`:
+            plain weight error. Used when quantizing with `series="nested"`, `fit="optimized"`.
         layer_terms (`dict[str, int]`, *optional*):
             Terms stored per layer where they differ from `terms` (written by `bits_budget`; read on reload).
         kwargs (`dict[str, Any]`, *optional*):
@@ -80,6 +85,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         fit: str = "optimized",
         bits_budget: float | None = None,
         layer_terms: dict[str, int] | None = None,
+        act_proxy: str | None = "norm",
         **kwargs: Any,
     ):
         method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -103,6 +109,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         self.fit = fit
         self.bits_budget = bits_budget
         self.layer_terms = layer_terms
+        self.act_proxy = act_proxy
         self.post_init()
 
     @classmethod
@@ -110,7 +117,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         """As ``QuantizationConfigMixin.from_dict``, validating again after ``kwargs`` override fields.
 
         A saved config without ``series``/``fit`` comes from fpxint_hf 0.1: its tensors follow the legacy rule."""
-        config_dict = {"series": "legacy", "fit": "minmax", **config_dict}
+        config_dict = {"series": "legacy", "fit": "minmax", "act_proxy": None, **config_dict}
         out = super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
         (out[0] if return_unused_kwargs else out).post_init()
         return out
@@ -131,6 +138,7 @@ class FPxINTConfig(QuantizationConfigMixin):
             "fit",
             "bits_budget",
             "layer_terms",
+            "act_proxy",
         )
 
     @property
@@ -152,6 +160,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         )
         _check(self.series in SERIES_RULES, "series", self.series, f"one of {SERIES_RULES}")
         _check(self.fit in FIT_METHODS, "fit", self.fit, f"one of {FIT_METHODS}")
+        _check(self.act_proxy in ACT_PROXIES, "act_proxy", self.act_proxy, f"one of {ACT_PROXIES}")
         widths = self.bits if isinstance(self.bits, list) else [self.bits]
         _check(
             all(_is_int(b) and b in SUPPORTED_BITS for b in widths)

@@ -14,6 +14,7 @@ from ..budget import LayerCandidates, allocate_terms
 from ..linear import FPxINTLinear, accelerate_hooks
 from ..model_ops import model_bits_per_weight
 from .config import FPxINTConfig
+from .proxy import ActivationProxy
 from .replace import replace_with_fpxint_linear
 from .saving import install_atomic_save
 
@@ -40,13 +41,15 @@ class FPxINTQuantize(ConversionOps):
         module_name = full_layer_name.rpartition(".")[0]
         module: FPxINTLinear = model.get_submodule(module_name)
         cfg = self.hf_quantizer.quantization_config
+        proxy = self.hf_quantizer.proxy
+        importance = None if proxy is None else proxy.importance(module_name)
         try:
-            e = module.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol)
+            e = module.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance)
         except ValueError as err:
             raise ValueError(f"FP=xINT cannot quantize {full_layer_name}: {err}") from err
         state = module.expansion_state(e)
         if cfg.bits_budget is not None:
-            module._budget_candidates = budget_candidates(module, weight, cfg, e, state)
+            module._budget_candidates = budget_candidates(module, weight, cfg, e, state, importance)
         module._parameters.pop("weight", None)  # the full-precision placeholder is not kept
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
@@ -64,6 +67,7 @@ class FPxINTHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list[str] = []
         self._progress = None
+        self.proxy: ActivationProxy | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if not isinstance(self.quantization_config, FPxINTConfig):
@@ -105,6 +109,11 @@ class FPxINTHfQuantizer(HfQuantizer):
         else:
             from tqdm.auto import tqdm
 
+            cfg = self.quantization_config
+            if cfg.act_proxy == "norm" and cfg.series == "nested" and cfg.fit == "optimized":
+                kv = getattr(getattr(model, "config", None), "num_key_value_heads", None)
+                self.proxy = ActivationProxy(kwargs.get("checkpoint_files") or [], kv)
+
             self._progress = tqdm(
                 total=len(replaced), desc="FP=xINT quantizing", unit="layer", leave=False, disable=None
             )  # disable=None: no bar when stderr is not a terminal (log files, CI)
@@ -118,6 +127,7 @@ class FPxINTHfQuantizer(HfQuantizer):
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+        self.proxy = None
         check_loaded(model)
         if self.quantization_config.bits_budget is not None and not self.pre_quantized:
             apply_bits_budget(model, self.quantization_config)
@@ -137,7 +147,7 @@ class FPxINTHfQuantizer(HfQuantizer):
 
 
 def budget_candidates(
-    module: FPxINTLinear, weight: torch.Tensor, cfg: FPxINTConfig, full, full_state
+    module: FPxINTLinear, weight: torch.Tensor, cfg: FPxINTConfig, full, full_state, importance=None
 ) -> dict:
     """``{k: (buffers, relative error, stored bits)}`` for k = 1..terms: each k fitted for exactly k terms."""
     cands = {}
@@ -158,7 +168,7 @@ def budget_candidates(
                 fit=module.fit,
                 device="meta",
             )
-            e = probe.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol)
+            e = probe.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance)
             state = probe.expansion_state(e)
         stored = 8 * sum(t.numel() * t.element_size() for t in state.values())
         cands[k] = (state, e.errors[-1] if e.errors else 0.0, stored)
