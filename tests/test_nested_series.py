@@ -75,7 +75,9 @@ def test_equal_bits_peers(w):
     for bits, terms, peer in [(2, 2, 4), (4, 2, 8), ((4, 2), 2, 6), (3, 2, 6)]:
         for fit in ("minmax", "optimized"):
             e = expand(w, bits, terms, 64, series="nested", fit=fit)
-            assert relative_error(reconstruct(e), w) <= relative_error(rtn(w, peer, 64), w) * 1.002, (
+            # our scale and bias are stored in float16 (rounded so the grid still spans the range); the RTN
+            # reference keeps them in float32, which is worth up to ~1% at 8 bits
+            assert relative_error(reconstruct(e), w) <= relative_error(rtn(w, peer, 64), w) * 1.01, (
                 bits,
                 fit,
             )
