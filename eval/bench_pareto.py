@@ -45,6 +45,16 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder)
     ("FP=xINT legacy T=1 (4)", "FP=xINT legacy", lambda d: rows.fpxint_row(d, bits=4, terms=1, **LEGACY)),
     ("FP=xINT legacy T=2 (4+4)", "FP=xINT legacy", lambda d: rows.fpxint_row(d, bits=4, terms=2, **LEGACY)),
     ("FP=xINT T=1 (4)", "FP=xINT", lambda d: rows.fpxint_row(d, bits=4, terms=1, **NESTED)),
+    (
+        "FP=xINT T=1 (4), act_proxy=None",
+        "FP=xINT no proxy",
+        lambda d: rows.fpxint_row(d, bits=4, terms=1, act_proxy=None, **NESTED),
+    ),
+    (
+        "FP=xINT T=2 (4+4), act_proxy=None",
+        "FP=xINT no proxy",
+        lambda d: rows.fpxint_row(d, bits=4, terms=2, act_proxy=None, **NESTED),
+    ),
     ("FP=xINT 2+2", "FP=xINT", lambda d: rows.fpxint_row(d, bits=2, terms=2, **NESTED)),
     ("FP=xINT 4+2", "FP=xINT", lambda d: rows.fpxint_row(d, bits=[4, 2], terms=2, **NESTED)),
     ("FP=xINT 3+3", "FP=xINT", lambda d: rows.fpxint_row(d, bits=3, terms=2, **NESTED)),
