@@ -22,6 +22,11 @@ from .hf import FPxINTConfig
 from .linear import FPxINTLinear
 from .model_ops import model_bits_per_weight, quant_method_of
 
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -45,20 +50,45 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         if not out.exists():
             raise
     if not overwrite:
-        raise SystemExit(f"{out} appeared while quantizing (another run?); left it as it is")
+        raise UsageError(f"{out} appeared while quantizing (another run?); left it as it is")
     if not _is_checkpoint(out):
-        raise SystemExit(f"{out} is not a model checkpoint (no config.json); refusing to replace it")
+        raise UsageError(f"{out} is not a model checkpoint (no config.json); refusing to replace it")
     old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
     os.rename(out, old)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _group_size(text: str) -> int | None:
+    """argparse type of ``--group-size``: an int, or ``none``/``channel`` for per channel."""
+    if text.lower() in ("none", "channel"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int or 'none'") from None
+
+
+def _bits(text: str) -> int | list[int]:
+    """argparse type of ``--bits``: ``4`` or one width per term, ``4,2``."""
+    try:
+        widths = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an int or a comma-separated list of ints"
+        ) from None
+    return widths[0] if len(widths) == 1 else widths
+
+
 def _config_from_args(args: argparse.Namespace) -> FPxINTConfig:
     return FPxINTConfig(
         bits=args.bits,
-        terms=args.terms,
-        group_size=None if args.group_size in ("none", "None", "channel") else int(args.group_size),
+        terms=args.terms if not isinstance(args.bits, list) or args.terms_given else len(args.bits),
+        group_size=args.group_size,
+        series=args.series,
+        fit=args.fit,
+        bits_budget=args.bits_budget,
+        act_proxy=None if args.act_proxy == "none" else args.act_proxy,
         symmetric=args.symmetric,
         clip=args.clip,
         outlier_fraction=args.outlier_fraction,
@@ -67,8 +97,21 @@ def _config_from_args(args: argparse.Namespace) -> FPxINTConfig:
     )
 
 
+def _check_source(model: str) -> None:
+    """A MODEL that names a local path must exist and be a model folder (a hub id is ``org/name``)."""
+    path = Path(model)
+    looks_local = model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") > 1
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(f"{model} is a folder but not a model (no config.json)")
+    if looks_local and not path.exists():
+        raise UsageError(
+            f"{model} does not exist (neither a local folder, a .gguf file nor a hub id org/name)"
+        )
+
+
 def _load_source(model: str) -> tuple[str, str | None]:
     """(model folder or id, tokenizer or None, temp dir to delete) for MODEL; a GGUF is converted first."""
+    _check_source(model)
     if model.endswith(".gguf"):
         from .evaluation.assets import plain_model_from_gguf
 
@@ -85,10 +128,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     cfg = _config_from_args(args)
     out = Path(args.out).resolve()
+    if not out.parent.is_dir():
+        raise UsageError(f"the folder {out.parent} for OUT does not exist")
     if out.exists() and not args.overwrite:
-        raise SystemExit(f"{out} exists; pass --overwrite to replace it")
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
     if out.exists() and not _is_checkpoint(out):
-        raise SystemExit(f"{out} is not a model checkpoint (no config.json); refusing to replace it")
+        raise UsageError(f"{out} is not a model checkpoint (no config.json); refusing to replace it")
     source, cleanup = _load_source(args.model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -144,7 +189,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{m.bits_per_weight():.3f} | {outliers} | {err:.2e} |"
         )
     if layers == 0:
-        raise SystemExit(f"{args.dir} holds no FP=xINT layers (is it an fpxint checkpoint?)")
+        raise UsageError(f"{args.dir} holds no FP=xINT layers (is it an fpxint checkpoint?)")
     print(f"\ntotal: {_summary(model)}; config: {json.dumps(model.config.quantization_config.to_dict())}")
     return 0
 
@@ -156,7 +201,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     config = AutoConfig.from_pretrained(args.dir)
     if quant_method_of(config) != "fpxint":
         qc = getattr(config, "quantization_config", None)
-        raise SystemExit(f"{args.dir} is not an fpxint checkpoint (quantization_config: {qc!r})")
+        raise UsageError(f"{args.dir} is not an fpxint checkpoint (quantization_config: {qc!r})")
     api = HfApi()
     api.create_repo(args.repo_id, private=args.private, exist_ok=True)
     info = api.upload_folder(folder_path=args.dir, repo_id=args.repo_id, commit_message=args.message)
@@ -174,7 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = run_table(
             rows=rows,
             bits=args.bits,
-            group_size=None if args.group_size in ("none", "None") else int(args.group_size),
+            group_size=args.group_size,
             mmlu_limit=limit,
             tokens=args.tokens,
             context=args.context,
@@ -194,10 +239,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, default=4, help="bits X per term: 2, 3, 4 or 8 (default 4)")
-    p.add_argument("--terms", type=int, default=2, help="terms T stored, 1-8 (default 2)")
     p.add_argument(
-        "--group-size", default="128", help="inputs per scale, or 'none' for per channel (default 128)"
+        "--bits", type=_bits, default=4, help="bits X per term: 2, 3, 4 or 8, or one per term: 4,2"
+    )
+    p.add_argument("--terms", type=int, default=None, help="terms T stored, 1-8 (default 2, or len(--bits))")
+    p.add_argument(
+        "--group-size", type=_group_size, default=128, help="inputs per scale, or 'none' for per channel"
+    )
+    p.add_argument(
+        "--series", choices=("nested", "legacy"), default="nested", help="series rule (default nested)"
+    )
+    p.add_argument("--fit", choices=("optimized", "minmax"), default="optimized", help="first-term fit")
+    p.add_argument("--bits-budget", type=float, default=None, help="average bits per weight to spend")
+    p.add_argument(
+        "--act-proxy", choices=("norm", "none"), default="norm", help="data-free activation weighting"
     )
     p.add_argument("--symmetric", action="store_true", help="symmetric first term (no bias)")
     p.add_argument("--clip", default="laplace", help="laplace | search | minmax (used with outliers)")
@@ -216,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fpxint", description="fpxint: quantize, evaluate, inspect and push FP=xINT checkpoints."
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save an fpxint checkpoint")
@@ -241,7 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"rows to build (default {','.join(ROW_KINDS)}; rtn2x: RTN with 2x the bits, T=2's equal-bits peer)",
     )
     e.add_argument("--bits", type=int, default=4, help="bits per term (default 4)")
-    e.add_argument("--group-size", default="128", help="group size (default 128; 576-input layers use 64)")
+    e.add_argument(
+        "--group-size",
+        type=_group_size,
+        default=128,
+        help="group size (default 128; 576-input layers use 64)",
+    )
     e.add_argument("--tokens", type=int, default=8192, help="pydoc tokens for PPL/KL/top-1 (default 8192)")
     e.add_argument("--context", type=int, default=512, help="window length for PPL/KL/top-1 (default 512)")
     e.add_argument(
@@ -272,8 +333,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command.  A user error prints one line ``fpxint: error: ...`` and returns 2; ``--debug`` shows
+    the traceback instead."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if getattr(args, "terms", "absent") is None:
+        args.terms_given, args.terms = False, 2
+    else:
+        args.terms_given = True
+    if args.debug:
+        return args.func(args)
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, OSError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except SystemExit as err:  # one-line exits (missing assets) keep their message
+        if err.code is None or isinstance(err.code, int):
+            raise
+        message = str(err.code)
+    except Exception as err:  # e.g. a network error from the hub client: its type says what happened
+        message = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    print(f"fpxint: error: {message} (--debug shows the traceback)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -43,19 +44,27 @@ def test_quantize_inspect_and_reload(tiny_dir, tmp_path, capsys):
     assert errs and max(errs) < 0.01  # 3 terms of 4 bits reconstruct the reference closely
 
 
-def test_quantize_refuses_existing_output(tiny_dir, tmp_path):
+def assert_user_error(capsys, argv, match):
+    """``fpxint ARGV`` fails with exit status 2 and one stderr line matching ``match``, no traceback."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("fpxint: error: ")]
+    assert len(lines) == 1 and re.search(match, lines[0]), err  # (progress bars of transformers aside)
+    assert "Traceback" not in err
+
+
+def test_quantize_refuses_existing_output(tiny_dir, tmp_path, capsys):
     out = tmp_path / "exists"
     out.mkdir()
-    with pytest.raises(SystemExit, match="--overwrite"):
-        main(["quantize", str(tiny_dir), str(out)])
+    assert_user_error(capsys, ["quantize", str(tiny_dir), str(out)], "--overwrite")
 
 
-def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tiny_dir, tmp_path):
+def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tiny_dir, tmp_path, capsys):
     out = tmp_path / "notes"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    with pytest.raises(SystemExit, match="not a model checkpoint"):
-        main(["quantize", str(tiny_dir), str(out), "--overwrite"])
+    assert_user_error(capsys, ["quantize", str(tiny_dir), str(out), "--overwrite"], "not a model checkpoint")
     assert (out / "mine.txt").read_text() == "keep me"
 
 
@@ -76,26 +85,72 @@ def test_output_folder_follows_the_umask_and_overwrite_swaps_a_checkpoint(tiny_d
 
 
 def test_publish_never_deletes_a_folder_created_meanwhile_without_overwrite(tmp_path):
-    from fpxint_hf.cli import _publish
+    from fpxint_hf.cli import UsageError, _publish
 
     tmp, out = tmp_path / ".o.tmp-1", tmp_path / "o"
     tmp.mkdir()
     (tmp / "config.json").write_text("{}")
     out.mkdir()  # a concurrent run finished first
     (out / "config.json").write_text('{"theirs": 1}')
-    with pytest.raises(SystemExit, match="appeared while quantizing"):
+    with pytest.raises(UsageError, match="appeared while quantizing"):
         _publish(tmp, out, overwrite=False)
     assert (out / "config.json").read_text() == '{"theirs": 1}'
 
 
-def test_bad_flag_values_name_the_field(tiny_dir, tmp_path):
-    with pytest.raises(ValueError, match="bits"):
-        main(["quantize", str(tiny_dir), str(tmp_path / "o"), "--bits", "5"])
+def test_bad_flag_values_name_the_field(tiny_dir, tmp_path, capsys):
+    assert_user_error(
+        capsys, ["quantize", str(tiny_dir), str(tmp_path / "o"), "--bits", "5"], r"FPxINTConfig\.bits=5"
+    )
+    with pytest.raises(ValueError, match="bits"):  # --debug: the exception itself
+        main(["--debug", "quantize", str(tiny_dir), str(tmp_path / "o"), "--bits", "5"])
 
 
-def test_inspect_rejects_plain_model(tiny_dir):
-    with pytest.raises(SystemExit, match="no FP=xINT layers"):
-        main(["inspect", str(tiny_dir)])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["quantize", "MODEL", "OUT", "--group-size", "abc"], "argument --group-size: 'abc' is not an int"),
+        (["quantize", "MODEL", "OUT", "--bits", "4,x"], "argument --bits: '4,x' is not an int"),
+    ],
+)
+def test_malformed_flags_are_one_usage_line(argv, match, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+
+
+def test_each_cli_user_error_is_one_line(tiny_dir, tmp_path, capsys):
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), str(q), "--group-size", "32", "--terms", "1"]) == 0
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    cases = [
+        (["quantize", str(tmp_path / "missing"), str(tmp_path / "o")], "does not exist"),
+        (["quantize", "./nowhere/model", str(tmp_path / "o")], "does not exist"),
+        (["quantize", str(plain), str(tmp_path / "o")], "is a folder but not a model"),
+        (["quantize", str(tiny_dir), str(tmp_path / "no" / "such" / "o")], "for OUT does not exist"),
+        (["quantize", str(tiny_dir), str(q), "--bits", "4,2", "--series", "legacy"], "bits"),
+        (["inspect", str(tiny_dir)], "no FP=xINT layers"),
+        (["push", str(tiny_dir), "me/tiny"], "not an fpxint checkpoint"),
+        (["push", str(tmp_path / "gone"), "me/tiny"], "gone"),
+    ]
+    for argv, match in cases:
+        assert_user_error(capsys, argv, match)
+
+
+def test_push_offline_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "q"
+    main(["quantize", str(tiny_dir), str(out), "--group-size", "32", "--terms", "1"])
+
+    class OfflineApi:
+        def create_repo(self, *args, **kwargs):
+            raise ConnectionError("[Errno -3] Temporary failure in name resolution")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    assert_user_error(capsys, ["push", str(out), "me/tiny"], "name resolution")
 
 
 def test_push_uploads_the_folder(tiny_dir, tmp_path, monkeypatch):
@@ -116,8 +171,7 @@ def test_push_uploads_the_folder(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert main(["push", str(out), "me/tiny-fpxint", "--private"]) == 0
     assert calls == {"create": ("me/tiny-fpxint", True), "upload": (str(out), "me/tiny-fpxint")}
-    with pytest.raises(SystemExit, match="not an fpxint checkpoint"):
-        main(["push", str(tiny_dir), "me/tiny"])
+    assert main(["push", str(tiny_dir), "me/tiny"]) == 2
 
 
 def test_eval_table_on_a_tiny_model(tiny_dir, tmp_path, capsys):
@@ -150,10 +204,8 @@ def test_eval_table_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     assert rows["RTN W4 (Normal)"]["bits_per_weight"] == pytest.approx(t1["bits_per_weight"], rel=0.01)
     assert rows[rtn8]["quality"]["kl_vs_fp"] < rows["RTN W4 (Normal)"]["quality"]["kl_vs_fp"]
     assert "| FP=xINT T=2 (2x4-bit) |" in prefix.with_suffix(".md").read_text()
-    with pytest.raises(ValueError, match="unknown"):
-        main([*args, "--rows", "fp,t9"])
-    with pytest.raises(ValueError, match=r"rows=\['t2'\] repeated"):
-        main([*args, "--rows", "t2,fp,t2"])
+    assert_user_error(capsys, [*args, "--rows", "fp,t9"], "unknown")
+    assert_user_error(capsys, [*args, "--rows", "t2,fp,t2"], r"rows=\['t2'\] repeated")
 
 
 @pytest.mark.parametrize("rows", [("fp", "rtn", "t1"), ("rtn", "t1")], ids=["with_fp_row", "without_fp_row"])
