@@ -13,6 +13,7 @@ from transformers.quantizers.base import HfQuantizer
 from ..budget import LayerCandidates, allocate_terms
 from ..linear import FPxINTLinear, accelerate_hooks
 from ..model_ops import model_bits_per_weight
+from ..packing import unpack_series
 from .config import FPxINTConfig
 from .proxy import ActivationProxy
 from .replace import replace_with_fpxint_linear
@@ -218,12 +219,14 @@ def check_checkpoint_keys(model: torch.nn.Module, checkpoint_files: list[str]) -
     from safetensors import safe_open
 
     stored: dict[str, set[str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for path in checkpoint_files:
         if str(path).endswith(".safetensors"):
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
                     module_name, _, tensor_name = key.rpartition(".")
                     stored.setdefault(module_name, set()).add(tensor_name)
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
     prefix = getattr(model, "base_model_prefix", "") + "."
     problems = []
     for name, module in model.named_modules():
@@ -232,7 +235,17 @@ def check_checkpoint_keys(model: torch.nn.Module, checkpoint_files: list[str]) -
         names = stored.get(name, stored.get(name.removeprefix(prefix)))
         if names is None:
             continue  # absent altogether: reported by check_loaded after loading
-        declared = set(module.state_dict().keys())
+        declared_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        declared = set(declared_shapes)
+        key_of = f"{name}." if f"{name}.codes" in shapes else f"{name.removeprefix(prefix)}."
+        for t_name in sorted(names & declared):
+            got = shapes.get(key_of + t_name)
+            if got is not None and got != declared_shapes[t_name]:
+                problems.append(
+                    f"{name}.{t_name} has shape {list(got)} in the checkpoint, but the config declares "
+                    f"{list(declared_shapes[t_name])} (bits={module.bits}, terms={module.terms}, "
+                    f"group_size={module.group_size}, outliers_per_row={module.outlier_budget})"
+                )
         for extra in sorted(names - declared):
             problems.append(f"{name}.{extra} (in the checkpoint, but the config declares no such tensor)")
         for missing in sorted(declared - names):
@@ -279,6 +292,16 @@ def check_loaded(model: torch.nn.Module) -> None:
             k = int(values["terms_used"].item())
             if not 1 <= k <= module.terms:
                 problems.append(f"{name}.terms_used={k} (config allows 1..{module.terms})")
+        scale = values.get("scale")
+        if scale is not None and scale.numel() and not bool((scale > 0).all()):
+            problems.append(f"{name}.scale holds values <= 0 (a step size must be positive)")
+        codes = values.get("codes")
+        if codes is not None and module.series == "legacy" and module.terms > 1:
+            later = unpack_series(codes, module.term_bits, module.in_features)[1:]
+            if later.numel() and int(later.min()) < 1:  # legacy residual codes are 1 .. 2^X - 1
+                problems.append(
+                    f"{name}.codes holds residual code 0, outside the legacy range 1..{2**module.bits - 1}"
+                )
         idx = values.get("outlier_idx")
         if idx is not None and idx.numel() and (idx.min() < 0 or idx.max() >= module.in_features):
             problems.append(f"{name}.outlier_idx out of [0, {module.in_features})")
