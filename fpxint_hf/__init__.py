@@ -8,7 +8,7 @@ from .hf import FPxINTConfig, FPxINTHfQuantizer, register
 from .linear import FPxINTLinear
 from .model_ops import set_active_terms, set_forward_mode
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Expansion",

@@ -300,7 +300,7 @@ def check_loaded(model: torch.nn.Module) -> None:
             later = unpack_series(codes, module.term_bits, module.in_features)[1:]
             if later.numel() and int(later.min()) < 1:  # legacy residual codes are 1 .. 2^X - 1
                 problems.append(
-                    f"{name}.codes holds residual code 0, outside the legacy range 1..{2**module.bits - 1}"
+                    f"{name}.codes holds residual code 0, outside the legacy range 1..{2 ** module.term_bits[-1] - 1}"
                 )
         idx = values.get("outlier_idx")
         if idx is not None and idx.numel() and (idx.min() < 0 or idx.max() >= module.in_features):
