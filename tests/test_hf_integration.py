@@ -318,7 +318,6 @@ def test_extra_repr_and_bits_per_weight(config, make_fp_dir, load_quantized, tmp
 
 
 def test_device_map_cpu(fp_model_dir, load_fp, load_quantized, logits_of, tmp_path):
-    pytest.importorskip("accelerate")
     fp_dir = fp_model_dir
     plain = logits_of(load_quantized(fp_dir, bits=4, terms=2, group_size=32))
     q = load_quantized(fp_dir, device_map="cpu", bits=4, terms=2, group_size=32)

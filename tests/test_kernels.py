@@ -99,7 +99,17 @@ def test_collapsed_int8_single_8bit_term():
 
 
 def test_collapsed_range_is_the_exact_extreme_of_the_codes():
-    assert kernels.collapsed_range(4, 2) == (-119, 105)
+    for widths in [(4, 4), (2, 2, 2, 2), (4, 2, 2), (3, 3), (4, 2)]:  # nested: every code of every term
+        mult = kernels.collapse_multipliers(widths, len(widths), "nested")
+        ranges = [range(-(2 ** (b - 1)), 2 ** (b - 1)) for b in widths]
+        values = [sum(m * c for m, c in zip(mult, cs, strict=True)) for cs in itertools.product(*ranges)]
+        assert kernels.collapsed_range(widths, len(widths), "nested") == (min(values), max(values))
+        assert len(set(values)) == 2 ** sum(widths)  # one integer per level: the nested grid is uniform
+        shift = kernels.collapse_shift(widths, len(widths), "nested")
+        fits = max(values) - min(values) <= 255
+        assert (shift is not None) == fits
+        if fits:
+            assert -128 <= min(values) + shift and max(values) + shift <= 127
     for bits, k in [(2, 1), (2, 3), (3, 2), (4, 1), (4, 2)]:
         h, r = 2 ** (bits - 1), 2**bits - 2
         ranges = [range(-h, h)] + [range(-(h - 1), h)] * (k - 1)

@@ -20,8 +20,6 @@ from transformers import AutoModelForCausalLM
 import fpxint_hf
 from fpxint_hf import FPxINTLinear
 
-pytest.importorskip("accelerate")
-
 CONFIG = dict(bits=4, terms=2, group_size=32, outlier_fraction=0.02)
 LAYER1_ON_DISK = {
     "model.embed_tokens": "cpu",

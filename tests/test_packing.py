@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fpxint_hf import packing
 from fpxint_hf.packing import (
@@ -108,25 +110,18 @@ def test_roundtrip_seeded_fuzz() -> None:
         assert torch.equal(unpack(packed, bits, n), codes), (bits, lead, n)
 
 
-try:  # optional: hypothesis is not a declared dev dependency
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - exercised only without hypothesis
-    pass
-else:
-
-    @settings(max_examples=60, deadline=None)
-    @given(
-        bits=st.sampled_from(SUPPORTED_BITS),
-        lead=st.lists(st.integers(0, 3), max_size=2),
-        n=st.integers(1, 80),
-        seed=st.integers(0, 2**31 - 1),
-    )
-    def test_roundtrip_property(bits: int, lead: list[int], n: int, seed: int) -> None:
-        codes = _random_codes((*lead, n), bits, seed)
-        packed = pack(codes, bits)
-        assert packed.shape == (*lead, packed_size(n, bits))
-        assert torch.equal(unpack(packed, bits, n), codes)
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.sampled_from(SUPPORTED_BITS),
+    lead=st.lists(st.integers(0, 3), max_size=2),
+    n=st.integers(1, 80),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_roundtrip_property(bits: int, lead: list[int], n: int, seed: int) -> None:
+    codes = _random_codes((*lead, n), bits, seed)
+    packed = pack(codes, bits)
+    assert packed.shape == (*lead, packed_size(n, bits))
+    assert torch.equal(unpack(packed, bits, n), codes)
 
 
 # --------------------------------------------------------------------------- sizes
@@ -241,7 +236,13 @@ def test_bad_n_and_scalar_inputs() -> None:
 
 
 def test_module_surface() -> None:
-    assert SUPPORTED_BITS == (2, 3, 4, 8)
+    for bits in range(1, 10):  # exactly the advertised widths pack; the others are refused
+        codes = torch.zeros(3, dtype=torch.uint8)
+        if bits in SUPPORTED_BITS:
+            assert torch.equal(unpack(pack(codes, bits), bits, 3), codes)
+        else:
+            with pytest.raises(ValueError, match=f"bits={bits}"):
+                pack(codes, bits)
     assert packing.__doc__ and "save_pretrained" in packing.__doc__
     for name in packing.__all__:
         assert getattr(packing, name).__doc__ or name == "SUPPORTED_BITS"

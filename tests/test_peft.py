@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import peft  # a dev dependency: never skipped
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,9 +11,7 @@ from transformers import AutoModelForCausalLM
 import fpxint_hf
 from fpxint_hf import FPxINTLinear
 from fpxint_hf.expansion import expand
-
-peft = pytest.importorskip("peft")
-from fpxint_hf.hf.lora import FPxINTLoraLinear, load_lora_adapter, lora_config, register_lora  # noqa: E402
+from fpxint_hf.hf.lora import FPxINTLoraLinear, load_lora_adapter, lora_config, register_lora
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 QCONFIG = dict(bits=4, terms=2, group_size=32)
