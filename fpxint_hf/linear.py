@@ -264,7 +264,8 @@ class FPxINTLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prepared = self._kernel_weights(x) if self.forward_mode in ("int4", "int8", "dense", "auto") else None
         if prepared is not None:
-            y = kernels.kernel_linear(x, prepared)
+            needs_grad = torch.is_grad_enabled() and x.requires_grad
+            y = _KernelLinear.apply(x, self, prepared) if needs_grad else kernels.kernel_linear(x, prepared)
         elif self.forward_mode == "terms":
             y = self._forward_terms(x)
         else:
@@ -371,3 +372,17 @@ def _buffers_offloaded(module: nn.Module) -> bool:
         getattr(h, "offload", False) and getattr(h, "offload_buffers", False)
         for h in accelerate_hooks(module)
     )
+
+
+class _KernelLinear(torch.autograd.Function):
+    """A packed kernel's forward with the dequantized weight's backward (``dL/dx = dL/dy · M``), so every forward
+    mode can train adapters on top of a frozen FP=xINT layer (quanto's ``QLinearFunction`` does the same)."""
+
+    @staticmethod
+    def forward(ctx, x, layer, prepared):  # type: ignore[override]
+        ctx.layer = layer
+        return kernels.kernel_linear(x, prepared)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad @ ctx.layer.dequantize().to(grad.dtype), None, None
