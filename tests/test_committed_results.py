@@ -101,3 +101,34 @@ def test_committed_series_is_reproduced(eval_scripts):
     errors = [relative_error(reconstruct(e, k), w) for k in range(1, 5)]
     assert errors == pytest.approx(result["errors"]["4-bit"], rel=1e-4)
     assert relative_error(rtn(w, 4, 128), w) == pytest.approx(result["errors"]["rtn"]["4-bit"], rel=1e-4)
+
+
+def test_pareto_results_re_render_and_the_readme_quotes_them():
+    """pareto.md is what _pareto_report makes of pareto.json (verdicts included), and every row of the README's
+    quality-per-bit table carries the committed bits, PPL and KL."""
+    sys.path.insert(0, str(ROOT / "eval"))
+    try:
+        import _pareto_report
+    finally:
+        sys.path.remove(str(ROOT / "eval"))
+    res = json.loads((RESULTS / "pareto.json").read_text())
+    assert (RESULTS / "pareto.md").read_text() == _pareto_report.to_markdown(res)
+    verdicts = {t["target"]: t["met"] for t in _pareto_report.targets(res)}
+    assert len(verdicts) == 6
+    by = {r["label"]: r for r in res["rows"]}
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Quality per bit") : readme.index("Targets (recomputed")]
+    quoted = [
+        line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")
+    ]
+    assert len(quoted) >= 15
+    for line in quoted:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        row = by[cells[0]]
+        assert (
+            cells[1] == f"{row['bits']:.3f}"
+            and cells[2] == f"{row['ppl']:.3f}"
+            and cells[4] == f"{row['kl']:.4f}"
+        )
+    met = sum(verdicts.values())
+    assert readme.count("| **met** |") == met and readme.count("| **missed**") == len(verdicts) - met
