@@ -82,7 +82,7 @@ class Expansion:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape[1:])
+        return (int(self.codes.shape[1]), int(self.codes.shape[2]))
 
 
 def residual_ratio(bits: int, series: str = "legacy") -> int:
@@ -94,6 +94,8 @@ def normalize_bits(bits: int | tuple[int, ...] | list[int], terms: int) -> tuple
     """``term_bits`` of a series: an int means every term has that width; a sequence gives one width a term."""
     if isinstance(bits, int) and not isinstance(bits, bool):
         return (bits,) * terms
+    if isinstance(bits, bool):
+        raise ValueError(f"bits={bits!r} is not a width")
     out = tuple(bits)
     if len(out) != terms:
         raise ValueError(f"bits={list(out)} gives {len(out)} widths for terms={terms}")

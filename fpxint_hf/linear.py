@@ -56,6 +56,14 @@ class FPxINTLinear(nn.Module):
     kept per output row (0: no ``M_sa`` buffers).
     """
 
+    # buffers (declared for type checkers; registered in __init__)
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    outlier_idx: torch.Tensor
+    outlier_val: torch.Tensor
+    terms_used: torch.Tensor
+
     def __init__(
         self,
         in_features: int,
@@ -89,27 +97,30 @@ class FPxINTLinear(nn.Module):
         self.forward_mode = "auto"
         self._kernel_cache: tuple | None = None  # (key, buffers, prepared kernel weights or None)
         groups = in_features // group_size
-        kw = {"device": device}
         # [T, out, ceil(in·X/8)] packed codes Q_i + 2^(X-1), term-major; mixed widths: [out, Σ_i ceil(in·X_i/8)]
         shape = series_shape(self.term_bits, out_features, in_features)
-        self.register_buffer("codes", torch.zeros(shape, dtype=torch.uint8, **kw))
+        self.register_buffer("codes", torch.zeros(shape, dtype=torch.uint8, device=device))
         # [out, G] scale_1 per group; scale_i = scale_{i-1} / 2^(X_i) (nested) or / (2^X - 2) (legacy)
-        self.register_buffer("scale", torch.zeros(out_features, groups, dtype=torch.float16, **kw))
+        self.register_buffer("scale", torch.zeros(out_features, groups, dtype=torch.float16, device=device))
         if not symmetric:
             # [out, G] bias (zero point) per group
-            self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.float16, **kw))
+            self.register_buffer(
+                "zero", torch.zeros(out_features, groups, dtype=torch.float16, device=device)
+            )
         if outlier_budget:
             # [out, K] column of each saturated value kept in M_sa
             self.register_buffer(
                 "outlier_idx",
-                torch.zeros(out_features, outlier_budget, dtype=outlier_index_dtype(in_features), **kw),
+                torch.zeros(
+                    out_features, outlier_budget, dtype=outlier_index_dtype(in_features), device=device
+                ),
             )
             # [out, K] value of M_sa at that column (0 in unused slots)
             self.register_buffer(
-                "outlier_val", torch.zeros(out_features, outlier_budget, dtype=torch.float16, **kw)
+                "outlier_val", torch.zeros(out_features, outlier_budget, dtype=torch.float16, device=device)
             )
         # [1] number of terms actually computed (< terms when the residual fell below tol)
-        self.register_buffer("terms_used", torch.full((1,), terms, dtype=torch.int32, **kw))
+        self.register_buffer("terms_used", torch.full((1,), terms, dtype=torch.int32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     def _apply(self, fn, recurse=True):

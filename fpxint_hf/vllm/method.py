@@ -25,6 +25,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
     ChannelQuantScaleParameter,
@@ -32,6 +33,7 @@ from vllm.model_executor.parameter import (
     ModelWeightParameter,
     PerTensorScaleParameter,
 )
+from vllm.platforms import current_platform
 
 from .. import kernels
 from ..expansion import Expansion, normalize_bits, outlier_budget, reconstruct, resolve_group_size
@@ -216,10 +218,16 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
                 layer.fpxint_prepared = kernels.prepare_int4(parts[0], ks[0], torch.bfloat16)
         if layer.fpxint_prepared is None:
             weight = torch.cat([reconstruct(e, k) for e, k in zip(parts, ks, strict=True)])
-            layer.fpxint_prepared = kernels.DenseWeights(weight.to(dtype), max(ks))
             for name in ("codes", "scale", "zero", "outlier_idx", "outlier_val"):
                 if hasattr(layer, name):
                     delattr(layer, name)  # dense: the packed tensors are no longer needed
+            # hand the dense weight to vLLM's own CPU GEMM (oneDNN, pre-packed), as for an unquantized layer
+            layer.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+            layer.fpxint_prepared = "dense"
+            if current_platform.is_cpu():
+                dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+            else:
+                layer.cpu_linear = torch.nn.functional.linear
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
@@ -227,11 +235,8 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
         prepared = layer.fpxint_prepared
         if isinstance(prepared, kernels.Int4Weights):
             y = kernels.kernel_linear(x.to(torch.bfloat16), prepared).to(x.dtype)
-        else:
-            y = torch.nn.functional.linear(
-                x, prepared.weight.to(x.dtype) if prepared.weight.dtype != x.dtype else prepared.weight
-            )
-        return y if bias is None else y + bias
+            return y if bias is None else y + bias
+        return layer.cpu_linear(x, layer.weight, bias)
 
 
 __all__ = ["BasevLLMParameter", "FPxINTvLLMConfig", "FPxINTvLLMLinearMethod"]
