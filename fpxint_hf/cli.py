@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import fresh_dir, replace_dir
 from .hf import FPxINTConfig
 from .linear import FPxINTLinear
 from .model_ops import model_bits_per_weight, quant_method_of
@@ -36,28 +37,23 @@ def _is_checkpoint(folder: Path) -> bool:
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` folder to ``out`` with the umask's permissions (``mkdtemp`` makes 0700).
+    """Move the finished ``tmp`` folder (made by ``atomic.fresh_dir``: umask permissions) to ``out``.
 
     A missing ``out`` is created by one rename.  An existing one (possibly created by a concurrent run while
     this one quantized) is replaced only with ``overwrite`` and only when it is a checkpoint, by moving it
     aside and renaming ``tmp`` in its place, then deleting the old copy."""
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    try:
-        os.rename(tmp, out)  # fails when out exists (non-empty) or was created meanwhile
-        return
-    except OSError:
-        if not out.exists():
-            raise
+    if not out.exists():
+        try:
+            os.rename(tmp, out)  # fails when out was created meanwhile (non-empty)
+            return
+        except OSError:
+            if not out.exists():
+                raise
     if not overwrite:
         raise UsageError(f"{out} appeared while quantizing (another run?); left it as it is")
     if not _is_checkpoint(out):
         raise UsageError(f"{out} is not a model checkpoint (no config.json); refusing to replace it")
-    old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
 
 def _group_size(text: str) -> int | None:
@@ -136,7 +132,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if out.exists() and not _is_checkpoint(out):
         raise UsageError(f"{out} is not a model checkpoint (no config.json); refusing to replace it")
     source, cleanup = _load_source(args.model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(fresh_dir(out.parent, f".{out.name}.tmp-"))  # umask permissions, unlike mkdtemp's 0700
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, quantization_config=cfg, dtype=DTYPES[args.dtype], device_map=args.device_map

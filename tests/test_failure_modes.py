@@ -225,10 +225,12 @@ def test_push_to_hub_uploads_a_complete_checkpoint(make_fp_dir, tmp_path, monkey
 
 
 def test_plain_models_keep_transformers_save(make_fp_dir, tmp_path, fail_on_shard):
-    """The wrapper is on the model class; a model of that class that is not FP=xINT saves as transformers does."""
-    quantize(make_fp_dir("qwen2"))  # installs the wrapper on Qwen2ForCausalLM
+    """Only FP=xINT instances get the atomic save (their class is swapped for a subclass of the same name): the
+    model class itself is not patched, and a plain model of that class saves as transformers does."""
+    q = quantize(make_fp_dir("qwen2"))
     plain = AutoModelForCausalLM.from_pretrained(make_fp_dir("qwen2"))
-    assert type(plain).save_pretrained._fpxint_atomic_save
+    assert type(q)._fpxint_atomic_save and type(q).__name__ == type(plain).__name__
+    assert isinstance(q, type(plain)) and not hasattr(type(plain), "_fpxint_atomic_save")
     fail_on_shard(1)
     with pytest.raises(Boom):
         plain.save_pretrained(tmp_path / "plain")

@@ -8,6 +8,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "fpxint_hf"
 # each layer may import only from the layers to its left
 ORDER = [
+    "atomic",
     "fit",
     "saturation",
     "expansion",
@@ -22,6 +23,7 @@ ORDER = [
     "cli",
 ]
 FORBIDDEN_EXTERNAL = {
+    "atomic": {"torch", "transformers", "accelerate"},
     "fit": {"torch.nn", "transformers", "accelerate"},
     "saturation": {"torch.nn", "transformers", "accelerate"},
     "budget": {"torch", "transformers", "accelerate"},

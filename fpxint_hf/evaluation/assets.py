@@ -39,10 +39,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ..atomic import fresh_dir, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,7 @@ def _atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     leaves a half folder behind). An existing ``final`` written by this module is replaced when ``replace``,
     else kept (a concurrent builder won the race); any other existing ``final`` is refused."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    old = final.parent / f".{final.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+    tmp = Path(fresh_dir(final.parent, f".{final.name}.tmp-"))  # umask permissions
     try:
         yield tmp
         if final.exists():
@@ -133,14 +133,9 @@ def _atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
             if not replace:
                 logger.info("%s was completed concurrently; keeping it", final)
                 return
-            os.rename(final, old)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; give the folder ordinary permissions
-        os.rename(tmp, final)
+        replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_provenance(folder: Path, info: dict[str, Any]) -> None:

@@ -3,16 +3,16 @@
 transformers writes config.json, then the weight files, straight into the target directory.  A save that
 fails or is killed half-way leaves a directory with a new config.json and missing, truncated or (when it
 overwrites an older sharded checkpoint) a mix of new and stale weight files, and a previous good checkpoint
-there is destroyed.  ``install_atomic_save`` (called by the quantizer on every model it loads) wraps the
-model class's ``save_pretrained`` so that, for FP=xINT-quantized models, it writes everything into a fresh
-sibling directory ``.<name>.fpxint-tmp-*`` and only then moves it into place:
+there is destroyed.  ``install_atomic_save`` (called by the quantizer on every model it loads) gives that model
+a ``save_pretrained`` that writes everything into a fresh sibling directory ``.<name>.fpxint-tmp-*`` and only
+then moves it into place:
 
 - no directory at the target yet: one ``rename`` (atomic on POSIX);
 - a directory there: the files it holds that this save does not write (a tokenizer, a README, ...) are
   hard-linked (else copied) into the new directory, except the model weight files and indexes it supersedes
   (``model*.safetensors``, ``pytorch_model*.bin`` and their index of the same variant), then the old one is renamed
   aside, the new one renamed into place and the old one deleted.  A crash between those two renames leaves no
-  directory at the target and the complete old one at ``.<name>.fpxint-old-*`` (never a mixed one).
+  directory at the target and the complete old one at ``.<name>.old-*`` (never a mixed one; ``atomic.py``).
 
 A failed save deletes its temporary directory and re-raises; the target is untouched.  ``push_to_hub`` (which
 saves into a temporary directory and uploads it) and ``save_pretrained(..., push_to_hub=True)`` keep working
@@ -29,10 +29,10 @@ import logging
 import os
 import re
 import shutil
-import uuid
 
 import torch
 
+from ..atomic import fresh_dir, replace_dir
 from .config import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
@@ -46,18 +46,20 @@ MARK = "_fpxint_atomic_save"
 
 
 def install_atomic_save(model: torch.nn.Module) -> None:
-    """Make ``save_pretrained`` crash-safe for FP=xINT models of ``type(model)`` (idempotent).
+    """Make ``model.save_pretrained`` crash-safe (idempotent); only this FP=xINT model is affected.
 
-    The class's method is wrapped, not the instance's: an instance attribute would either have to reference
-    the model (a reference cycle that keeps a deleted model's memory until the garbage collector runs) or
-    reference it weakly (breaking ``from_pretrained(...).save_pretrained(...)``, whose model is gone by the
-    time the method is called).  Models of that class that are not FP=xINT-quantized go straight through
-    to the original method.
+    The instance's class is swapped for a subclass (one per original class, same name and module) whose
+    ``save_pretrained`` writes atomically: no process-wide patch of ``LlamaForCausalLM`` etc., and no
+    instance attribute referencing the model (a reference cycle would keep a deleted model's memory until the
+    garbage collector runs; a weak reference would break ``from_pretrained(...).save_pretrained(...)``).
     """
-    cls = type(model)
+    if not getattr(type(model), MARK, False):
+        model.__class__ = _atomic_class(type(model))
+
+
+@functools.cache
+def _atomic_class(cls: type) -> type:
     original = cls.save_pretrained
-    if getattr(original, MARK, False):
-        return
 
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -65,8 +67,13 @@ def install_atomic_save(model: torch.nn.Module) -> None:
             return original(self, save_directory, *args, **kwargs)
         return atomic_save_pretrained(self, original, save_directory, *args, **kwargs)
 
-    setattr(save_pretrained, MARK, True)
-    cls.save_pretrained = save_pretrained
+    attrs = {
+        "save_pretrained": save_pretrained,
+        MARK: True,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+    }
+    return type(cls.__name__, (cls,), attrs)
 
 
 def _is_fpxint(model: torch.nn.Module) -> bool:
@@ -95,30 +102,18 @@ def atomic_save_pretrained(model, original, save_directory, *args, **kwargs):
         # transformers' default: the name of the directory it is given (here the temporary one)
         kwargs["repo_id"] = os.path.basename(os.path.normpath(os.fspath(save_directory)))
     os.makedirs(parent, exist_ok=True)
-    tmp = _fresh_dir(parent, f".{name}.fpxint-tmp-")  # permissions as os.makedirs would give
+    tmp = fresh_dir(parent, f".{name}.fpxint-tmp-")  # permissions as os.makedirs would give
     try:
         if os.path.isdir(target):
             shutil.copymode(target, tmp)
         result = original(model, tmp, *args, **kwargs)
         if os.path.isdir(target):
             _carry_over(target, tmp)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
-
-
-def _fresh_dir(parent: str, prefix: str) -> str:
-    """A new empty directory ``parent/prefix<random>``, created with the default (umask) permissions."""
-    for _ in range(100):
-        path = os.path.join(parent, prefix + uuid.uuid4().hex[:12])
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary directory name {prefix}* in {parent}")
 
 
 def _weights_variant(entry: str) -> tuple[bool, str | None]:
@@ -152,21 +147,3 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def _replace_dir(new: str, target: str) -> None:
-    """Move the complete directory ``new`` to ``target``, replacing what is there."""
-    if not os.path.lexists(target):
-        os.rename(new, target)
-        return
-    parent, name = os.path.split(target)
-    old = _fresh_dir(parent, f".{name}.fpxint-old-")
-    os.rmdir(old)  # a unique name, absent again for the rename
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(old, target)  # put the old checkpoint back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    logger.debug("FP=xINT: replaced %s atomically", target)
