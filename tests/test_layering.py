@@ -119,3 +119,29 @@ def test_the_layer_check_catches_an_upward_import(tmp_path, monkeypatch):
         test_layers_import_one_way(fake)
     with pytest.raises(AssertionError, match="belongs to no layer"):
         layer_of(PKG / "stray.py")
+
+
+def test_pure_layers_import_without_transformers():
+    """``import fpxint_hf.expansion`` (and the other torch-only layers) must not pull in transformers: the package
+    ``__init__`` is lazy, and registration waits for transformers' own import."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fpxint_hf.expansion, fpxint_hf.packing, fpxint_hf.kernels, fpxint_hf.linear\n"
+        "bad = [m for m in ('transformers', 'accelerate') if m in sys.modules]\n"
+        "print(bad); raise SystemExit(1 if bad else 0)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FPXINT_NO_AUTOREGISTER"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    code = (
+        "import fpxint_hf\nfrom transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as m\n"
+        "raise SystemExit(0 if m.get('fpxint') is not None else 1)"
+    )
+    for extra in ({}, {"FPXINT_NO_AUTOREGISTER": "1"}):  # the hook, or the eager import when it is off
+        done = subprocess.run(
+            [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, (extra, done.stdout + done.stderr)
