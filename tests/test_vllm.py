@@ -20,10 +20,10 @@ import torch
 vllm = pytest.importorskip("vllm", reason="vLLM is installed only in .venv-vllm (scripts/install-vllm.sh)")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 import fpxint_hf  # noqa: E402
-from fpxint_hf.evaluation.testing import tiny_tokenizer  # noqa: E402
+from fpxint_hf.evaluation.testing import tiny_llama, tiny_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 PROMPTS = ["the quick brown fox", "def main():", "In 1905, Einstein"]
@@ -35,25 +35,16 @@ MEMORY = 0.15  # on the CPU backend: the share of RAM reserved for the KV cache 
 def fp_dir(tmp_path_factory):
     """A seeded LLaMA shaped for vLLM's CPU attention (head_dim 64): 192 inputs, so group 128 falls back to 64."""
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
+    model = tiny_llama(
+        len(tok),
+        max_positions=128,
         hidden_size=192,
         intermediate_size=384,
-        num_hidden_layers=2,
         num_attention_heads=3,
         num_key_value_heads=1,
-        max_position_embeddings=128,
         tie_word_embeddings=False,
-        eos_token_id=0,
-        pad_token_id=0,
-        bos_token_id=None,
+        init_std=0.12,
     )
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.12)
     out = tmp_path_factory.mktemp("vllm") / "fp"
     model.save_pretrained(out)
     tok.save_pretrained(out)

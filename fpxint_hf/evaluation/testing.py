@@ -43,20 +43,32 @@ def tiny_tokenizer() -> Any:
     )
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 1024) -> Any:
-    """A randomly initialised 2-layer ``LlamaForCausalLM`` (hidden 32, tied embeddings), float32, eval mode."""
+def tiny_llama(
+    vocab_size: int,
+    seed: int = 0,
+    max_positions: int = 1024,
+    *,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    tie_word_embeddings: bool = True,
+    init_std: float = 0.3,
+) -> Any:
+    """A randomly initialised 2-layer ``LlamaForCausalLM`` (default: hidden 32, tied embeddings), float32, eval
+    mode.  vLLM's CPU attention needs head_dim 64 (e.g. hidden 192 with 3 heads)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
         max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=None,
         eos_token_id=0,
         pad_token_id=0,
@@ -67,5 +79,5 @@ def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 1024) -> Any
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
-                p.normal_(0.0, 0.3)
+                p.normal_(0.0, init_std)
     return model
