@@ -44,9 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .expansion import Expansion, code_range, normalize_bits, reconstruct, term_offsets, term_scales
+from .expansion import Expansion, code_range, normalize_bits, term_offsets, term_scales
 
-KERNEL_MODES = ("int4", "int8", "dense")
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # group sizes of _weight_int4pack_mm_for_cpu, largest first
 INT4_BITS = (2, 3, 4)
 INT4_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
@@ -181,57 +180,6 @@ def int8_supported(
     return _common_support(device, dtype, _INT8_OPS)
 
 
-def supported(
-    mode: str,
-    *,
-    bits: int,
-    group_size: int,
-    in_features: int,
-    terms: int,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    series: str = "legacy",
-) -> Support:
-    """``int4_supported`` or ``int8_supported`` by ``mode`` (one of ``KERNEL_MODES``; ``dense`` always applies)."""
-    if mode == "int4":
-        return int4_supported(_widths(bits, terms), group_size, device, dtype)
-    if mode == "int8":
-        return int8_supported(bits, group_size, in_features, terms, device, dtype, series)
-    if mode == "dense":
-        return Support(True)
-    raise ValueError(f"kernel mode={mode!r} is not one of {KERNEL_MODES}")
-
-
-def choose_kernel(
-    *,
-    bits: int,
-    group_size: int,
-    in_features: int,
-    terms: int,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    series: str = "legacy",
-) -> str:
-    """The kernel ``"auto"`` uses.
-
-    Only bfloat16 activations on the CPU get a packed kernel: in torch 2.13 the float32 and float16 variants
-    of both ops are correct but unvectorized, 10-90x slower than dense ``F.linear`` in the same dtype.
-    ``int8`` goes first (one matmul for all its terms; with one term it measured as fast as ``int4`` or
-    faster), then ``int4``.  Everything else gets ``dense`` (dequantized once, cached).  Measurements:
-    ``eval/results/bench_kernels.md``.
-    """
-    if dtype not in AUTO_DTYPES:
-        return "dense"
-    kw = {
-        "bits": bits,
-        "group_size": group_size,
-        "in_features": in_features,
-        "terms": terms,
-        "series": series,
-    }
-    return next((m for m in ("int8", "int4") if supported(m, **kw, device=device, dtype=dtype)), "dense")
-
-
 # --------------------------------------------------------------------------- shared small terms
 
 
@@ -360,33 +308,3 @@ def int8_linear(x2d: torch.Tensor, w: Int8Weights) -> torch.Tensor:
     if w.zero is not None:
         y = y.float() + zero_term(x2d, w.zero, x2d.shape[1])
     return _finish(y, x2d, w)
-
-
-# --------------------------------------------------------------------------- dispatch
-
-
-def prepare_dense(
-    e: Expansion, terms: int, dtype: torch.dtype, device: torch.device | str = "cpu"
-) -> DenseWeights:
-    """Dequantize the first ``terms`` terms once (``reconstruct``) into the compute dtype."""
-    return DenseWeights(reconstruct(e, terms).to(device=device, dtype=dtype), terms)
-
-
-def prepare(mode: str, e: Expansion, terms: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-    """``prepare_int4``, ``prepare_int8`` or ``prepare_dense`` by ``mode``."""
-    if mode == "int4":
-        return prepare_int4(e, terms, dtype, device)
-    if mode == "int8":
-        return prepare_int8(e, terms, dtype, device)
-    if mode == "dense":
-        return prepare_dense(e, terms, dtype, device)
-    raise ValueError(f"kernel mode={mode!r} is not one of {KERNEL_MODES}")
-
-
-def kernel_linear(x: torch.Tensor, w: Int4Weights | Int8Weights | DenseWeights) -> torch.Tensor:
-    """``x @ M.T`` for any leading shape of ``x`` with prepared weights ``w``."""
-    if isinstance(w, DenseWeights):
-        return torch.nn.functional.linear(x, w.weight)
-    x2d = x.reshape(-1, x.shape[-1])
-    y = int4_linear(x2d, w) if isinstance(w, Int4Weights) else int8_linear(x2d, w)
-    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -13,7 +13,7 @@ them with a plain shape check.  The forward paths (``forward_mode``) give the sa
   attribute, not in ``state_dict``), rebuilt when the active terms, dtype, device or buffers change;
 - ``dense``: the series dequantized once into the activation dtype and cached (the memory of a dense
   layer, the speed of ``F.linear``);
-- ``auto`` (the default): the fastest path for the layer, device and dtype (``kernels.choose_kernel``:
+- ``auto`` (the default): the fastest path for the layer, device and dtype (``backends.choose_kernel``:
   ``int8``/``int4`` for bfloat16 activations on the CPU, else ``dense``); ``dense`` when x needs a gradient.
 
 ``active_terms`` truncates the series at run time: one checkpoint, several precisions.
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import backends, kernels
 from .expansion import (
     Expansion,
     expand,
@@ -276,7 +276,7 @@ class FPxINTLinear(nn.Module):
         prepared = self._kernel_weights(x) if self.forward_mode in ("int4", "int8", "dense", "auto") else None
         if prepared is not None:
             needs_grad = torch.is_grad_enabled() and x.requires_grad
-            y = _KernelLinear.apply(x, self, prepared) if needs_grad else kernels.kernel_linear(x, prepared)
+            y = _KernelLinear.apply(x, self, prepared) if needs_grad else backends.kernel_linear(x, prepared)
         elif self.forward_mode == "terms":
             y = self._forward_terms(x)
         else:
@@ -301,12 +301,12 @@ class FPxINTLinear(nn.Module):
             "series": self.series,
         }
         if mode == "auto":
-            mode = kernels.choose_kernel(**kw, device=x.device, dtype=x.dtype)
+            mode = backends.choose_kernel(**kw, device=x.device, dtype=x.dtype)
         else:
-            why = kernels.supported(mode, **kw, device=x.device, dtype=x.dtype)
+            why = backends.supported(mode, **kw, device=x.device, dtype=x.dtype)
             if not why:
                 raise ValueError(f"forward_mode={mode!r} does not apply to {self.extra_repr()}: {why.reason}")
-        prepared = kernels.prepare(mode, self.expansion(), k, x.dtype, x.device)
+        prepared = backends.prepare(mode, self.expansion(), k, x.dtype, x.device)
         # accelerate swaps offloaded buffers in for each forward and back to meta after it: a cache would only
         # miss, and would keep every offloaded layer's weights in memory
         self._kernel_cache = None if _buffers_offloaded(self) else (key, buffers, prepared)
@@ -392,7 +392,7 @@ class _KernelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer, prepared):  # type: ignore[override]
         ctx.layer = layer
-        return kernels.kernel_linear(x, prepared)
+        return backends.kernel_linear(x, prepared)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from fpxint_hf import kernels
+from fpxint_hf import backends, kernels
 from fpxint_hf.expansion import expand, reconstruct, snr_db
 from fpxint_hf.linear import FORWARD_MODES, FPxINTLinear
 from fpxint_hf.model_ops import set_active_terms, set_forward_mode
@@ -164,11 +164,11 @@ def test_auto_picks_a_kernel_where_one_applies_and_falls_back_otherwise():
         assert kind(m) == expected, (m.extra_repr(), k, xi.dtype)
         assert out.dtype == xi.dtype
         assert snr_db(out, run(m, xi, "reference", k)) >= (35 if xi.dtype == torch.bfloat16 else 60)
-        assert expected == kernels.choose_kernel(
+        assert expected == backends.choose_kernel(
             bits=m.bits, group_size=m.group_size, in_features=256, terms=k, device="cpu", dtype=xi.dtype
         )
     assert (
-        kernels.choose_kernel(bits=4, group_size=64, in_features=256, terms=2, device="cuda", dtype=xb.dtype)
+        backends.choose_kernel(bits=4, group_size=64, in_features=256, terms=2, device="cuda", dtype=xb.dtype)
         == "dense"
     )
     xg = xb.clone().requires_grad_()  # the kernels have no backward: auto differentiates through dense
@@ -241,9 +241,9 @@ def test_fast_modes_leave_state_dict_unchanged():
 def test_kernel_functions_without_a_module():
     lin, e, _ = make(group_size=128, frac=0.02, terms=2)
     x = torch.randn(6, 256)
-    w = kernels.prepare("int4", e, 2, torch.float32)
-    assert snr_db(kernels.kernel_linear(x, w), x @ reconstruct(e).t()) >= 60
-    assert snr_db(kernels.kernel_linear(x, w), lin(x) - lin.bias) >= 30
+    w = backends.prepare("int4", e, 2, torch.float32)
+    assert snr_db(backends.kernel_linear(x, w), x @ reconstruct(e).t()) >= 60
+    assert snr_db(backends.kernel_linear(x, w), lin(x) - lin.bias) >= 30
 
 
 @needs_int4
@@ -268,3 +268,19 @@ def test_every_kernel_mode_backpropagates_to_the_input(mode):
     x_ref = x.detach().clone().requires_grad_()
     run(m, x_ref, "reference", 2).float().square().sum().backward()
     assert snr_db(x.grad, x_ref.grad) > 30
+
+
+@needs_int4
+def test_every_backend_object_supports_prepares_and_runs():
+    """The backends are objects with one contract (``supports`` / ``prepare`` / ``forward``), checked here directly."""
+    _, e, _ = make(group_size=None, terms=2)
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    ref = x.float() @ reconstruct(e, 2).t()
+    layer = dict(bits=4, group_size=256, in_features=256, terms=2, device="cpu", dtype=torch.bfloat16)
+    assert set(backends.BACKENDS) == {"int4", "int8", "dense"}
+    for name, b in backends.BACKENDS.items():
+        assert b.name == name and b.supports(**layer), name
+        out = b.forward(x, b.prepare(e, 2, torch.bfloat16, "cpu"))
+        assert snr_db(out, ref) > 35, name
+    with pytest.raises(ValueError, match="kernel mode='fast'"):
+        backends.backend("fast")

@@ -15,6 +15,7 @@ ORDER = [
     "packing",
     "budget",
     "kernels",
+    "backends",
     "linear",
     "model_ops",
     "vllm",
@@ -30,6 +31,7 @@ FORBIDDEN_EXTERNAL = {
     "expansion": {"torch.nn", "transformers", "accelerate"},
     "packing": {"torch.nn", "transformers", "accelerate"},
     "kernels": {"torch.nn", "transformers", "accelerate"},
+    "backends": {"torch.nn", "transformers", "accelerate"},
     "linear": {"transformers", "accelerate"},
     "model_ops": {"transformers", "accelerate"},
 }

@@ -35,7 +35,7 @@ from vllm.model_executor.parameter import (
 )
 from vllm.platforms import current_platform
 
-from .. import kernels
+from .. import backends, kernels
 from ..expansion import Expansion, normalize_bits, outlier_budget, reconstruct, resolve_group_size
 from ..packing import series_shape, unpack_series
 from . import ENV_ACTIVE_TERMS, ENV_FORWARD
@@ -234,7 +234,7 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
     ) -> torch.Tensor:
         prepared = layer.fpxint_prepared
         if isinstance(prepared, kernels.Int4Weights):
-            y = kernels.kernel_linear(x.to(torch.bfloat16), prepared).to(x.dtype)
+            y = backends.kernel_linear(x.to(torch.bfloat16), prepared).to(x.dtype)
             return y if bias is None else y + bias
         return layer.cpu_linear(x, layer.weight, bias)
 

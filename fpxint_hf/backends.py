@@ -1,0 +1,101 @@
+"""Forward backends as objects: each says whether it applies to a layer (``supports``), prepares the layer's
+weights once (``prepare``) and computes ``x @ M.T`` (``forward``) — the shape of quanto's and HQQ's backends.
+
+``int4`` and ``int8`` are the packed CPU kernels of ``kernels.py``; ``dense`` dequantizes the series once into the
+activation dtype (the speed and the memory of an unquantized layer).  ``FPxINTLinear`` caches what ``prepare``
+returns and runs ``forward`` inside an ``autograd.Function`` whose backward uses the dequantized weight, so every
+backend can train adapters.  Pure torch: no ``nn.Module``, no transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import kernels
+from .expansion import Expansion, reconstruct
+from .kernels import AUTO_DTYPES, DenseWeights, Int4Weights, Int8Weights, Support
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One forward path: ``supports(**layer)`` → ``Support``; ``prepare(e, terms, dtype, device)`` → weights;
+    ``forward(x2d, weights)`` → ``[n, out]``."""
+
+    name: str
+    supports: Callable[..., Support]
+    prepare: Callable[..., Any]
+    forward: Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+def _int4_supports(*, bits, group_size, in_features, terms, device, dtype, series="legacy") -> Support:
+    return kernels.int4_supported(kernels._widths(bits, terms), group_size, device, dtype)
+
+
+def _int8_supports(*, bits, group_size, in_features, terms, device, dtype, series="legacy") -> Support:
+    return kernels.int8_supported(bits, group_size, in_features, terms, device, dtype, series)
+
+
+def _dense_supports(**_: Any) -> Support:
+    return Support(True)
+
+
+def prepare_dense(
+    e: Expansion, terms: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> DenseWeights:
+    """Dequantize the first ``terms`` terms once (``reconstruct``) into the compute dtype."""
+    return DenseWeights(reconstruct(e, terms).to(device=device, dtype=dtype), terms)
+
+
+BACKENDS = {
+    "int4": Backend("int4", _int4_supports, kernels.prepare_int4, kernels.int4_linear),
+    "int8": Backend("int8", _int8_supports, kernels.prepare_int8, kernels.int8_linear),
+    "dense": Backend("dense", _dense_supports, prepare_dense, lambda x2d, w: x2d @ w.weight.t()),
+}
+KERNEL_MODES = tuple(BACKENDS)
+_BY_WEIGHTS = {Int4Weights: "int4", Int8Weights: "int8", DenseWeights: "dense"}
+
+
+def backend(mode: str) -> Backend:
+    if mode not in BACKENDS:
+        raise ValueError(f"kernel mode={mode!r} is not one of {KERNEL_MODES}")
+    return BACKENDS[mode]
+
+
+def supported(mode: str, **layer: Any) -> Support:
+    """Whether backend ``mode`` applies to a layer (``bits``, ``group_size``, ``in_features``, ``terms``,
+    ``device``, ``dtype``, ``series``)."""
+    return backend(mode).supports(**layer)
+
+
+def choose_kernel(*, dtype: torch.dtype, **layer: Any) -> str:
+    """The backend ``"auto"`` uses.
+
+    Only bfloat16 activations on the CPU get a packed kernel: in torch 2.13 the float32 and float16 variants
+    of both ops are correct but unvectorized, 10-90x slower than dense ``F.linear`` in the same dtype.
+    ``int8`` goes first (one matmul for all its terms; with one term it measured as fast as ``int4`` or
+    faster), then ``int4``.  Everything else gets ``dense`` (dequantized once, cached).  Measurements:
+    ``eval/results/bench_kernels.md``.
+    """
+    if dtype in AUTO_DTYPES:
+        for mode in ("int8", "int4"):
+            if supported(mode, dtype=dtype, **layer):
+                return mode
+    return "dense"
+
+
+def prepare(mode: str, e: Expansion, terms: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """The weights backend ``mode`` runs on, for the first ``terms`` terms of ``e``."""
+    return backend(mode).prepare(e, terms, dtype, device)
+
+
+def kernel_linear(x: torch.Tensor, w: Int4Weights | Int8Weights | DenseWeights) -> torch.Tensor:
+    """``x @ M.T`` for any leading shape of ``x`` with prepared weights ``w``."""
+    if isinstance(w, DenseWeights):
+        return torch.nn.functional.linear(x, w.weight)
+    x2d = x.reshape(-1, x.shape[-1])
+    y = BACKENDS[_BY_WEIGHTS[type(w)]].forward(x2d, w)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
