@@ -99,3 +99,17 @@ def kernel_linear(x: torch.Tensor, w: Int4Weights | Int8Weights | DenseWeights) 
     x2d = x.reshape(-1, x.shape[-1])
     y = BACKENDS[_BY_WEIGHTS[type(w)]].forward(x2d, w)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class KernelLinearFunction(torch.autograd.Function):
+    """A packed kernel's forward with the dequantized weight's backward (``dL/dx = dL/dy · M``), so every forward
+    mode can train adapters on top of a frozen FP=xINT layer (quanto's ``QLinearFunction`` does the same)."""
+
+    @staticmethod
+    def forward(ctx, x, layer, prepared):  # type: ignore[override]
+        ctx.layer = layer
+        return kernel_linear(x, prepared)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad @ ctx.layer.dequantize().to(grad.dtype), None, None

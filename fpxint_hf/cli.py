@@ -10,6 +10,7 @@ fpxint assets                                 # where the embedded model and MML
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from .atomic import fresh_dir, replace_dir
 from .hf import FPxINTConfig
 from .linear import FPxINTLinear
 from .model_ops import model_bits_per_weight, quant_method_of
+from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, SETTING_NAMES, ExpansionSettings
 
 
 class UsageError(Exception):
@@ -78,18 +80,13 @@ def _bits(text: str) -> int | list[int]:
 
 
 def _config_from_args(args: argparse.Namespace) -> FPxINTConfig:
+    settings = {name: getattr(args, name) for name in SETTING_NAMES}
+    if args.terms is None:  # --bits 4,2 implies two terms
+        settings["terms"] = len(args.bits) if isinstance(args.bits, list) else DEFAULTS.terms
     return FPxINTConfig(
-        bits=args.bits,
-        terms=args.terms if not isinstance(args.bits, list) or args.terms_given else len(args.bits),
-        group_size=args.group_size,
-        series=args.series,
-        fit=args.fit,
+        **settings,
         bits_budget=args.bits_budget,
         act_proxy=None if args.act_proxy == "none" else args.act_proxy,
-        symmetric=args.symmetric,
-        clip=args.clip,
-        outlier_fraction=args.outlier_fraction,
-        tol=args.tol,
         modules_to_not_convert=args.skip or None,
     )
 
@@ -252,28 +249,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# how argparse reads each ExpansionSettings field (names, defaults and help come from the dataclass)
+_PARSE = {
+    "bits": {"type": _bits},
+    "terms": {"type": int},
+    "group_size": {"type": _group_size},
+    "symmetric": {"action": "store_true"},
+    "clip": {"choices": CLIP_METHODS},
+    "outlier_fraction": {"type": float},
+    "tol": {"type": float},
+    "series": {"choices": SERIES_RULES},
+    "fit": {"choices": FIT_METHODS},
+}
+
+
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--bits", type=_bits, default=4, help="bits X per term: 2, 3, 4 or 8, or one per term: 4,2"
-    )
-    p.add_argument("--terms", type=int, default=None, help="terms T stored, 1-8 (default 2, or len(--bits))")
-    p.add_argument(
-        "--group-size", type=_group_size, default=128, help="inputs per scale, or 'none' for per channel"
-    )
-    p.add_argument(
-        "--series", choices=("nested", "legacy"), default="nested", help="series rule (default nested)"
-    )
-    p.add_argument("--fit", choices=("optimized", "minmax"), default="optimized", help="first-term fit")
+    for f in dataclasses.fields(ExpansionSettings):
+        default = getattr(DEFAULTS, f.name)
+        kw = dict(_PARSE[f.name])
+        if f.name == "terms":
+            default = None  # resolved in _config_from_args: len(--bits) for mixed widths
+        if kw.get("action") != "store_true":
+            kw["default"] = default
+        shown = "none" if default is None and f.name == "group_size" else default
+        p.add_argument(f"--{f.name.replace('_', '-')}", help=f"{f.metadata['help']} (default {shown})", **kw)
     p.add_argument("--bits-budget", type=float, default=None, help="average bits per weight to spend")
     p.add_argument(
         "--act-proxy", choices=("norm", "none"), default="norm", help="data-free activation weighting"
     )
-    p.add_argument("--symmetric", action="store_true", help="symmetric first term (no bias)")
-    p.add_argument("--clip", default="laplace", help="laplace | search | minmax (used with outliers)")
-    p.add_argument(
-        "--outlier-fraction", type=float, default=0.0, help="share of each row kept exactly (0-0.1)"
-    )
-    p.add_argument("--tol", type=float, default=0.0, help="stop a tensor once max residual < tol (default 0)")
     p.add_argument(
         "--skip", action="append", default=[], help="module name to keep in full precision (repeat)"
     )
@@ -355,10 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command.  A user error prints one line ``fpxint: error: ...`` and returns 2; ``--debug`` shows
     the traceback instead."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "terms", "absent") is None:
-        args.terms_given, args.terms = False, 2
-    else:
-        args.terms_given = True
     if args.debug:
         return args.func(args)
     try:

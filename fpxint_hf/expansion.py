@@ -46,11 +46,8 @@ import torch
 
 from .fit import fit_grid, minmax_grid, relative_error, rtn, snr_db  # noqa: F401  (re-exported)
 from .saturation import LAPLACE_CLIP, SEARCH_GRID, clip_range, outlier_budget, saturate, sparse_matrix  # noqa: F401
+from .settings import CLIP_METHODS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS, ExpansionSettings  # noqa: F401
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-CLIP_METHODS = ("laplace", "search", "minmax")
-SERIES_RULES = ("nested", "legacy")
-FIT_METHODS = ("optimized", "minmax")
 FIT_MAX_BITS = 8  # the error-minimizing fit is used for series of at most this many bits in total
 
 _FP16_MAX = torch.finfo(torch.float16).max
@@ -255,6 +252,17 @@ def _column_weight(importance: torch.Tensor, in_features: int, gs: int, device: 
         raise ValueError(f"importance must hold {in_features} finite values >= 0, got shape {tuple(a.shape)}")
     a = a.reshape(-1, gs)
     return (a / a.mean(-1, keepdim=True).clamp(min=1e-30)).clamp(min=1e-6)
+
+
+def expand_with(
+    w: torch.Tensor, settings: ExpansionSettings, importance: torch.Tensor | None = None
+) -> Expansion:
+    """``expand`` with one ``ExpansionSettings``; its group size is resolved for this weight (``resolve_group_size``)."""
+    s = settings
+    gs = resolve_group_size(w.shape[1], s.group_size)
+    return expand(
+        w, s.bits, s.terms, gs, s.symmetric, s.clip, s.outlier_fraction, s.tol, s.series, s.fit, importance
+    )
 
 
 def nested_first_term(

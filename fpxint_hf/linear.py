@@ -8,11 +8,9 @@ them with a plain shape check.  The forward paths (``forward_mode``) give the sa
 - ``terms``: the "AbelianAdd" of the paper, all T integer-valued term matrices in one batched
   matmul (per group), then the weighted reduce ``Σ_{i,g} scale_{i,g} · (Q_{i,g} x_g)``.  Integer
   codes are exact in bf16/fp16 and the scales are applied in float32 after the matmul;
-- ``int4`` / ``int8``: packed-integer CPU kernels (``kernels.py``; ``int8`` collapses the terms of a
-  per-channel layer into one int8 matrix), prepared on first use and cached on the module (a plain
-  attribute, not in ``state_dict``), rebuilt when the active terms, dtype, device or buffers change;
-- ``dense``: the series dequantized once into the activation dtype and cached (the memory of a dense
-  layer, the speed of ``F.linear``);
+- ``int4`` / ``int8`` / ``dense``: the backends of ``backends.py`` (packed CPU kernels; the series dequantized
+  once), prepared on first use and cached on the module (not in ``state_dict``), rebuilt when the active
+  terms, dtype, device or buffers change;
 - ``auto`` (the default): the fastest path for the layer, device and dtype (``backends.choose_kernel``:
   ``int8``/``int4`` for bfloat16 activations on the CPU, else ``dense``); ``dense`` when x needs a gradient.
 
@@ -38,14 +36,12 @@ from .expansion import (
     term_offsets,
     term_scales,
 )
+from .offload import buffers_offloaded
 from .packing import pack_series, series_shape, unpack_series
+from .saturation import outlier_index_dtype
+from .settings import ExpansionSettings
 
 FORWARD_MODES = ("reference", "terms", "dense", "int4", "int8", "auto")
-
-
-def outlier_index_dtype(in_features: int) -> torch.dtype:
-    """Smallest signed integer dtype that holds a column index of ``in_features``."""
-    return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
 
 
 class FPxINTLinear(nn.Module):
@@ -144,6 +140,33 @@ class FPxINTLinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel_cache = None  # load_state_dict copies into the buffers in place
         return super()._load_from_state_dict(*args, **kwargs)
+
+    @classmethod
+    def for_settings(
+        cls,
+        in_features: int,
+        out_features: int,
+        settings: ExpansionSettings,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> FPxINTLinear:
+        """An empty layer shaped by ``settings`` (group size resolved, outlier budget from the fraction)."""
+        return cls(
+            in_features,
+            out_features,
+            bias,
+            bits=settings.term_bits,
+            terms=settings.terms,
+            group_size=resolve_group_size(in_features, settings.group_size),
+            symmetric=settings.symmetric,
+            outlier_budget=outlier_budget(in_features, settings.outlier_fraction),
+            series=settings.series,
+            fit=settings.fit,
+            device=device,
+            dtype=dtype,
+        )
 
     # ------------------------------------------------------------------ state <-> Expansion
 
@@ -276,7 +299,11 @@ class FPxINTLinear(nn.Module):
         prepared = self._kernel_weights(x) if self.forward_mode in ("int4", "int8", "dense", "auto") else None
         if prepared is not None:
             needs_grad = torch.is_grad_enabled() and x.requires_grad
-            y = _KernelLinear.apply(x, self, prepared) if needs_grad else backends.kernel_linear(x, prepared)
+            y = (
+                backends.KernelLinearFunction.apply(x, self, prepared)
+                if needs_grad
+                else backends.kernel_linear(x, prepared)
+            )
         elif self.forward_mode == "terms":
             y = self._forward_terms(x)
         else:
@@ -309,7 +336,7 @@ class FPxINTLinear(nn.Module):
         prepared = backends.prepare(mode, self.expansion(), k, x.dtype, x.device)
         # accelerate swaps offloaded buffers in for each forward and back to meta after it: a cache would only
         # miss, and would keep every offloaded layer's weights in memory
-        self._kernel_cache = None if _buffers_offloaded(self) else (key, buffers, prepared)
+        self._kernel_cache = None if buffers_offloaded(self) else (key, buffers, prepared)
         return prepared
 
     def _forward_terms(self, x: torch.Tensor) -> torch.Tensor:
@@ -369,31 +396,3 @@ class FPxINTLinear(nn.Module):
             f"series={self.series}, "
             f"outliers_per_row={self.outlier_budget}, bits_per_weight={self.bits_per_weight():.3f}"
         )
-
-
-def accelerate_hooks(module: nn.Module) -> tuple:
-    """The accelerate hooks attached to ``module`` itself (a ``SequentialHook`` unwrapped), possibly none."""
-    hook = getattr(module, "_hf_hook", None)
-    return () if hook is None else tuple(getattr(hook, "hooks", (hook,)))
-
-
-def _buffers_offloaded(module: nn.Module) -> bool:
-    """True when an accelerate hook on ``module`` loads its buffers for each forward (``offload_buffers``)."""
-    return any(
-        getattr(h, "offload", False) and getattr(h, "offload_buffers", False)
-        for h in accelerate_hooks(module)
-    )
-
-
-class _KernelLinear(torch.autograd.Function):
-    """A packed kernel's forward with the dequantized weight's backward (``dL/dx = dL/dy · M``), so every forward
-    mode can train adapters on top of a frozen FP=xINT layer (quanto's ``QLinearFunction`` does the same)."""
-
-    @staticmethod
-    def forward(ctx, x, layer, prepared):  # type: ignore[override]
-        ctx.layer = layer
-        return backends.kernel_linear(x, prepared)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return grad @ ctx.layer.dequantize().to(grad.dtype), None, None

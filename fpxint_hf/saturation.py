@@ -88,3 +88,8 @@ def sparse_matrix(idx: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) 
     """Dense float32 ``M_sa`` from its per-row (idx, val) lists; unused slots carry val 0."""
     dense = torch.zeros(shape, dtype=torch.float32, device=val.device)
     return dense.scatter_add_(1, idx.long(), val.float())
+
+
+def outlier_index_dtype(in_features: int) -> torch.dtype:
+    """Smallest signed integer dtype that holds a column index of ``in_features``."""
+    return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32

@@ -9,6 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "fpxint_hf"
 # each layer may import only from the layers to its left
 ORDER = [
     "atomic",
+    "settings",
     "fit",
     "saturation",
     "expansion",
@@ -16,6 +17,7 @@ ORDER = [
     "budget",
     "kernels",
     "backends",
+    "offload",
     "linear",
     "model_ops",
     "vllm",
@@ -25,6 +27,7 @@ ORDER = [
 ]
 FORBIDDEN_EXTERNAL = {
     "atomic": {"torch", "transformers", "accelerate"},
+    "settings": {"torch", "transformers", "accelerate"},
     "fit": {"torch.nn", "transformers", "accelerate"},
     "saturation": {"torch.nn", "transformers", "accelerate"},
     "budget": {"torch", "transformers", "accelerate"},
@@ -32,6 +35,7 @@ FORBIDDEN_EXTERNAL = {
     "packing": {"torch.nn", "transformers", "accelerate"},
     "kernels": {"torch.nn", "transformers", "accelerate"},
     "backends": {"torch.nn", "transformers", "accelerate"},
+    "offload": {"torch", "transformers", "accelerate"},
     "linear": {"transformers", "accelerate"},
     "model_ops": {"transformers", "accelerate"},
 }

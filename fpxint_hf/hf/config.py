@@ -7,13 +7,11 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..expansion import CLIP_METHODS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS
 from ..linear import FORWARD_MODES
+from ..settings import DEFAULTS, SETTING_NAMES, ExpansionSettings, check_settings
 
 QUANT_METHOD = "fpxint"
 ACT_PROXIES = ("norm", None)
-MAX_TERMS = 8
-MAX_OUTLIER_FRACTION = 0.1
 
 
 class FPxINTConfig(QuantizationConfigMixin):
@@ -72,17 +70,17 @@ class FPxINTConfig(QuantizationConfigMixin):
 
     def __init__(
         self,
-        bits: int = 4,
-        terms: int = 2,
-        group_size: int | None = 128,
-        symmetric: bool = False,
-        clip: str = "laplace",
-        outlier_fraction: float = 0.0,
-        tol: float = 0.0,
+        bits: int | list[int] = DEFAULTS.bits,
+        terms: int = DEFAULTS.terms,
+        group_size: int | None = DEFAULTS.group_size,
+        symmetric: bool = DEFAULTS.symmetric,
+        clip: str = DEFAULTS.clip,
+        outlier_fraction: float = DEFAULTS.outlier_fraction,
+        tol: float = DEFAULTS.tol,
         modules_to_not_convert: list[str] | None = None,
         forward_mode: str = "auto",
-        series: str = "nested",
-        fit: str = "optimized",
+        series: str = DEFAULTS.series,
+        fit: str = DEFAULTS.fit,
         bits_budget: float | None = None,
         layer_terms: dict[str, int] | None = None,
         act_proxy: str | None = "norm",
@@ -141,10 +139,14 @@ class FPxINTConfig(QuantizationConfigMixin):
             "act_proxy",
         )
 
+    def settings(self) -> ExpansionSettings:
+        """The expansion settings of this config (``settings.ExpansionSettings``, from which its fields derive)."""
+        return ExpansionSettings(**{name: getattr(self, name) for name in SETTING_NAMES})
+
     @property
     def term_bits(self) -> tuple[int, ...]:
         """The width of each of the ``terms`` terms."""
-        return tuple(self.bits) if isinstance(self.bits, list) else (self.bits,) * self.terms
+        return self.settings().term_bits
 
     def terms_of(self, module_name: str) -> int:
         """Terms stored for ``module_name`` (``layer_terms``, else ``terms``)."""
@@ -152,29 +154,8 @@ class FPxINTConfig(QuantizationConfigMixin):
 
     def post_init(self):
         """Check every field; raise ``ValueError`` naming the field, the value and what is allowed."""
-        _check(
-            _is_int(self.terms) and 1 <= self.terms <= MAX_TERMS,
-            "terms",
-            self.terms,
-            f"an int from 1 to {MAX_TERMS}",
-        )
-        _check(self.series in SERIES_RULES, "series", self.series, f"one of {SERIES_RULES}")
-        _check(self.fit in FIT_METHODS, "fit", self.fit, f"one of {FIT_METHODS}")
+        check_settings("FPxINTConfig", {name: getattr(self, name) for name in SETTING_NAMES})
         _check(self.act_proxy in ACT_PROXIES, "act_proxy", self.act_proxy, f"one of {ACT_PROXIES}")
-        widths = self.bits if isinstance(self.bits, list) else [self.bits]
-        _check(
-            all(_is_int(b) and b in SUPPORTED_BITS for b in widths)
-            and (not isinstance(self.bits, list) or len(self.bits) == self.terms),
-            "bits",
-            self.bits,
-            f"one of {SUPPORTED_BITS}, or a list of {self.terms} of them (one per term)",
-        )
-        _check(
-            self.series == "nested" or len(set(widths)) == 1,
-            "bits",
-            self.bits,
-            "a single width with series='legacy' (mixed widths need series='nested')",
-        )
         _check(
             self.bits_budget is None
             or (_is_real(self.bits_budget) and 1 <= self.bits_budget <= 64 and self.terms >= 2),
@@ -195,21 +176,6 @@ class FPxINTConfig(QuantizationConfigMixin):
             self.layer_terms,
             f"None or a dict of module name -> terms from 1 to {self.terms}",
         )
-        _check(
-            self.group_size is None or (_is_int(self.group_size) and 16 <= self.group_size <= 65536),
-            "group_size",
-            self.group_size,
-            "None (per channel) or an int from 16 to 65536",
-        )
-        _check(isinstance(self.symmetric, bool), "symmetric", self.symmetric, "True or False")
-        _check(self.clip in CLIP_METHODS, "clip", self.clip, f"one of {CLIP_METHODS}")
-        _check(
-            _is_real(self.outlier_fraction) and 0 <= self.outlier_fraction <= MAX_OUTLIER_FRACTION,
-            "outlier_fraction",
-            self.outlier_fraction,
-            f"a number from 0 to {MAX_OUTLIER_FRACTION}",
-        )
-        _check(_is_real(self.tol) and self.tol >= 0, "tol", self.tol, "a finite number >= 0")
         _check(
             self.modules_to_not_convert is None
             or (

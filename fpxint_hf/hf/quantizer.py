@@ -11,8 +11,9 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
 from ..budget import LayerCandidates, allocate_terms
-from ..linear import FPxINTLinear, accelerate_hooks
+from ..linear import FPxINTLinear
 from ..model_ops import model_bits_per_weight
+from ..offload import accelerate_hooks
 from ..packing import unpack_series
 from .config import FPxINTConfig
 from .proxy import ActivationProxy

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from ..expansion import outlier_budget, resolve_group_size
 from ..linear import FPxINTLinear
 from .config import FPxINTConfig
 
@@ -24,20 +24,13 @@ def make_fpxint_linear(
     quantize-on-load finds the full-precision key and hands it to the quantize op, which drops it.
     """
     dtype = linear.weight.dtype
+    settings = config.settings()
     terms = config.terms_of(name)
+    if terms != settings.terms:  # a bits budget kept fewer terms in this layer
+        settings = dataclasses.replace(settings, terms=terms, bits=settings.term_bits[:terms])
     with torch.device("meta"):
-        module = FPxINTLinear(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            bits=config.term_bits[:terms],
-            terms=terms,
-            group_size=resolve_group_size(linear.in_features, config.group_size),
-            symmetric=config.symmetric,
-            outlier_budget=outlier_budget(linear.in_features, config.outlier_fraction),
-            series=config.series,
-            fit=config.fit,
-            dtype=dtype,
+        module = FPxINTLinear.for_settings(
+            linear.in_features, linear.out_features, settings, bias=linear.bias is not None, dtype=dtype
         )
         if weight_placeholder:
             module.weight = nn.Parameter(

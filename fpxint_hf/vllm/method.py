@@ -38,6 +38,7 @@ from vllm.platforms import current_platform
 from .. import backends, kernels
 from ..expansion import Expansion, normalize_bits, outlier_budget, reconstruct, resolve_group_size
 from ..packing import series_shape, unpack_series
+from ..saturation import outlier_index_dtype
 from . import ENV_ACTIVE_TERMS, ENV_FORWARD
 
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -155,7 +156,7 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
                 GroupQuantScaleParameter(data=torch.empty(out, n_in // gs, dtype=torch.float16), **group),
             )
         if k:
-            idx_dtype = torch.int16 if n_in <= torch.iinfo(torch.int16).max else torch.int32
+            idx_dtype = outlier_index_dtype(n_in)
             for name, dtype in (("outlier_idx", idx_dtype), ("outlier_val", torch.float16)):
                 layer.register_parameter(
                     name,

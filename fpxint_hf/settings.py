@@ -1,0 +1,102 @@
+"""``ExpansionSettings``: every choice that shapes an FP=xINT expansion, declared once.
+
+``FPxINTConfig`` (its fields, defaults and validation), the ``fpxint`` CLI (its quantization flags) and the
+series code (``expansion.expand``) all derive from this frozen dataclass; each field's ``metadata`` holds the
+allowed range shown in errors and the CLI help.  Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+CLIP_METHODS = ("laplace", "search", "minmax")
+SERIES_RULES = ("nested", "legacy")
+FIT_METHODS = ("optimized", "minmax")
+MAX_TERMS = 8
+MAX_OUTLIER_FRACTION = 0.1
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class ExpansionSettings:
+    """What ``expand`` needs to know about a layer's series (see the README's Configuration table)."""
+
+    bits: int | tuple[int, ...] = field(
+        default=4, metadata={"help": "bits X per term, or one width per term"}
+    )
+    terms: int = field(default=2, metadata={"help": f"terms T stored, 1-{MAX_TERMS}"})
+    group_size: int | None = field(
+        default=128, metadata={"help": "inputs per scale; None: per output channel"}
+    )
+    symmetric: bool = field(default=False, metadata={"help": "symmetric first term (no bias)"})
+    clip: str = field(default="laplace", metadata={"help": "saturation range (used with outliers)"})
+    outlier_fraction: float = field(default=0.0, metadata={"help": "share of each row kept exactly (M_sa)"})
+    tol: float = field(default=0.0, metadata={"help": "stop a tensor once max |residual| < tol"})
+    series: str = field(default="nested", metadata={"help": "how later terms refine earlier ones"})
+    fit: str = field(default="optimized", metadata={"help": "first-term fit of a nested series"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, list):
+            object.__setattr__(self, "bits", tuple(self.bits))
+        check_settings("ExpansionSettings", self.as_dict())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def term_bits(self) -> tuple[int, ...]:
+        return tuple(self.bits) if isinstance(self.bits, tuple) else (self.bits,) * self.terms
+
+
+def check_settings(owner: str, values: dict[str, Any]) -> None:
+    """Raise ``ValueError`` ``"<owner>.<field>=<value> is invalid; allowed: ..."`` for the first bad setting."""
+
+    def check(ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"{owner}.{name}={values[name]!r} is invalid; allowed: {allowed}")
+
+    terms, bits = values["terms"], values["bits"]
+    check(_is_int(terms) and 1 <= terms <= MAX_TERMS, "terms", f"an int from 1 to {MAX_TERMS}")
+    check(values["series"] in SERIES_RULES, "series", f"one of {SERIES_RULES}")
+    check(values["fit"] in FIT_METHODS, "fit", f"one of {FIT_METHODS}")
+    seq = isinstance(bits, (list, tuple))
+    widths = list(bits) if seq else [bits]
+    check(
+        all(_is_int(b) and b in SUPPORTED_BITS for b in widths) and (not seq or len(widths) == terms),
+        "bits",
+        f"one of {SUPPORTED_BITS}, or a list of {terms} of them (one per term)",
+    )
+    check(
+        values["series"] == "nested" or len(set(widths)) == 1,
+        "bits",
+        "a single width with series='legacy' (mixed widths need series='nested')",
+    )
+    gs = values["group_size"]
+    check(
+        gs is None or (_is_int(gs) and 16 <= gs <= 65536),
+        "group_size",
+        "None (per channel) or an int from 16 to 65536",
+    )
+    check(isinstance(values["symmetric"], bool), "symmetric", "True or False")
+    check(values["clip"] in CLIP_METHODS, "clip", f"one of {CLIP_METHODS}")
+    frac = values["outlier_fraction"]
+    check(
+        _is_real(frac) and 0 <= frac <= MAX_OUTLIER_FRACTION,
+        "outlier_fraction",
+        f"a number from 0 to {MAX_OUTLIER_FRACTION}",
+    )
+    check(_is_real(values["tol"]) and values["tol"] >= 0, "tol", "a finite number >= 0")
+
+
+SETTING_NAMES = tuple(f.name for f in fields(ExpansionSettings))
+DEFAULTS = ExpansionSettings()
