@@ -329,3 +329,22 @@ def test_device_map_cpu(fp_model_dir, load_fp, load_quantized, logits_of, tmp_pa
     assert torch.equal(logits_of(reloaded), plain)
     generated = reloaded.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 7)
+
+
+def test_one_rule_decides_which_linears_are_quantized(make_fp_dir, load_fp, load_quantized):
+    """The table's (and the benchmarks') list of quantizable layers is the quantizer's own: same names, with and
+    without ``modules_to_not_convert``."""
+    from fpxint_hf.evaluation.table import quantizable_linears
+
+    fp_dir = make_fp_dir("llama_untied")
+    for skip in (None, ["model.layers.0.mlp.down_proj"]):
+        q = load_quantized(fp_dir, bits=4, terms=1, group_size=32, modules_to_not_convert=skip)
+        converted = {n for n, m in q.named_modules() if isinstance(m, fpxint_hf.FPxINTLinear)}
+        listed = {
+            n
+            for n, _ in quantizable_linears(
+                load_fp(fp_dir), fpxint_hf.FPxINTConfig(modules_to_not_convert=skip)
+            )
+        }
+        assert converted == listed and "lm_head" not in listed
+        assert (skip is None) == ("model.layers.0.mlp.down_proj" in listed)

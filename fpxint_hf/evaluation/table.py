@@ -147,10 +147,12 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The linear layers the FP=xINT quantizer converts (all but the output embedding)."""
-    out_emb = model.get_output_embeddings()
-    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not out_emb]
+def quantizable_linears(model: nn.Module, config: FPxINTConfig | None = None) -> list[tuple[str, nn.Linear]]:
+    """The linear layers the FP=xINT quantizer converts under ``config`` (default settings when ``None``): the
+    quantizer's own rule (``hf.replace.linears_to_quantize``), so RTN and peer rows cover the same layers."""
+    from ..hf.replace import linears_to_quantize, modules_to_not_convert
+
+    return linears_to_quantize(model, modules_to_not_convert(model, config or FPxINTConfig()))
 
 
 def _model_label(model_dir: str | Path | None) -> str:

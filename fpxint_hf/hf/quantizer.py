@@ -17,7 +17,7 @@ from ..offload import accelerate_hooks
 from ..packing import unpack_series
 from .config import FPxINTConfig
 from .proxy import ActivationProxy
-from .replace import replace_with_fpxint_linear
+from .replace import modules_to_not_convert, replace_with_fpxint_linear
 from .saving import install_atomic_save
 
 logger = logging.getLogger(__name__)
@@ -94,12 +94,7 @@ class FPxINTHfQuantizer(HfQuantizer):
         return super().param_element_size(model, param_name, param)
 
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs: Any):
-        self.modules_to_not_convert = self.get_modules_to_not_convert(
-            model,
-            self.quantization_config.modules_to_not_convert,
-            model._keep_in_fp32_modules,
-            add_default_skips=True,
-        )
+        self.modules_to_not_convert = modules_to_not_convert(model, self.quantization_config)
         replaced = replace_with_fpxint_linear(
             model,
             self.quantization_config,

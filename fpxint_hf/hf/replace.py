@@ -40,6 +40,28 @@ def make_fpxint_linear(
     return module
 
 
+def modules_to_not_convert(model: nn.Module, config: FPxINTConfig) -> list[str]:
+    """What stays in full precision: ``config.modules_to_not_convert``, the model's fp32 modules and transformers'
+    default skips (the output embedding, tied weights)."""
+    from transformers.quantizers.base import HfQuantizer
+
+    return HfQuantizer.get_modules_to_not_convert(
+        model,
+        config.modules_to_not_convert,
+        getattr(model, "_keep_in_fp32_modules", None),
+        add_default_skips=True,
+    )
+
+
+def linears_to_quantize(model: nn.Module, skip: list[str] | None) -> list[tuple[str, nn.Linear]]:
+    """The one rule for which layers FP=xINT converts: every ``nn.Linear`` not matched by ``skip``."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and should_convert_module(name, skip)
+    ]
+
+
 def replace_with_fpxint_linear(
     model: nn.Module,
     config: FPxINTConfig,
@@ -51,10 +73,9 @@ def replace_with_fpxint_linear(
     Raises ``ValueError`` when nothing can be replaced (no ``nn.Linear`` at all, e.g. GPT-2's ``Conv1D``).
     """
     replaced = []
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and should_convert_module(name, modules_to_not_convert):
-            model.set_submodule(name, make_fpxint_linear(module, config, weight_placeholder, name))
-            replaced.append(name)
+    for name, module in linears_to_quantize(model, modules_to_not_convert):
+        model.set_submodule(name, make_fpxint_linear(module, config, weight_placeholder, name))
+        replaced.append(name)
     if not replaced:
         kinds = sorted({type(m).__name__ for m in model.modules() if m is not model})
         raise ValueError(
