@@ -3,10 +3,11 @@
 Tools such as ``lm_eval --model hf --model_args pretrained=<dir>`` load a checkpoint with plain
 ``transformers`` and never ``import fpxint_hf``. transformers then does not know ``quant_method "fpxint"``: it
 warns and comes up with randomly initialised layers, and lm-eval raises ``ValueError: Unknown quantization
-type``. To avoid that, the wheel installs ``fpxint_hf_autoregister.pth`` into site-packages. Its single line runs
-at interpreter start-up and only puts a tiny finder at the front of ``sys.meta_path``; it imports neither torch,
-transformers nor ``fpxint_hf``. The first time anything imports ``transformers.quantizers.auto`` (the module that
-holds ``AUTO_QUANTIZATION_CONFIG_MAPPING``), that finder loads this file (by path, without executing
+type``. To avoid that, the wheel installs ``fpxint_hf_autoregister.pth`` and ``fpxint_hf_autoregister_boot.py``
+into site-packages. The .pth's single ``import`` line runs at interpreter start-up and imports that bootstrap module
+(``os`` and ``sys`` only; about 0.1 ms), which puts a tiny finder at the front of ``sys.meta_path``; neither torch,
+transformers nor ``fpxint_hf`` is imported. The first time anything imports ``transformers.quantizers.auto`` (the
+module that holds ``AUTO_QUANTIZATION_CONFIG_MAPPING``), that finder loads this file (by path, without executing
 ``fpxint_hf/__init__.py``) and hands over to :func:`find_spec` here, which finds the module with the other
 finders and wraps its loader; as soon as the module has executed, :func:`register_now` imports ``fpxint_hf.hf``
 and calls its idempotent ``register()``. The import of ``transformers`` never fails because of this hook: a
@@ -157,55 +158,24 @@ def install() -> bool:
 
 # --------------------------------------------------------------------------- the .pth bootstrap
 # ``fpxint_hf_autoregister.pth`` (repository root, installed at the wheel root, i.e. into site-packages) holds
-# ``pth_text()``. ``site`` executes its ``import ...`` line at every interpreter start-up, so that line is one
-# cheap expression: unless disabled, it puts a finder at the front of ``sys.meta_path`` whose ``find_spec`` is a
-# lambda that returns None for every other module name. Only for ``TARGET`` does it compile and run
-# ``TRIGGER_SOURCE`` (once), which finds ``fpxint_hf`` with the other finders (without executing the package),
-# loads this file by path and hands over to ``find_spec`` above. Any failure there leaves imports untouched.
-TRIGGER_SOURCE = """\
-import os, sys
-hook = None
-def find_spec(name, path=None, target=None):
-    global hook
-    if hook is None:
-        hook = False
-        try:
-            from importlib.util import module_from_spec, spec_from_file_location
-            pkg = None
-            for finder in sys.meta_path:
-                if not getattr(finder, "_fpxint_hf_autoregister", False) and hasattr(finder, "find_spec"):
-                    pkg = finder.find_spec("fpxint_hf", None)
-                    if pkg is not None:
-                        break
-            file = os.path.join(pkg.submodule_search_locations[0], "_autoregister.py")
-            spec = spec_from_file_location("_fpxint_hf_autoregister", file)
-            module = module_from_spec(spec)
-            spec.loader.exec_module(module)
-            hook = module
-        except Exception:
-            pass  # fpxint_hf is gone or unreadable: behave as if the hook were not installed
-    return hook.find_spec(name, path, target) if hook else None
-"""
+# ``pth_text()``: one ``import`` line that ``site`` executes at every interpreter start-up.  It imports
+# ``fpxint_hf_autoregister_boot`` (also installed at the wheel root; only ``os`` and ``sys``), whose finder returns
+# None for every module name but ``TARGET``; for that one it loads this file by path (without executing the
+# ``fpxint_hf`` package) and hands over to ``find_spec`` above.  The line checks that the bootstrap module exists
+# first, so a .pth left behind by a broken uninstall stays silent.
 
 PTH_NAME = "fpxint_hf_autoregister.pth"
+BOOT_MODULE = "fpxint_hf_autoregister_boot"
 
 
 def pth_text() -> str:
-    """The content of ``fpxint_hf_autoregister.pth``: comments, then one line that ``site`` executes (it starts
-    with ``import``). Kept to one small expression because ``site`` compiles it at every start-up (no .pyc).
-    CPython 3.11 runs the .pth lines of a venv's site-packages twice (``site.venv`` and ``addsitepackages``),
-    hence the ``not any(...)``; a second copy (two site directories) would be harmless anyway, the first hook
-    finder on ``sys.meta_path`` skips the others. A test checks that the file in the repository matches."""
-    line = (
-        f"import os, sys; os.environ.get({ENV_DISABLE!r}, '0') in ('', '0') "
-        f"and not any(getattr(f, {MARKER!r}, 0) for f in sys.meta_path) "
-        "and sys.meta_path.insert(0, type('_FPxINTAutoregisterBootstrap', (), {"
-        f"{MARKER!r}: True, 'find_spec': staticmethod(lambda n, p=None, t=None, g={{}}: None if n != {TARGET!r} "
-        f"else (g or exec({TRIGGER_SOURCE!r}, g), g['find_spec'](n, p, t))[1])}}))\n"
-    )
+    """The content of ``fpxint_hf_autoregister.pth``: comments, then the one line ``site`` executes.  CPython 3.11
+    runs a venv's .pth lines twice; the second import is a no-op.  A test checks that the file in the repository
+    matches."""
     return (
         '# fpxint-hf: registers quant_method "fpxint" with transformers the first time\n'
-        "# transformers.quantizers.auto is imported (see fpxint_hf/_autoregister.py). Imports nothing at\n"
+        "# transformers.quantizers.auto is imported (see fpxint_hf/_autoregister.py). Imports nothing heavy at\n"
         "# start-up; FPXINT_NO_AUTOREGISTER=1 disables it. Generated by fpxint_hf._autoregister.pth_text().\n"
-        + line
+        f"import os, sys; any(os.path.isfile(os.path.join(p, {BOOT_MODULE + '.py'!r})) for p in sys.path) "
+        f"and __import__({BOOT_MODULE!r})\n"
     )

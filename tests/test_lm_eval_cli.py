@@ -157,6 +157,11 @@ def test_pth_file_is_generated_and_installed():
     ]
     assert installed, f"{_autoregister.PTH_NAME} is not in site-packages: run `pip install -e .`"
     assert installed[0].read_text() == in_repo, "the installed .pth is stale: run `pip install -e .` again"
+    boot = installed[0].parent / f"{_autoregister.BOOT_MODULE}.py"
+    assert boot.is_file() and boot.read_text() == (REPO / boot.name).read_text(), (
+        "stale bootstrap: pip install -e ."
+    )
+    assert "exec(" not in in_repo and len([x for x in in_repo.splitlines() if not x.startswith("#")]) == 1
 
 
 def test_startup_imports_nothing_heavy(tmp_path: Path):
@@ -246,15 +251,20 @@ def test_leftover_pth_without_package_is_silent(tmp_path: Path):
     so no fpxint_hf anywhere), then import (fake) transformers."""
     fake = _fakes(tmp_path / "uninstalled", None, with_hook=False)
     shutil.rmtree(fake / "fpxint_hf")
+    boot = f"{_autoregister.BOOT_MODULE}.py"
     code = (
         f"import site, sys; sys.path.insert(0, {str(fake)!r}); "
         f"site.addpackage({str(REPO)!r}, {_autoregister.PTH_NAME!r}, set()); "
         "print('HOOK', sum(getattr(f, '_fpxint_hf_autoregister', False) for f in sys.meta_path))\n" + PROBE
     )
-    r = _run([sys.executable, "-S", "-W", "always", "-c", code], tmp_path, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[:2] == ["HOOK 1", "IMPORTED None False"]
-    assert r.stderr == ""
+    for with_boot, hooks in ((True, "HOOK 1"), (False, "HOOK 0")):  # the bootstrap module left behind, or not
+        (fake / boot).unlink(missing_ok=True)
+        if with_boot:
+            shutil.copy(REPO / boot, fake / boot)
+        r = _run([sys.executable, "-S", "-W", "always", "-c", code], tmp_path, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[:2] == [hooks, "IMPORTED None False"]
+        assert r.stderr == ""
 
 
 # --------------------------------------------------------------------------- real lm_eval CLI and transformers
