@@ -51,7 +51,9 @@ def register_now() -> None:
         return
     try:
         if mod is None:
-            import fpxint_hf.hf as mod
+            import importlib
+
+            mod = importlib.import_module("fpxint_hf.hf")
         mod.register()
     except Exception as exc:  # never break the import of transformers
         import warnings

@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -250,7 +251,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # how argparse reads each ExpansionSettings field (names, defaults and help come from the dataclass)
-_PARSE = {
+_PARSE: dict[str, dict[str, Any]] = {
     "bits": {"type": _bits},
     "terms": {"type": int},
     "group_size": {"type": _group_size},

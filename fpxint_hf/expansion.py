@@ -229,7 +229,7 @@ def expand(
     if budget:
         lo, hi = clip_range(_groups(w, gs), term_bits[0], symmetric, clip)
         idx, val = saturate(w, lo, hi, gs, budget)
-        wc = w - sparse_matrix(idx, val, w.shape)  # M - M_sa
+        wc = w - sparse_matrix(idx, val, (out_features, in_features))  # M - M_sa
     else:
         idx = torch.zeros(out_features, 0, dtype=torch.int32, device=w.device)
         val = torch.zeros(out_features, 0, dtype=torch.float16, device=w.device)

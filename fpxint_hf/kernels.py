@@ -234,6 +234,8 @@ def prepare_int4(
     if not why:
         raise ValueError(f"the int4 kernel does not apply: {why.reason}")
     gs = int4_group_size(e.group_size)
+    if gs is None:  # excluded by int4_supported above
+        raise ValueError(f"group_size={e.group_size} has no int4 kernel group size")
     n_out, _ = e.shape
     pad = (-n_out) % INT4_ROW_MULTIPLE
     rep = e.group_size // gs
@@ -258,10 +260,10 @@ def prepare_int4(
 def int4_linear(x2d: torch.Tensor, w: Int4Weights) -> torch.Tensor:
     """``x2d @ M.T`` (``[n, in] -> [n, out]``, x's dtype): one int4 matmul per term, summed, plus ``M_sa x``."""
     x2d = x2d.contiguous()
-    y = None
-    for packed, table in zip(w.packed, w.scale_and_zero, strict=True):
+    y = torch.zeros(())
+    for i, (packed, table) in enumerate(zip(w.packed, w.scale_and_zero, strict=True)):
         part = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, packed, w.group_size, table)
-        y = part if y is None else y.float() + part  # the Abelian add (float32 for reduced-precision x)
+        y = part if i == 0 else y.float() + part  # the Abelian add (float32 for reduced-precision x)
     y = y[:, : w.out_features]
     return _finish(y, x2d, w)
 
@@ -291,6 +293,8 @@ def prepare_int8(
     if not why:
         raise ValueError(f"the collapsed int8 kernel does not apply: {why.reason}")
     shift = collapse_shift(e.term_bits, terms, e.series)
+    if shift is None:  # excluded by int8_supported above
+        raise ValueError(f"{terms} terms of {e.term_bits} bits do not collapse into int8")
     weight = (collapse_codes(e, terms) + shift).to(device=device, dtype=torch.int8).contiguous()
     steps = term_scales(e.scale.to(device), e.term_bits, terms, e.series)[:, :, 0]  # [k, out]
     offsets = torch.tensor(term_offsets(e.term_bits, terms, e.series), device=device).view(-1, 1)

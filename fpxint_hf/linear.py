@@ -202,7 +202,7 @@ class FPxINTLinear(nn.Module):
             dtype=linear.weight.dtype,
         )
         module.load_expansion(module.quantize_weight(linear.weight, clip, outlier_fraction, tol))
-        if linear.bias is not None:
+        if linear.bias is not None and module.bias is not None:
             module.bias.copy_(linear.bias)
         return module
 
@@ -241,12 +241,12 @@ class FPxINTLinear(nn.Module):
                 f"expansion (shape={e.shape}, bits={e.term_bits}, terms={e.terms}, group_size={e.group_size}, "
                 f"series={e.series}) does not match {self.extra_repr()}"
             )
-        state = {
+        state: dict[str, torch.Tensor] = {
             "codes": pack_series(e.codes, self.term_bits),
             "scale": e.scale,
             "terms_used": torch.tensor([e.terms_used], dtype=torch.int32, device=e.scale.device),
         }
-        if not self.symmetric:
+        if not self.symmetric and e.zero is not None:
             state["zero"] = e.zero
         if self.outlier_budget:
             state["outlier_idx"] = e.outlier_idx.to(outlier_index_dtype(self.in_features))
@@ -317,10 +317,10 @@ class FPxINTLinear(nn.Module):
             mode = "dense"  # the packed kernels have no backward; the dense weight is a constant of autograd
         key, buffers = (mode, k, x.dtype, x.device), tuple(self._buffers.values())
         cache = getattr(self, "_kernel_cache", None)  # absent on modules unpickled from older versions
-        hit = cache is not None and cache[0] == key and len(cache[1]) == len(buffers)
-        if hit and all(map(operator.is_, cache[1], buffers)):  # same buffer objects: still valid
-            return cache[2]
-        kw = {
+        if cache is not None and cache[0] == key and len(cache[1]) == len(buffers):
+            if all(map(operator.is_, cache[1], buffers)):  # same buffer objects: still valid
+                return cache[2]
+        kw: dict = {
             "bits": self.term_bits[:k],
             "group_size": self.group_size,
             "in_features": self.in_features,

@@ -168,7 +168,7 @@ def rtn_model(fp_dir: str | Path, bits: int, group_size: int | None) -> tuple[nn
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).eval()
-    stored = n = 0
+    stored, n = 0.0, 0
     for _, m in quantizable_linears(model):
         gs = resolve_group_size(m.in_features, group_size)
         m.weight.copy_(rtn(m.weight, bits, gs))

@@ -74,7 +74,8 @@ def tiny_llama(
         pad_token_id=0,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model: Any = LlamaForCausalLM(config)
+    model = model.to(torch.float32).eval()
     # The default init (std 0.02) gives near-uniform predictions; widen it so argmaxes are well defined.
     with torch.no_grad():
         for p in model.parameters():

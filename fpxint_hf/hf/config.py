@@ -70,7 +70,7 @@ class FPxINTConfig(QuantizationConfigMixin):
 
     def __init__(
         self,
-        bits: int | list[int] = DEFAULTS.bits,
+        bits: int | list[int] | tuple[int, ...] = DEFAULTS.bits,
         terms: int = DEFAULTS.terms,
         group_size: int | None = DEFAULTS.group_size,
         symmetric: bool = DEFAULTS.symmetric,
@@ -93,7 +93,7 @@ class FPxINTConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"unknown FPxINTConfig field(s) {sorted(kwargs)}; allowed: {sorted(self._fields())}"
             )
-        self.quant_method = QUANT_METHOD
+        self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # an out-of-tree method, not in the enum
         self.bits = list(bits) if isinstance(bits, (list, tuple)) else bits
         self.terms = terms
         self.group_size = group_size

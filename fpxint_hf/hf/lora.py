@@ -58,7 +58,7 @@ class FPxINTLoraLinear(LoraLinear):
         return {(): None}
 
     def _get_in_out_features(self, module: torch.nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
+        return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise NotImplementedError(
@@ -84,5 +84,5 @@ def load_lora_adapter(
     model: torch.nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool = False, **kwargs: Any
 ) -> PeftModel:
     """``PeftModel.from_pretrained`` for an adapter trained on an FP=xINT model (its saved config re-registered)."""
-    config = register_lora(LoraConfig.from_pretrained(adapter_dir))
+    config = register_lora(LoraConfig.from_pretrained(str(adapter_dir)))
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable, config=config, **kwargs)

@@ -30,7 +30,7 @@ class FPxINTQuantize(ConversionOps):
         self.hf_quantizer = hf_quantizer
 
     @torch.no_grad()
-    def convert(
+    def convert(  # type: ignore[override]  # transformers' signature, with the arguments it passes named
         self,
         input_dict: dict[str, Any],
         model: torch.nn.Module | None = None,
@@ -40,8 +40,12 @@ class FPxINTQuantize(ConversionOps):
     ) -> dict[str, torch.Tensor]:
         (value,) = input_dict.values()
         weight = value[0] if isinstance(value, list) else value
+        if model is None or full_layer_name is None:
+            raise ValueError("FP=xINT's quantize op needs the model and the layer name from transformers")
         module_name = full_layer_name.rpartition(".")[0]
-        module: FPxINTLinear = model.get_submodule(module_name)
+        module = model.get_submodule(module_name)
+        if not isinstance(module, FPxINTLinear):
+            raise ValueError(f"{module_name} is not an FPxINTLinear ({type(module).__name__})")
         cfg = self.hf_quantizer.quantization_config
         proxy = self.hf_quantizer.proxy
         importance = None if proxy is None else proxy.importance(module_name)
@@ -51,7 +55,7 @@ class FPxINTQuantize(ConversionOps):
             raise ValueError(f"FP=xINT cannot quantize {full_layer_name}: {err}") from err
         state = module.expansion_state(e)
         if cfg.bits_budget is not None:
-            module._budget_candidates = budget_candidates(module, weight, cfg, e, state, importance)
+            module._budget_candidates = budget_candidates(module, weight, cfg, e, state, importance)  # type: ignore[assignment]
         module._parameters.pop("weight", None)  # the full-precision placeholder is not kept
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
@@ -86,7 +90,7 @@ class FPxINTHfQuantizer(HfQuantizer):
             return False
         return isinstance(module, FPxINTLinear) and "weight" in module._parameters
 
-    def param_element_size(self, model: torch.nn.Module, param_name: str, param: torch.Tensor) -> float:
+    def param_element_size(self, model: Any, param_name: str, param: torch.Tensor) -> float:
         """Bytes per element for ``device_map="auto"``: 0 for the full-precision placeholder of a layer quantized
         on load (dropped once quantized; the module's buffers already count the quantized size)."""
         if self.param_needs_quantization(model, param_name):
@@ -188,7 +192,7 @@ def apply_bits_budget(model: torch.nn.Module, cfg: FPxINTConfig) -> None:
         )
         for n, m in layers.items()
     ]
-    keep = allocate_terms(options, cfg.bits_budget)
+    keep = allocate_terms(options, float(cfg.bits_budget or 0))
     with torch.no_grad():
         for name, k in keep.items():
             module = layers[name]
@@ -272,10 +276,11 @@ def check_loaded(model: torch.nn.Module) -> None:
         values = {}
         for t_name, t in tensors.items():
             if t.device.type == "meta":
-                t = _offloaded_value(model, name, t_name)
-                if t is None:
+                read = _offloaded_value(model, name, t_name)
+                if read is None:
                     problems.append(f"{name}.{t_name} (missing: offloaded, but not in the offload index)")
                     continue
+                t = read
             # accelerate moves the resident tensors of an offloaded module onto the execution device, which
             # drops transformers' loaded-flag; their presence was checked on the checkpoint headers instead
             elif not offloaded and not getattr(t, "_is_hf_initialized", False):

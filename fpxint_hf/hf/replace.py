@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ def make_fpxint_linear(
     return module
 
 
-def modules_to_not_convert(model: nn.Module, config: FPxINTConfig) -> list[str]:
+def modules_to_not_convert(model: Any, config: FPxINTConfig) -> list[str]:
     """What stays in full precision: ``config.modules_to_not_convert``, the model's fp32 modules and transformers'
     default skips (the output embedding, tied weights)."""
     from transformers.quantizers.base import HfQuantizer

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+from typing import Any
 
 import torch
 
@@ -54,11 +55,11 @@ def install_atomic_save(model: torch.nn.Module) -> None:
     garbage collector runs; a weak reference would break ``from_pretrained(...).save_pretrained(...)``).
     """
     if not getattr(type(model), MARK, False):
-        model.__class__ = _atomic_class(type(model))
+        model.__class__ = _atomic_class(type(model))  # type: ignore[arg-type]  # classes are hashable
 
 
 @functools.cache
-def _atomic_class(cls: type) -> type:
+def _atomic_class(cls: Any) -> type:
     original = cls.save_pretrained
 
     @functools.wraps(original)

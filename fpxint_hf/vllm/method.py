@@ -119,7 +119,7 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
 
     def create_weights(
         self,
-        layer: torch.nn.Module,
+        layer: Any,
         input_size_per_partition: int,
         output_partition_sizes: list[int],
         input_size: int,
@@ -171,7 +171,7 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
         )
         layer.fpxint_layout = (tuple(output_partition_sizes), n_in, gs, params_dtype)
 
-    def expansions(self, layer: torch.nn.Module) -> list[Expansion]:
+    def expansions(self, layer: Any) -> list[Expansion]:
         """One ``Expansion`` per fused piece, rebuilt from the loaded tensors."""
         sizes, n_in, gs, _ = layer.fpxint_layout
         codes = unpack_series(layer.codes.data, self.term_bits, n_in)
@@ -201,7 +201,7 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
             start += rows
         return out
 
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+    def process_weights_after_loading(self, layer: Any) -> None:
         _, _, _, dtype = layer.fpxint_layout
         parts = self.expansions(layer)
         for name in ("scale", "zero", "outlier_val"):
@@ -230,9 +230,7 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
             else:
                 layer.cpu_linear = torch.nn.functional.linear
 
-    def apply(
-        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         prepared = layer.fpxint_prepared
         if isinstance(prepared, kernels.Int4Weights):
             y = backends.kernel_linear(x.to(torch.bfloat16), prepared).to(x.dtype)
