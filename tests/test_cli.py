@@ -313,3 +313,19 @@ def test_assets_command_shows_the_embedded_files_and_the_offline_lm_eval_line(ca
     line = next(x for x in out.splitlines() if x.startswith("lm_eval "))
     include = line.split("--include_path ")[1].split()[0]
     assert "--tasks mmlu_local" in line and (Path(include) / "mmlu_local.yaml").is_file()
+
+
+def test_two_concurrent_quantize_runs_leave_one_valid_checkpoint(tiny_dir, tmp_path):
+    """Two processes quantize into the same OUT at once: one publishes it, the other refuses with one line (exit 2)
+    instead of deleting or mixing it; no temporary folder is left behind."""
+    out = tmp_path / "q"
+    cmd = [sys.executable, "-m", "fpxint_hf.cli", "quantize", str(tiny_dir), str(out), "--group-size", "32"]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert re.search(r"fpxint: error: .*(exists; pass --overwrite|appeared while quantizing)", loser), loser
+    assert AutoModelForCausalLM.from_pretrained(out).config.quantization_config.terms == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.")]

@@ -23,6 +23,7 @@ import torch
 
 import fpxint_hf
 from fpxint_hf import _autoregister
+from fpxint_hf.evaluation.testing import tiny_llama
 from fpxint_hf.hf.config import QUANT_METHOD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def workdir(tmp_path_factory) -> Path:
 def checkpoint(workdir: Path):
     """(dir of the saved fpxint checkpoint + tokenizer, in-process quantized model)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     words = ["<unk>", "<s>", "</s>", "<pad>", "Answer", ":", ".", "?", *LETTERS]
     for question, choices, _ in QUESTIONS:
@@ -83,23 +84,11 @@ def checkpoint(workdir: Path):
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        tie_word_embeddings=False,
-    )
-    assert len(vocab) <= cfg.vocab_size
+    fp = tiny_llama(128, max_positions=256, hidden_size=64, intermediate_size=128, tie_word_embeddings=False,
+                    init_std=None, bos_token_id=1, eos_token_id=2, pad_token_id=3)  # fmt: skip
+    assert len(vocab) <= fp.config.vocab_size
     fp_dir, q_dir = workdir / "fp", workdir / "fpxint"
-    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(fp_dir)
+    fp.save_pretrained(fp_dir)
     qcfg = fpxint_hf.FPxINTConfig(bits=4, terms=2, group_size=32)
     model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=qcfg, dtype=torch.float32).eval()
     assert sum(isinstance(m, fpxint_hf.FPxINTLinear) for m in model.modules()) == 14

@@ -53,7 +53,8 @@ def tiny_llama(
     num_attention_heads: int = 4,
     num_key_value_heads: int = 2,
     tie_word_embeddings: bool = True,
-    init_std: float = 0.3,
+    init_std: float | None = 0.3,
+    **token_ids: Any,
 ) -> Any:
     """A randomly initialised 2-layer ``LlamaForCausalLM`` (default: hidden 32, tied embeddings), float32, eval
     mode.  vLLM's CPU attention needs head_dim 64 (e.g. hidden 192 with 3 heads)."""
@@ -69,13 +70,13 @@ def tiny_llama(
         num_key_value_heads=num_key_value_heads,
         max_position_embeddings=max_positions,
         tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=None,
-        eos_token_id=0,
-        pad_token_id=0,
+        **{"bos_token_id": None, "eos_token_id": 0, "pad_token_id": 0, **token_ids},
     )
     torch.manual_seed(seed)
     model: Any = LlamaForCausalLM(config)
     model = model.to(torch.float32).eval()
+    if init_std is None:  # transformers' own initialisation
+        return model
     # The default init (std 0.02) gives near-uniform predictions; widen it so argmaxes are well defined.
     with torch.no_grad():
         for p in model.parameters():
