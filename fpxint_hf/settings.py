@@ -1,14 +1,16 @@
-"""``ExpansionSettings``: every choice that shapes an FP=xINT expansion, declared once.
+"""``ExpansionSettings``: every choice that shapes an FP=xINT expansion, declared once; and the one reader of a
+saved ``quantization_config`` (``read_quantization_config``).
 
-``FPxINTConfig`` (its fields, defaults and validation), the ``fpxint`` CLI (its quantization flags) and the
-series code (``expansion.expand``) all derive from this frozen dataclass; each field's ``metadata`` holds the
-allowed range shown in errors and the CLI help.  Pure Python: no torch.
+``FPxINTConfig`` (its fields, defaults and validation), the ``fpxint`` CLI (its quantization flags), the series
+code (``expansion.expand``, ``FPxINTLinear``) and the vLLM plugin all derive from this frozen dataclass; each
+field's ``metadata`` holds the allowed range shown in errors and the CLI help.  Pure Python: no torch.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
 from typing import Any
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -100,3 +102,45 @@ def check_settings(owner: str, values: dict[str, Any]) -> None:
 
 SETTING_NAMES = tuple(f.name for f in fields(ExpansionSettings))
 DEFAULTS = ExpansionSettings()
+
+
+# ---------------------------------------------------------------------------- the saved quantization_config
+
+CONFIG_VERSION = 2
+"""Format of a saved ``quantization_config`` (its ``version`` key).
+
+1 (no ``version`` key: fpxint_hf 0.1 up to the format with ``series``): a key it lacks takes the value of
+``FORMAT_1_DEFAULTS``, else of ``CONFIG_DEFAULTS``; the layers are the ``nn.Linear`` modules that
+``modules_to_not_convert`` does not match.  2: ``quantized_modules`` names every converted layer and
+``layer_group_size`` the group size of every layer where it differs from ``group_size``."""
+CONFIG_VERSIONS = (1, CONFIG_VERSION)
+
+CONFIG_DEFAULTS: dict[str, Any] = {
+    **DEFAULTS.as_dict(),
+    "modules_to_not_convert": None,  # module names or patterns kept in full precision (when quantizing)
+    "forward_mode": "auto",
+    "bits_budget": None,
+    "layer_terms": None,  # {module name: terms} where it differs from ``terms`` (written by a bits budget)
+    "act_proxy": "norm",
+    "quantized_modules": None,  # the converted layers' names (written when quantizing; format 2)
+    "layer_group_size": None,  # {module name: group size} where it differs from ``group_size`` (format 2)
+    "version": CONFIG_VERSION,
+}
+"""Every field of ``FPxINTConfig`` with its default (the expansion settings first)."""
+
+FORMAT_1_DEFAULTS: dict[str, Any] = {"series": "legacy", "fit": "minmax", "act_proxy": None}
+"""What a format-1 config without these keys means: the rule of fpxint_hf 0.1."""
+
+
+def read_quantization_config(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """Every ``FPxINTConfig`` field of a saved ``quantization_config`` (``quant_method`` dropped), missing keys
+    filled with the defaults of its format ``version`` (see ``CONFIG_VERSION``).  Unknown keys are kept (the
+    caller reports them); values are validated by the caller (``FPxINTConfig.post_init``)."""
+    version = saved.get("version", 1)
+    if version not in CONFIG_VERSIONS:
+        raise ValueError(
+            f"quantization_config.version={version!r} is invalid; allowed: one of {CONFIG_VERSIONS} "
+            "(a newer fpxint_hf wrote this checkpoint?)"
+        )
+    base = {**CONFIG_DEFAULTS, **(FORMAT_1_DEFAULTS if version == 1 else {})}
+    return {**base, **{k: v for k, v in saved.items() if k != "quant_method"}, "version": version}

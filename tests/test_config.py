@@ -98,6 +98,9 @@ NON_DEFAULT = dict(
     bits_budget=9.0,
     layer_terms={"model.layers.0.mlp.down_proj": 2},
     act_proxy=None,
+    quantized_modules=["model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"],
+    layer_group_size={"model.layers.0.mlp.up_proj": 64},
+    version=1,
 )
 
 
@@ -124,6 +127,12 @@ def test_old_config_json_loads_as_legacy_and_new_fields_are_validated():
     cfg = FPxINTConfig.from_dict(old)
     assert (cfg.series, cfg.fit, cfg.act_proxy) == ("legacy", "minmax", None)
     assert FPxINTConfig.from_dict({**old, "series": "nested", "fit": "optimized"}).series == "nested"
+    # format 2 (an explicit version): a missing key takes today's default, not the legacy one
+    new = FPxINTConfig.from_dict({**old, "version": 2})
+    assert (new.series, new.fit, new.act_proxy) == ("nested", "optimized", "norm")
+    assert FPxINTConfig().version == 2 and cfg.version == 1
+    with pytest.raises(ValueError, match=r"quantization_config\.version=3 is invalid"):
+        FPxINTConfig.from_dict({**old, "version": 3})
     assert FPxINTConfig(bits=[4, 2], terms=2).term_bits == (4, 2)
     assert FPxINTConfig(bits=[4, 2], terms=2).nominal_bits_per_weight() == 6
     for kwargs, field in [

@@ -112,6 +112,29 @@ def test_greedy_fp32_equals_transformers_token_for_token(name, fp_dir, tmp_path)
     del llm
 
 
+@pytest.mark.parametrize("fmt", ["names", "format_1"])
+def test_prefix_skipped_block_serves_token_equal_to_transformers(fmt, fp_dir, tmp_path):
+    """``modules_to_not_convert=["model.layers.0"]`` keeps a whole block by prefix: vLLM must keep the same layers
+    in full precision, read by name (``quantized_modules``) or, in a format-1 config.json without the names, by
+    transformers' own pattern rule."""
+    model = quantize(
+        fp_dir, tmp_path / "q", bits=4, terms=2, group_size=64, modules_to_not_convert=["model.layers.0"]
+    )
+    assert not any(
+        n.startswith("model.layers.0.") for n in model.config.quantization_config.quantized_modules
+    )
+    if fmt == "format_1":
+        path = tmp_path / "q" / "config.json"
+        cfg = json.loads(path.read_text())
+        for key in ("quantized_modules", "layer_group_size", "version"):
+            cfg["quantization_config"].pop(key)
+        path.write_text(json.dumps(cfg))
+    expected = hf_greedy(model)
+    llm = vllm_llm(tmp_path / "q")
+    assert vllm_greedy(llm) == expected
+    del llm
+
+
 def test_active_terms_serve_one_checkpoint_at_fewer_bits(fp_dir, tmp_path, monkeypatch):
     model = quantize(fp_dir, tmp_path / "q", bits=4, terms=2, group_size=64)
     fpxint_hf.set_active_terms(model, 1)

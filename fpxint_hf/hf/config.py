@@ -8,7 +8,15 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..linear import FORWARD_MODES
-from ..settings import DEFAULTS, SETTING_NAMES, ExpansionSettings, check_settings
+from ..settings import (
+    CONFIG_DEFAULTS,
+    CONFIG_VERSIONS,
+    DEFAULTS,
+    SETTING_NAMES,
+    ExpansionSettings,
+    check_settings,
+    read_quantization_config,
+)
 
 QUANT_METHOD = "fpxint"
 ACT_PROXIES = ("norm", None)
@@ -64,6 +72,16 @@ class FPxINTConfig(QuantizationConfigMixin):
             plain weight error. Used when quantizing with `series="nested"`, `fit="optimized"`.
         layer_terms (`dict[str, int]`, *optional*):
             Terms stored per layer where they differ from `terms` (written by `bits_budget`; read on reload).
+        quantized_modules (`list[str]`, *optional*):
+            The names of the converted layers, written when quantizing (`modules_to_not_convert` resolved
+            against the model); a checkpoint with it is loaded by name (transformers and vLLM), one without it
+            by matching `modules_to_not_convert` again.
+        layer_group_size (`dict[str, int]`, *optional*):
+            Group size per layer where it differs from `group_size` (the fallback for in-features it does not
+            divide), written when quantizing; a checkpoint without it re-derives the fallback.
+        version (`int`, *optional*, defaults to 2):
+            Format of the saved config. A config.json without `version` is format 1: a key it lacks takes the
+            value of fpxint_hf 0.1 (`series="legacy"`, `fit="minmax"`, `act_proxy=None`).
         kwargs (`dict[str, Any]`, *optional*):
             Only `quant_method` (as written in config.json) is accepted here; other names raise `ValueError`.
     """
@@ -77,13 +95,16 @@ class FPxINTConfig(QuantizationConfigMixin):
         clip: str = DEFAULTS.clip,
         outlier_fraction: float = DEFAULTS.outlier_fraction,
         tol: float = DEFAULTS.tol,
-        modules_to_not_convert: list[str] | None = None,
-        forward_mode: str = "auto",
+        modules_to_not_convert: list[str] | None = CONFIG_DEFAULTS["modules_to_not_convert"],
+        forward_mode: str = CONFIG_DEFAULTS["forward_mode"],
         series: str = DEFAULTS.series,
         fit: str = DEFAULTS.fit,
-        bits_budget: float | None = None,
-        layer_terms: dict[str, int] | None = None,
-        act_proxy: str | None = "norm",
+        bits_budget: float | None = CONFIG_DEFAULTS["bits_budget"],
+        layer_terms: dict[str, int] | None = CONFIG_DEFAULTS["layer_terms"],
+        act_proxy: str | None = CONFIG_DEFAULTS["act_proxy"],
+        quantized_modules: list[str] | None = CONFIG_DEFAULTS["quantized_modules"],
+        layer_group_size: dict[str, int] | None = CONFIG_DEFAULTS["layer_group_size"],
+        version: int = CONFIG_DEFAULTS["version"],
         **kwargs: Any,
     ):
         method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -108,36 +129,25 @@ class FPxINTConfig(QuantizationConfigMixin):
         self.bits_budget = bits_budget
         self.layer_terms = layer_terms
         self.act_proxy = act_proxy
+        self.quantized_modules = quantized_modules
+        self.layer_group_size = layer_group_size
+        self.version = version
         self.post_init()
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
         """As ``QuantizationConfigMixin.from_dict``, validating again after ``kwargs`` override fields.
 
-        A saved config without ``series``/``fit`` comes from fpxint_hf 0.1: its tensors follow the legacy rule."""
-        config_dict = {"series": "legacy", "fit": "minmax", "act_proxy": None, **config_dict}
+        The saved dict is read by ``settings.read_quantization_config``: a key it lacks takes the default of its
+        format ``version`` (format 1, without ``series``/``fit``: fpxint_hf 0.1's legacy rule)."""
+        config_dict = read_quantization_config(config_dict)
         out = super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
         (out[0] if return_unused_kwargs else out).post_init()
         return out
 
     @staticmethod
     def _fields() -> tuple[str, ...]:
-        return (
-            "bits",
-            "terms",
-            "group_size",
-            "symmetric",
-            "clip",
-            "outlier_fraction",
-            "tol",
-            "modules_to_not_convert",
-            "forward_mode",
-            "series",
-            "fit",
-            "bits_budget",
-            "layer_terms",
-            "act_proxy",
-        )
+        return tuple(CONFIG_DEFAULTS)
 
     def settings(self) -> ExpansionSettings:
         """The expansion settings of this config (``settings.ExpansionSettings``, from which its fields derive)."""
@@ -151,6 +161,10 @@ class FPxINTConfig(QuantizationConfigMixin):
     def terms_of(self, module_name: str) -> int:
         """Terms stored for ``module_name`` (``layer_terms``, else ``terms``)."""
         return (self.layer_terms or {}).get(module_name, self.terms)
+
+    def group_size_of(self, module_name: str) -> int | None:
+        """Group size recorded for ``module_name`` (``layer_group_size``), else ``group_size`` (resolved per layer)."""
+        return (self.layer_group_size or {}).get(module_name, self.group_size)
 
     def post_init(self):
         """Check every field; raise ``ValueError`` naming the field, the value and what is allowed."""
@@ -186,6 +200,29 @@ class FPxINTConfig(QuantizationConfigMixin):
             self.modules_to_not_convert,
             "None or a list of module names",
         )
+        _check(
+            self.quantized_modules is None
+            or (
+                isinstance(self.quantized_modules, list)
+                and all(isinstance(m, str) for m in self.quantized_modules)
+            ),
+            "quantized_modules",
+            self.quantized_modules,
+            "None or a list of module names",
+        )
+        _check(
+            self.layer_group_size is None
+            or (
+                isinstance(self.layer_group_size, dict)
+                and all(
+                    isinstance(k, str) and _is_int(v) and v >= 1 for k, v in self.layer_group_size.items()
+                )
+            ),
+            "layer_group_size",
+            self.layer_group_size,
+            "None or a dict of module name -> group size >= 1",
+        )
+        _check(self.version in CONFIG_VERSIONS, "version", self.version, f"one of {CONFIG_VERSIONS}")
         _check(
             self.forward_mode in FORWARD_MODES, "forward_mode", self.forward_mode, f"one of {FORWARD_MODES}"
         )

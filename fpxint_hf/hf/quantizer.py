@@ -17,7 +17,7 @@ from ..offload import accelerate_hooks
 from ..packing import unpack_series
 from .config import FPxINTConfig
 from .proxy import ActivationProxy
-from .replace import modules_to_not_convert, replace_with_fpxint_linear
+from .replace import modules_to_not_convert, record_layers, replace_with_fpxint_linear
 from .saving import install_atomic_save
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,9 @@ class FPxINTHfQuantizer(HfQuantizer):
             self.quantization_config,
             self.modules_to_not_convert,
             weight_placeholder=not self.pre_quantized,
+            names=self.quantization_config.quantized_modules if self.pre_quantized else None,
         )
+        record_layers(model, self.quantization_config, replaced)
         if self.pre_quantized:
             check_checkpoint_keys(model, kwargs.get("checkpoint_files") or [])
         else:

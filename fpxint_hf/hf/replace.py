@@ -11,6 +11,7 @@ from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..linear import FPxINTLinear
+from ..settings import CONFIG_VERSION
 from .config import FPxINTConfig
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ def make_fpxint_linear(
     quantize-on-load finds the full-precision key and hands it to the quantize op, which drops it.
     """
     dtype = linear.weight.dtype
-    settings = config.settings()
+    settings = dataclasses.replace(config.settings(), group_size=config.group_size_of(name))
     terms = config.terms_of(name)
     if terms != settings.terms:  # a bits budget kept fewer terms in this layer
         settings = dataclasses.replace(settings, terms=terms, bits=settings.term_bits[:terms])
@@ -54,13 +55,28 @@ def modules_to_not_convert(model: Any, config: FPxINTConfig) -> list[str]:
     )
 
 
-def linears_to_quantize(model: nn.Module, skip: list[str] | None) -> list[tuple[str, nn.Linear]]:
-    """The one rule for which layers FP=xINT converts: every ``nn.Linear`` not matched by ``skip``."""
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if type(m) is nn.Linear and should_convert_module(name, skip)
-    ]
+def linears_to_quantize(
+    model: nn.Module, skip: list[str] | None, names: list[str] | None = None
+) -> list[tuple[str, nn.Linear]]:
+    """The one rule for which layers FP=xINT converts: with ``names`` (a checkpoint's ``quantized_modules``) the
+    ``nn.Linear`` modules so named (with or without the model's ``base_model_prefix``), else every ``nn.Linear``
+    not matched by ``skip`` (transformers' ``should_convert_module``, as the vLLM plugin for old checkpoints)."""
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    if names is None:
+        return [(name, m) for name, m in linears if should_convert_module(name, skip)]
+    prefix = getattr(model, "base_model_prefix", "")
+    wanted = set(names)
+    chosen = [(name, m) for name, m in linears if name in wanted or f"{prefix}.{name}" in wanted]
+    found = {n for n, _ in chosen} | {f"{prefix}.{n}" for n, _ in chosen}
+    absent = sorted(wanted - found)
+    if absent:
+        logger.warning(
+            "FP=xINT: %d layers named in quantized_modules are no nn.Linear of %s (e.g. %s); they stay as they are",
+            len(absent),
+            type(model).__name__,
+            absent[:3],
+        )
+    return chosen
 
 
 def replace_with_fpxint_linear(
@@ -68,13 +84,15 @@ def replace_with_fpxint_linear(
     config: FPxINTConfig,
     modules_to_not_convert: list[str] | None = None,
     weight_placeholder: bool = True,
+    names: list[str] | None = None,
 ) -> list[str]:
-    """Replace every ``nn.Linear`` not matched by ``modules_to_not_convert``; return the replaced names.
+    """Replace every ``nn.Linear`` named in ``names``, else every one not matched by ``modules_to_not_convert``;
+    return the replaced names.
 
     Raises ``ValueError`` when nothing can be replaced (no ``nn.Linear`` at all, e.g. GPT-2's ``Conv1D``).
     """
     replaced = []
-    for name, module in linears_to_quantize(model, modules_to_not_convert):
+    for name, module in linears_to_quantize(model, modules_to_not_convert, names):
         model.set_submodule(name, make_fpxint_linear(module, config, weight_placeholder, name))
         replaced.append(name)
     if not replaced:
@@ -85,3 +103,16 @@ def replace_with_fpxint_linear(
         )
     logger.info("FP=xINT: replaced %d linear layers", len(replaced))
     return replaced
+
+
+def record_layers(model: nn.Module, config: FPxINTConfig, replaced: list[str]) -> None:
+    """Write the converted layers' names and the group sizes that differ from ``group_size`` into ``config``
+    (format 2: a checkpoint saved from ``model`` is then loaded by name, in transformers and in vLLM)."""
+    sizes = {}
+    for name in replaced:
+        m = model.get_submodule(name)
+        if isinstance(m, FPxINTLinear) and m.group_size != (config.group_size or m.in_features):
+            sizes[name] = m.group_size
+    config.quantized_modules = list(replaced)
+    config.layer_group_size = sizes or None
+    config.version = CONFIG_VERSION

@@ -39,6 +39,7 @@ from .. import backends, kernels
 from ..expansion import Expansion, normalize_bits, outlier_budget, reconstruct, resolve_group_size
 from ..packing import series_shape, unpack_series
 from ..saturation import outlier_index_dtype
+from ..settings import read_quantization_config
 from . import ENV_ACTIVE_TERMS, ENV_FORWARD
 
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -52,14 +53,18 @@ class FPxINTvLLMConfig(QuantizationConfig):
     def __init__(self, config: dict[str, Any]):
         super().__init__()
         self.config = config
-        self.terms = int(config.get("terms", 2))
-        self.term_bits = normalize_bits(config.get("bits", 4), self.terms)
-        self.group_size = config.get("group_size", 128)
-        self.symmetric = bool(config.get("symmetric", False))
-        self.outlier_fraction = float(config.get("outlier_fraction", 0.0))
-        self.series = config.get("series", "legacy")  # absent: an fpxint_hf 0.1 checkpoint
-        self.layer_terms = config.get("layer_terms") or {}
-        self.skip = list(config.get("modules_to_not_convert") or [])
+        fields = read_quantization_config(config)  # the same reader (and format defaults) as FPxINTConfig
+        self.terms = int(fields["terms"])
+        self.term_bits = normalize_bits(fields["bits"], self.terms)
+        self.group_size = fields["group_size"]
+        self.symmetric = bool(fields["symmetric"])
+        self.outlier_fraction = float(fields["outlier_fraction"])
+        self.series = fields["series"]
+        self.layer_terms = fields["layer_terms"] or {}
+        self.layer_group_size = fields["layer_group_size"] or {}
+        names = fields["quantized_modules"]
+        self.quantized = None if names is None else set(names)  # format 2: converted layers by name
+        self.skip = list(fields["modules_to_not_convert"] or [])
         self.forward = os.environ.get(ENV_FORWARD, "dense")
         if self.forward not in FORWARDS:
             raise ValueError(f"{ENV_FORWARD}={self.forward!r} is not one of {FORWARDS}")
@@ -91,7 +96,7 @@ class FPxINTvLLMConfig(QuantizationConfig):
             return None
         leaf = prefix.rpartition(".")[2]
         pieces = [prefix[: -len(leaf)] + p for p in FUSED.get(leaf, (leaf,))]
-        skipped = [p for p in pieces if self._skipped(p)]
+        skipped = [p for p in pieces if not self.converted(p)]
         if skipped and len(skipped) < len(pieces):
             raise ValueError(
                 f"{prefix}: {skipped} are kept in full precision but fused with quantized pieces"
@@ -103,18 +108,30 @@ class FPxINTvLLMConfig(QuantizationConfig):
             raise ValueError(
                 f"{prefix}: its fused pieces {pieces} store different numbers of terms {sorted(terms)}"
             )
-        return FPxINTvLLMLinearMethod(self, prefix, terms.pop())
+        sizes = {self.layer_group_size.get(p) for p in pieces}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"{prefix}: its fused pieces {pieces} have different group sizes {sorted(sizes)}"
+            )
+        return FPxINTvLLMLinearMethod(self, prefix, terms.pop(), sizes.pop())
 
-    def _skipped(self, name: str) -> bool:
-        return any(name == s or name.endswith("." + s) or s in name.split(".") for s in self.skip)
+    def converted(self, name: str) -> bool:
+        """Whether layer ``name`` holds FP=xINT tensors: listed in ``quantized_modules`` (format 2), else not
+        matched by ``modules_to_not_convert`` under transformers' own rule (what converted it when quantizing)."""
+        if self.quantized is not None:
+            return name in self.quantized
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        return should_convert_module(name, self.skip)
 
 
 @register_weight_loader_v2_supported_method
 class FPxINTvLLMLinearMethod(LinearMethodBase):
     """Creates the FP=xINT tensors of one (possibly fused) linear layer and computes it."""
 
-    def __init__(self, config: FPxINTvLLMConfig, prefix: str, terms: int):
+    def __init__(self, config: FPxINTvLLMConfig, prefix: str, terms: int, group_size: int | None = None):
         self.config, self.prefix, self.terms = config, prefix, terms
+        self.group_size = config.group_size if group_size is None else group_size  # as saved, else resolved
         self.term_bits = config.term_bits[:terms]
 
     def create_weights(
@@ -135,7 +152,7 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
             )
         loader = extra_weight_attrs["weight_loader"]
         out, n_in = sum(output_partition_sizes), input_size
-        gs = resolve_group_size(n_in, self.config.group_size)
+        gs = resolve_group_size(n_in, self.group_size)
         k = outlier_budget(n_in, self.config.outlier_fraction)
         shape = series_shape(self.term_bits, out, n_in)
         uniform = len(shape) == 3
