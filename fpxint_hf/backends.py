@@ -31,12 +31,12 @@ class Backend:
     forward: Callable[[torch.Tensor, Any], torch.Tensor]
 
 
-def _int4_supports(*, bits, group_size, in_features, terms, device, dtype, series="legacy") -> Support:
+def _int4_supports(*, bits, group_size, in_features, terms, device, dtype, series) -> Support:
     return kernels.int4_supported(kernels._widths(bits, terms), group_size, device, dtype)
 
 
-def _int8_supports(*, bits, group_size, in_features, terms, device, dtype, series="legacy") -> Support:
-    return kernels.int8_supported(bits, group_size, in_features, terms, device, dtype, series)
+def _int8_supports(*, bits, group_size, in_features, terms, device, dtype, series) -> Support:
+    return kernels.int8_supported(bits, group_size, in_features, terms, series, device, dtype)
 
 
 def _dense_supports(**_: Any) -> Support:

@@ -46,7 +46,7 @@ import torch
 
 from .fit import fit_grid, minmax_grid, relative_error, rtn, snr_db  # noqa: F401  (re-exported)
 from .saturation import LAPLACE_CLIP, SEARCH_GRID, clip_range, outlier_budget, saturate, sparse_matrix  # noqa: F401
-from .settings import CLIP_METHODS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS, ExpansionSettings  # noqa: F401
+from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS  # noqa: F401
 
 FIT_MAX_BITS = 8  # the error-minimizing fit is used for series of at most this many bits in total
 
@@ -65,7 +65,7 @@ class Expansion:
     terms_used: int  # terms actually computed (<= T; fewer when the residual fell below tol)
     term_bits: tuple[int, ...]  # X_i of each stored term
     group_size: int
-    series: str = "legacy"  # one of SERIES_RULES
+    series: str  # one of SERIES_RULES
     errors: tuple[float, ...] = ()  # ||M - approx_k||_F / ||M||_F after k = 1..terms_used terms (not stored)
 
     @property
@@ -82,7 +82,7 @@ class Expansion:
         return (int(self.codes.shape[1]), int(self.codes.shape[2]))
 
 
-def residual_ratio(bits: int, series: str = "legacy") -> int:
+def residual_ratio(bits: int, series: str) -> int:
     """``scale_{i-1} / scale_i`` for a term of ``bits`` bits: ``2^X - 2`` (legacy) or ``2^X`` (nested)."""
     return 2**bits if series == "nested" else 2**bits - 2
 
@@ -99,21 +99,19 @@ def normalize_bits(bits: int | tuple[int, ...] | list[int], terms: int) -> tuple
     return out
 
 
-def term_scales(
-    scale: torch.Tensor, term_bits: tuple[int, ...], terms: int, series: str = "legacy"
-) -> torch.Tensor:
+def term_scales(scale: torch.Tensor, term_bits: tuple[int, ...], terms: int, series: str) -> torch.Tensor:
     """float32 ``[terms, out, G]``: ``scale_i = scale_{i-1} / residual_ratio(X_i)`` (Eq. 1)."""
     ratios = [1.0] + [float(residual_ratio(b, series)) for b in term_bits[1:terms]]
     div = torch.tensor(ratios, dtype=torch.float64).cumprod(0).to(torch.float32)
     return scale.float().unsqueeze(0) / div.to(scale.device).view(-1, 1, 1)
 
 
-def term_offsets(term_bits: tuple[int, ...], terms: int, series: str = "legacy") -> tuple[float, ...]:
+def term_offsets(term_bits: tuple[int, ...], terms: int, series: str) -> tuple[float, ...]:
     """``o_i`` of ``value_i = (q_i - 2^(X_i-1) + o_i)·scale_i``: 1/2 for the mid-rise terms of a nested series."""
     return tuple(0.5 if series == "nested" and i else 0.0 for i in range(terms))
 
 
-def code_range(bits: int, i: int, series: str = "legacy") -> tuple[int, int]:
+def code_range(bits: int, i: int, series: str) -> tuple[int, int]:
     """Centred code range ``[cmin, cmax]`` of term ``i`` (0-based) of width ``bits``."""
     half = 2 ** (bits - 1)
     return (-half, half - 1) if i == 0 or series == "nested" else (-(half - 1), half - 1)
@@ -184,15 +182,15 @@ def dequantize_term(
 
 def expand(
     w: torch.Tensor,
-    bits: int | tuple[int, ...] = 4,
-    terms: int = 2,
-    group_size: int | None = 128,
-    symmetric: bool = False,
-    clip: str = "laplace",
-    outlier_fraction: float = 0.0,
-    tol: float = 0.0,
-    series: str = "legacy",
-    fit: str = "minmax",
+    bits: int | tuple[int, ...] = DEFAULTS.bits,
+    terms: int = DEFAULTS.terms,
+    group_size: int | None = DEFAULTS.group_size,
+    symmetric: bool = DEFAULTS.symmetric,
+    clip: str = DEFAULTS.clip,
+    outlier_fraction: float = DEFAULTS.outlier_fraction,
+    tol: float = DEFAULTS.tol,
+    series: str = DEFAULTS.series,
+    fit: str = DEFAULTS.fit,
     importance: torch.Tensor | None = None,
 ) -> Expansion:
     """Expand a 2-D weight into Eq. 1.  ``group_size`` must divide ``in_features`` (see
@@ -252,17 +250,6 @@ def _column_weight(importance: torch.Tensor, in_features: int, gs: int, device: 
         raise ValueError(f"importance must hold {in_features} finite values >= 0, got shape {tuple(a.shape)}")
     a = a.reshape(-1, gs)
     return (a / a.mean(-1, keepdim=True).clamp(min=1e-30)).clamp(min=1e-6)
-
-
-def expand_with(
-    w: torch.Tensor, settings: ExpansionSettings, importance: torch.Tensor | None = None
-) -> Expansion:
-    """``expand`` with one ``ExpansionSettings``; its group size is resolved for this weight (``resolve_group_size``)."""
-    s = settings
-    gs = resolve_group_size(w.shape[1], s.group_size)
-    return expand(
-        w, s.bits, s.terms, gs, s.symmetric, s.clip, s.outlier_fraction, s.tol, s.series, s.fit, importance
-    )
 
 
 def nested_first_term(

@@ -137,14 +137,14 @@ def int4_supported(
     return _common_support(device, dtype, _INT4_OPS)
 
 
-def collapse_multipliers(bits: int | tuple[int, ...], terms: int, series: str = "legacy") -> tuple[int, ...]:
+def collapse_multipliers(bits: int | tuple[int, ...], terms: int, series: str) -> tuple[int, ...]:
     """``m_i = scale_i / scale_k`` (integers) for ``i <= k = terms``."""
     widths = _widths(bits, terms)
     steps = term_scales(torch.ones(1, 1), widths, terms, series)[:, 0, 0].double()
     return tuple(int(round(float(v))) for v in steps / steps[-1])
 
 
-def collapsed_range(bits: int | tuple[int, ...], terms: int, series: str = "legacy") -> tuple[int, int]:
+def collapsed_range(bits: int | tuple[int, ...], terms: int, series: str) -> tuple[int, int]:
     """Worst-case range of ``Σ_{i<=k} m_i·c_i`` (``k = terms``) over all valid centred codes."""
     widths = _widths(bits, terms)
     mult = collapse_multipliers(widths, terms, series)
@@ -154,7 +154,7 @@ def collapsed_range(bits: int | tuple[int, ...], terms: int, series: str = "lega
     )
 
 
-def collapse_shift(bits: int | tuple[int, ...], terms: int, series: str = "legacy") -> int | None:
+def collapse_shift(bits: int | tuple[int, ...], terms: int, series: str) -> int | None:
     """The integer added to ``Σ m_i·c_i`` so that it fits int8 (0 when it already does), or ``None``."""
     lo, hi = collapsed_range(bits, terms, series)
     if hi - lo > 255:
@@ -167,9 +167,9 @@ def int8_supported(
     group_size: int,
     in_features: int,
     terms: int,
+    series: str,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    series: str = "legacy",
 ) -> Support:
     """Whether the collapsed ``int8`` path applies to the first ``terms`` terms of such a layer."""
     if group_size != in_features:
@@ -289,7 +289,7 @@ def prepare_int8(
     ``Σ_i scale_i·(c_i + o_i) = scale_k·(Σ_i m_i·c_i + shift) + Σ_i scale_i·o_i - shift·scale_k``: the
     integer goes to the kernel, the per-row constant joins the bias term."""
     device = torch.device(device)
-    why = int8_supported(e.term_bits[:terms], e.group_size, e.shape[1], terms, device, dtype, e.series)
+    why = int8_supported(e.term_bits[:terms], e.group_size, e.shape[1], terms, e.series, device, dtype)
     if not why:
         raise ValueError(f"the collapsed int8 kernel does not apply: {why.reason}")
     shift = collapse_shift(e.term_bits, terms, e.series)

@@ -39,7 +39,7 @@ from .expansion import (
 from .offload import buffers_offloaded
 from .packing import pack_series, series_shape, unpack_series
 from .saturation import outlier_index_dtype
-from .settings import ExpansionSettings
+from .settings import DEFAULTS, ExpansionSettings
 
 FORWARD_MODES = ("reference", "terms", "dense", "int4", "int8", "auto")
 
@@ -66,13 +66,13 @@ class FPxINTLinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        bits: int | tuple[int, ...] = 4,
-        terms: int = 2,
-        group_size: int | None = None,
-        symmetric: bool = False,
+        bits: int | tuple[int, ...] = DEFAULTS.bits,
+        terms: int = DEFAULTS.terms,
+        group_size: int | None = DEFAULTS.group_size,
+        symmetric: bool = DEFAULTS.symmetric,
         outlier_budget: int = 0,
-        series: str = "legacy",
-        fit: str = "minmax",
+        series: str = DEFAULTS.series,
+        fit: str = DEFAULTS.fit,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -176,15 +176,15 @@ class FPxINTLinear(nn.Module):
         cls,
         linear: nn.Linear,
         *,
-        bits: int = 4,
-        terms: int = 2,
-        group_size: int | None = 128,
-        symmetric: bool = False,
-        clip: str = "laplace",
-        outlier_fraction: float = 0.0,
-        tol: float = 0.0,
-        series: str = "legacy",
-        fit: str = "minmax",
+        bits: int | tuple[int, ...] = DEFAULTS.bits,
+        terms: int = DEFAULTS.terms,
+        group_size: int | None = DEFAULTS.group_size,
+        symmetric: bool = DEFAULTS.symmetric,
+        clip: str = DEFAULTS.clip,
+        outlier_fraction: float = DEFAULTS.outlier_fraction,
+        tol: float = DEFAULTS.tol,
+        series: str = DEFAULTS.series,
+        fit: str = DEFAULTS.fit,
     ) -> FPxINTLinear:
         """Quantize one ``nn.Linear`` (its bias is copied). ``group_size`` falls back as ``resolve_group_size``."""
         module = cls(

@@ -97,7 +97,7 @@ def test_committed_series_is_reproduced(eval_scripts):
     result = json.loads((RESULTS / "series.json").read_text())
     assert series_report.to_markdown(result) == (RESULTS / "series.md").read_text()
     w = series_report.weight_matrix()
-    e = expand(w, bits=4, terms=4, group_size=128)
+    e = expand(w, bits=4, terms=4, group_size=128, series="legacy", fit="minmax")
     errors = [relative_error(reconstruct(e, k), w) for k in range(1, 5)]
     assert errors == pytest.approx(result["errors"]["4-bit"], rel=1e-4)
     assert relative_error(rtn(w, 4, 128), w) == pytest.approx(result["errors"]["rtn"]["4-bit"], rel=1e-4)

@@ -25,6 +25,7 @@ def make(in_features=256, out_features=81, terms=3, group_size=64, frac=0.0, sym
     torch.manual_seed(seed)
     lin = torch.nn.Linear(in_features, out_features)
     kw = dict(bits=bits, terms=terms, group_size=group_size, symmetric=symmetric, outlier_fraction=frac)
+    kw |= dict(series="legacy", fit="minmax")  # the rule these kernel tests were written for
     return lin, expand(lin.weight, **kw), FPxINTLinear.from_linear(lin, **kw)
 
 
@@ -81,7 +82,7 @@ def test_int4_kernel_runs_2_and_3_bit_codes(bits):
 def test_collapsed_int8_matches_reference_fp32(symmetric, frac, bits):
     _, _, m = make(256, 81, 3, None, frac, symmetric, bits)
     x = torch.randn(4, 256)
-    ks = [k for k in (1, 2, 3) if kernels.int8_supported(bits, 256, 256, k)]
+    ks = [k for k in (1, 2, 3) if kernels.int8_supported(bits, 256, 256, k, "legacy")]
     assert ks == ([1, 2, 3] if bits == 2 else [1, 2])
     for k in ks:
         fast = run(m, x, "int8", k)
@@ -114,7 +115,7 @@ def test_collapsed_range_is_the_exact_extreme_of_the_codes():
         h, r = 2 ** (bits - 1), 2**bits - 2
         ranges = [range(-h, h)] + [range(-(h - 1), h)] * (k - 1)
         values = [sum(c * r ** (k - 1 - i) for i, c in enumerate(cs)) for cs in itertools.product(*ranges)]
-        assert kernels.collapsed_range(bits, k) == (min(values), max(values))
+        assert kernels.collapsed_range(bits, k, "legacy") == (min(values), max(values))
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])
@@ -165,10 +166,18 @@ def test_auto_picks_a_kernel_where_one_applies_and_falls_back_otherwise():
         assert out.dtype == xi.dtype
         assert snr_db(out, run(m, xi, "reference", k)) >= (35 if xi.dtype == torch.bfloat16 else 60)
         assert expected == backends.choose_kernel(
-            bits=m.bits, group_size=m.group_size, in_features=256, terms=k, device="cpu", dtype=xi.dtype
+            bits=m.bits,
+            group_size=m.group_size,
+            in_features=256,
+            terms=k,
+            series=m.series,
+            device="cpu",
+            dtype=xi.dtype,
         )
     assert (
-        backends.choose_kernel(bits=4, group_size=64, in_features=256, terms=2, device="cuda", dtype=xb.dtype)
+        backends.choose_kernel(
+            bits=4, group_size=64, in_features=256, terms=2, series="legacy", device="cuda", dtype=xb.dtype
+        )
         == "dense"
     )
     xg = xb.clone().requires_grad_()  # the kernels have no backward: auto differentiates through dense
@@ -186,7 +195,7 @@ def test_unsupported_explicit_mode_raises_with_the_reason():
     with pytest.raises(ValueError, match="not per-channel"):
         run(grouped, x, "int8")
     assert "CUDA" in kernels.int4_supported(4, 64, "cuda", torch.float16).reason
-    assert not kernels.int8_supported(4, 256, 256, 2, "cuda", torch.bfloat16)
+    assert not kernels.int8_supported(4, 256, 256, 2, "legacy", "cuda", torch.bfloat16)
     assert kernels.int4_supported(4, 64) and kernels.int4_supported(4, 64).reason == ""
     assert set(FORWARD_MODES) == {"reference", "terms", "dense", "int4", "int8", "auto"}
 
@@ -276,7 +285,9 @@ def test_every_backend_object_supports_prepares_and_runs():
     _, e, _ = make(group_size=None, terms=2)
     x = torch.randn(5, 256, dtype=torch.bfloat16)
     ref = x.float() @ reconstruct(e, 2).t()
-    layer = dict(bits=4, group_size=256, in_features=256, terms=2, device="cpu", dtype=torch.bfloat16)
+    layer = dict(
+        bits=4, group_size=256, in_features=256, terms=2, series=e.series, device="cpu", dtype=torch.bfloat16
+    )
     assert set(backends.BACKENDS) == {"int4", "int8", "dense"}
     for name, b in backends.BACKENDS.items():
         assert b.name == name and b.supports(**layer), name

@@ -14,6 +14,7 @@ def make(
     torch.manual_seed(0)
     lin = torch.nn.Linear(in_features, out_features, bias=bias)
     kw = dict(bits=bits, terms=terms, group_size=group_size, symmetric=symmetric, outlier_fraction=frac)
+    kw |= dict(series="legacy", fit="minmax")  # the rule these layer tests were written for
     return lin, expand(lin.weight, **kw), FPxINTLinear.from_linear(lin, **kw)
 
 
@@ -107,6 +108,6 @@ def test_bits_per_weight_and_repr():
 
 def test_mismatched_expansion_rejected():
     _, e, _ = make(terms=3)
-    other = FPxINTLinear(192, 80, bits=4, terms=2, group_size=64, outlier_budget=2)
+    other = FPxINTLinear(192, 80, bits=4, terms=2, group_size=64, outlier_budget=2, series="legacy")
     with pytest.raises(ValueError, match="does not match"):
         other.load_expansion(e)

@@ -1,0 +1,53 @@
+"""Every default of an expansion setting comes from ``settings.DEFAULTS`` (the dataclass), wherever it is
+spelled: a literal that drifts from it (the low-level code once defaulted to the legacy series while users got the
+nested one) fails here.  vLLM's reading of the same defaults is checked in tests/test_vllm.py."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from fpxint_hf import FPxINTConfig
+from fpxint_hf.expansion import expand
+from fpxint_hf.linear import FPxINTLinear
+from fpxint_hf.settings import (
+    CONFIG_DEFAULTS,
+    DEFAULTS,
+    FORMAT_1_DEFAULTS,
+    SETTING_NAMES,
+    read_quantization_config,
+)
+
+# every callable whose signature repeats expansion settings as keyword defaults
+SIGNATURES = {
+    "expansion.expand": expand,
+    "FPxINTLinear.__init__": FPxINTLinear.__init__,
+    "FPxINTLinear.from_linear": FPxINTLinear.from_linear,
+    "FPxINTConfig.__init__": FPxINTConfig.__init__,
+}
+
+
+@pytest.mark.parametrize("where", list(SIGNATURES))
+def test_signature_defaults_are_the_dataclass_defaults(where):
+    params = inspect.signature(SIGNATURES[where]).parameters
+    shared = [n for n in SETTING_NAMES if n in params]
+    assert len(shared) >= 6, (where, shared)  # the settings really are repeated there
+    drift = {n: params[n].default for n in shared if params[n].default != getattr(DEFAULTS, n)}
+    assert not drift, f"{where} defaults differ from settings.DEFAULTS: {drift}"
+
+
+def test_config_defaults_are_the_reader_defaults():
+    params = inspect.signature(FPxINTConfig.__init__).parameters
+    assert {n: params[n].default for n in CONFIG_DEFAULTS} == CONFIG_DEFAULTS
+    assert set(FPxINTConfig().to_dict()) == {"quant_method", *CONFIG_DEFAULTS}
+
+
+def test_reader_fills_each_format_with_its_defaults():
+    assert read_quantization_config({"version": 2}) == CONFIG_DEFAULTS
+    assert read_quantization_config({}) == {**CONFIG_DEFAULTS, **FORMAT_1_DEFAULTS, "version": 1}
+    for saved in ({}, {"version": 2}, {"series": "nested", "bits": [4, 2]}):
+        assert FPxINTConfig.from_dict(saved).to_dict() == {
+            "quant_method": "fpxint",
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in read_quantization_config(saved).items()},
+        }
