@@ -36,9 +36,9 @@ from .expansion import (
     term_offsets,
     term_scales,
 )
+from .layout import TensorSpec, layer_tensors
 from .offload import buffers_offloaded
-from .packing import pack_series, series_shape, unpack_series
-from .saturation import outlier_index_dtype
+from .packing import pack_series, unpack_series
 from .settings import DEFAULTS, ExpansionSettings
 
 FORWARD_MODES = ("reference", "terms", "dense", "int4", "int8", "auto")
@@ -92,32 +92,23 @@ class FPxINTLinear(nn.Module):
         self.active_terms: int | None = None  # run-time truncation; None = every stored term
         self.forward_mode = "auto"
         self._kernel_cache: tuple | None = None  # (key, buffers, prepared kernel weights or None)
-        groups = in_features // group_size
-        # [T, out, ceil(in·X/8)] packed codes Q_i + 2^(X-1), term-major; mixed widths: [out, Σ_i ceil(in·X_i/8)]
-        shape = series_shape(self.term_bits, out_features, in_features)
-        self.register_buffer("codes", torch.zeros(shape, dtype=torch.uint8, device=device))
-        # [out, G] scale_1 per group; scale_i = scale_{i-1} / 2^(X_i) (nested) or / (2^X - 2) (legacy)
-        self.register_buffer("scale", torch.zeros(out_features, groups, dtype=torch.float16, device=device))
-        if not symmetric:
-            # [out, G] bias (zero point) per group
-            self.register_buffer(
-                "zero", torch.zeros(out_features, groups, dtype=torch.float16, device=device)
-            )
-        if outlier_budget:
-            # [out, K] column of each saturated value kept in M_sa
-            self.register_buffer(
-                "outlier_idx",
-                torch.zeros(
-                    out_features, outlier_budget, dtype=outlier_index_dtype(in_features), device=device
-                ),
-            )
-            # [out, K] value of M_sa at that column (0 in unused slots)
-            self.register_buffer(
-                "outlier_val", torch.zeros(out_features, outlier_budget, dtype=torch.float16, device=device)
-            )
-        # [1] number of terms actually computed (< terms when the residual fell below tol)
-        self.register_buffer("terms_used", torch.full((1,), terms, dtype=torch.int32, device=device))
+        # the buffers of layout.layer_tensors (shapes and dtypes declared there): codes, scale, zero (asymmetric),
+        # outlier_idx and outlier_val (with an outlier budget), terms_used
+        for name, spec in self.layout().items():
+            self.register_buffer(name, torch.zeros(spec.shape, dtype=spec.dtype, device=device))
+        self.terms_used.fill_(terms)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    def layout(self) -> dict[str, TensorSpec]:
+        """The stored tensors of this layer: names, shapes, dtypes (``layout.layer_tensors``)."""
+        return layer_tensors(
+            self.term_bits,
+            self.out_features,
+            self.in_features,
+            self.group_size,
+            self.symmetric,
+            self.outlier_budget,
+        )
 
     def _apply(self, fn, recurse=True):
         """Keep the float16 scale/bias/outlier buffers float16 under ``.to(dtype)``, ``.half()``, ``.bfloat16()``.
@@ -241,16 +232,23 @@ class FPxINTLinear(nn.Module):
                 f"expansion (shape={e.shape}, bits={e.term_bits}, terms={e.terms}, group_size={e.group_size}, "
                 f"series={e.series}) does not match {self.extra_repr()}"
             )
-        state: dict[str, torch.Tensor] = {
+        values = {
             "codes": pack_series(e.codes, self.term_bits),
             "scale": e.scale,
-            "terms_used": torch.tensor([e.terms_used], dtype=torch.int32, device=e.scale.device),
+            "zero": e.zero,
+            "outlier_idx": e.outlier_idx,
+            "outlier_val": e.outlier_val,
+            "terms_used": torch.tensor([e.terms_used], device=e.scale.device),
         }
-        if not self.symmetric and e.zero is not None:
-            state["zero"] = e.zero
-        if self.outlier_budget:
-            state["outlier_idx"] = e.outlier_idx.to(outlier_index_dtype(self.in_features))
-            state["outlier_val"] = e.outlier_val
+        state = {}
+        for name, spec in self.layout().items():
+            value = values[name]
+            if value is None or tuple(value.shape) != spec.shape:
+                got = None if value is None else list(value.shape)
+                raise ValueError(
+                    f"expansion's {name} {got} does not match {list(spec.shape)} of {self.extra_repr()}"
+                )
+            state[name] = value.to(spec.dtype)
         return state
 
     @torch.no_grad()

@@ -9,8 +9,8 @@ field's ``metadata`` holds the allowed range shown in errors and the CLI help.  
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
 from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 SUPPORTED_BITS = (2, 3, 4, 8)

@@ -77,8 +77,10 @@ def test_old_checkpoint_without_series_keys_still_loads(
     q.save_pretrained(tmp_path / "old")
     cfg_path = tmp_path / "old" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    for key in ("series", "fit", "bits_budget", "layer_terms"):
+    # nor any key added since (format 2: version, quantized_modules, layer_group_size)
+    for key in ("series", "fit", "bits_budget", "layer_terms", "act_proxy", "version", "quantized_modules"):
         cfg["quantization_config"].pop(key)
+    cfg["quantization_config"].pop("layer_group_size")
     cfg["quantization_config"]["forward_mode"] = "reference"
     cfg_path.write_text(json.dumps(cfg))
     reloaded = load_fp(tmp_path / "old")

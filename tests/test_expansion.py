@@ -8,6 +8,8 @@ import torch
 
 from fpxint_hf.expansion import (
     expand as expand_any,
+)
+from fpxint_hf.expansion import (
     outlier_budget,
     reconstruct,
     relative_error,

@@ -185,7 +185,27 @@ def test_tampered_checkpoint_fails_naming_the_tensor(fp_dir, tmp_path, capfd):
     with pytest.raises(Exception):  # noqa: B017  (vLLM wraps the worker's error in its own)
         vllm_llm(tmp_path / "q")
     captured = capfd.readouterr()
-    assert "model.layers.1.self_attn.o_proj.scale holds NaN or Inf" in captured.out + captured.err
+    assert "model.layers.1.self_attn.o_proj.scale (holds NaN or Inf)" in captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    "saved", [{}, {"version": 2}, {"series": "nested", "bits": [4, 2]}, {"version": 2, "group_size": None}]
+)
+def test_vllm_reads_the_config_as_transformers_does(saved):
+    """Both read config.json with ``settings.read_quantization_config``: the same defaults per format version
+    (a format-1 config without ``series`` is legacy in both)."""
+    from fpxint_hf.vllm.method import FPxINTvLLMConfig
+
+    hf = fpxint_hf.FPxINTConfig.from_dict({"quant_method": "fpxint", **saved})
+    v = FPxINTvLLMConfig({"quant_method": "fpxint", **saved})
+    assert (v.terms, v.term_bits, v.group_size, v.symmetric, v.outlier_fraction, v.series) == (
+        hf.terms,
+        hf.term_bits,
+        hf.group_size,
+        hf.symmetric,
+        hf.outlier_fraction,
+        hf.series,
+    )
 
 
 def test_tensor_parallel_shards_are_refused_with_the_layer_name():

@@ -37,8 +37,8 @@ from vllm.platforms import current_platform
 
 from .. import backends, kernels
 from ..expansion import Expansion, normalize_bits, outlier_budget, reconstruct, resolve_group_size
-from ..packing import series_shape, unpack_series
-from ..saturation import outlier_index_dtype
+from ..layout import TensorSpec, check_tensors, layer_tensors
+from ..packing import unpack_series
 from ..settings import read_quantization_config
 from . import ENV_ACTIVE_TERMS, ENV_FORWARD
 
@@ -154,38 +154,12 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
         out, n_in = sum(output_partition_sizes), input_size
         gs = resolve_group_size(n_in, self.group_size)
         k = outlier_budget(n_in, self.config.outlier_fraction)
-        shape = series_shape(self.term_bits, out, n_in)
-        uniform = len(shape) == 3
-        codes = ModelWeightParameter(
-            data=torch.empty(shape, dtype=torch.uint8),
-            input_dim=2 if uniform else 1,
-            output_dim=1 if uniform else 0,
-            weight_loader=loader,
+        specs = layer_tensors(
+            self.term_bits, out, n_in, gs, self.config.symmetric, k, len(output_partition_sizes)
         )
-        layer.register_parameter("codes", codes)
-        group = {"input_dim": 1, "output_dim": 0, "weight_loader": loader}
-        layer.register_parameter(
-            "scale", GroupQuantScaleParameter(data=torch.empty(out, n_in // gs, dtype=torch.float16), **group)
-        )
-        if not self.config.symmetric:
-            layer.register_parameter(
-                "zero",
-                GroupQuantScaleParameter(data=torch.empty(out, n_in // gs, dtype=torch.float16), **group),
-            )
-        if k:
-            idx_dtype = outlier_index_dtype(n_in)
-            for name, dtype in (("outlier_idx", idx_dtype), ("outlier_val", torch.float16)):
-                layer.register_parameter(
-                    name,
-                    ChannelQuantScaleParameter(
-                        data=torch.empty(out, k, dtype=dtype), output_dim=0, weight_loader=loader
-                    ),
-                )
-        pieces = len(output_partition_sizes)
-        layer.register_parameter(
-            "terms_used",
-            PerTensorScaleParameter(data=torch.empty(pieces, dtype=torch.int32), weight_loader=loader),
-        )
+        for name, spec in specs.items():  # the tensors FPxINTLinear stores, as vLLM parameters of their kind
+            data = torch.empty(spec.shape, dtype=spec.dtype)
+            layer.register_parameter(name, _parameter(spec, data, loader))
         layer.fpxint_layout = (tuple(output_partition_sizes), n_in, gs, params_dtype)
 
     def expansions(self, layer: Any) -> list[Expansion]:
@@ -195,9 +169,7 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
         out, start = [], 0
         for i, rows in enumerate(sizes):
             sl = slice(start, start + rows)
-            k = int(layer.terms_used.data[i])
-            if not 1 <= k <= self.terms:
-                raise ValueError(f"{self.prefix}.terms_used={k} (piece {i}) is outside 1..{self.terms}")
+            k = int(layer.terms_used.data[i])  # checked by check_tensors
             idx = getattr(layer, "outlier_idx", None)
             val = getattr(layer, "outlier_val", None)
             out.append(
@@ -219,14 +191,23 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
         return out
 
     def process_weights_after_loading(self, layer: Any) -> None:
-        _, _, _, dtype = layer.fpxint_layout
+        sizes, n_in, gs, dtype = layer.fpxint_layout
+        k = outlier_budget(n_in, self.config.outlier_fraction)
+        specs = layer_tensors(self.term_bits, sum(sizes), n_in, gs, self.config.symmetric, k, len(sizes))
+        tensors = {name: getattr(layer, name).data for name in specs}
+        problems = check_tensors(
+            self.prefix,
+            tensors,
+            terms=self.terms,
+            term_bits=self.term_bits,
+            in_features=n_in,
+            series=self.config.series,
+        )
+        if problems:
+            raise ValueError(
+                f"FP=xINT checkpoint does not match its quantization_config: {'; '.join(problems)}"
+            )
         parts = self.expansions(layer)
-        for name in ("scale", "zero", "outlier_val"):
-            t = getattr(layer, name, None)
-            if t is not None and not torch.isfinite(t.data).all():
-                raise ValueError(f"{self.prefix}.{name} holds NaN or Inf")
-        if not bool((layer.scale.data > 0).all()):
-            raise ValueError(f"{self.prefix}.scale holds values <= 0")
         active = self.config.active_terms
         ks = [e.terms_used if active is None else min(active, e.terms_used) for e in parts]
         layer.fpxint_prepared = None
@@ -253,6 +234,25 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
             y = backends.kernel_linear(x.to(torch.bfloat16), prepared).to(x.dtype)
             return y if bias is None else y + bias
         return layer.cpu_linear(x, layer.weight, bias)
+
+
+_PARAMETERS = {  # how vLLM shards and fuses each kind of tensor (layout.KINDS)
+    "codes": ModelWeightParameter,
+    "group": GroupQuantScaleParameter,
+    "row": ChannelQuantScaleParameter,
+    "piece": PerTensorScaleParameter,
+}
+
+
+def _parameter(spec: TensorSpec, data: torch.Tensor, loader: Any) -> BasevLLMParameter:
+    """The vLLM parameter holding a tensor of ``spec`` (its output and input dims as vLLM's loaders expect)."""
+    cls = _PARAMETERS[spec.kind]
+    dims: dict[str, int] = {}
+    if spec.kind in ("codes", "group"):
+        dims = {"output_dim": spec.output_dim or 0, "input_dim": spec.input_dim or 0}
+    elif spec.kind == "row":
+        dims = {"output_dim": spec.output_dim or 0}
+    return cls(data=data, weight_loader=loader, **dims)
 
 
 __all__ = ["BasevLLMParameter", "FPxINTvLLMConfig", "FPxINTvLLMLinearMethod"]

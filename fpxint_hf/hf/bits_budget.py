@@ -1,0 +1,77 @@
+"""A bits budget on load: every layer quantized with 1..``terms`` terms, then the split of ``budget.allocate_terms``."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..budget import LayerCandidates, allocate_terms
+from ..linear import FPxINTLinear
+from ..model_ops import model_bits_per_weight
+from .config import FPxINTConfig
+
+logger = logging.getLogger(__name__)
+
+
+def budget_candidates(
+    module: FPxINTLinear, weight: torch.Tensor, cfg: FPxINTConfig, full, full_state, importance=None
+) -> dict:
+    """``{k: (buffers, relative error, stored bits)}`` for k = 1..terms: each k fitted for exactly k terms."""
+    cands = {}
+    for k in range(1, module.terms + 1):
+        if k == module.terms:
+            e, state = full, full_state
+        else:
+            probe = FPxINTLinear(
+                module.in_features,
+                module.out_features,
+                bias=False,
+                bits=module.term_bits[:k],
+                terms=k,
+                group_size=module.group_size,
+                symmetric=module.symmetric,
+                outlier_budget=module.outlier_budget,
+                series=module.series,
+                fit=module.fit,
+                device="meta",
+            )
+            e = probe.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance)
+            state = probe.expansion_state(e)
+        stored = 8 * sum(t.numel() * t.element_size() for t in state.values())
+        cands[k] = (state, e.errors[-1] if e.errors else 0.0, stored)
+    return cands
+
+
+def apply_bits_budget(model: torch.nn.Module, cfg: FPxINTConfig, candidates: dict[str, dict]) -> None:
+    """Choose each layer's terms under ``cfg.bits_budget`` (``budget.allocate_terms``) from the ``candidates`` of
+    each layer (``budget_candidates``, by module name), shrink the layers that keep fewer than ``terms`` and
+    record them in ``cfg.layer_terms``."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FPxINTLinear)}
+    cands = {n: candidates.get(n) for n in layers}
+    if any(c is None for c in cands.values()):
+        raise ValueError("bits_budget needs every FP=xINT layer quantized on load in this process")
+    options = [
+        LayerCandidates(
+            n,
+            m.in_features * m.out_features,
+            tuple(cands[n][k][2] for k in sorted(cands[n])),
+            tuple(cands[n][k][1] for k in sorted(cands[n])),
+        )
+        for n, m in layers.items()
+    ]
+    keep = allocate_terms(options, float(cfg.bits_budget or 0))
+    with torch.no_grad():
+        for name, k in keep.items():
+            module = layers[name]
+            if k < module.terms:
+                module.truncate_terms(k)
+                for t_name, value in cands[name][k][0].items():
+                    setattr(module, t_name, value.to(getattr(module, t_name).device))
+    cfg.layer_terms = {n: k for n, k in keep.items() if k != cfg.terms} or None
+    logger.info(
+        "FP=xINT bits_budget=%s: %.4f bits per weight stored; terms per layer %s",
+        cfg.bits_budget,
+        model_bits_per_weight(model),
+        {k: list(keep.values()).count(k) for k in sorted(set(keep.values()))},
+    )

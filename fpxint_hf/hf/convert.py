@@ -1,0 +1,56 @@
+"""``FPxINTQuantize``: transformers' conversion op that quantizes one full-precision weight on load."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.core_model_loading import ConversionOps
+
+from ..linear import FPxINTLinear
+from .bits_budget import budget_candidates
+
+if TYPE_CHECKING:
+    from .quantizer import FPxINTHfQuantizer
+
+
+class FPxINTQuantize(ConversionOps):
+    """Turns one full-precision ``*.weight`` into the FP=xINT buffers of its module (tensor by tensor)."""
+
+    def __init__(self, hf_quantizer: FPxINTHfQuantizer):
+        self.hf_quantizer = hf_quantizer
+
+    @torch.no_grad()
+    def convert(  # type: ignore[override]  # transformers' signature, with the arguments it passes named
+        self,
+        input_dict: dict[str, Any],
+        model: torch.nn.Module | None = None,
+        full_layer_name: str | None = None,
+        missing_keys: set[str] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        (value,) = input_dict.values()
+        weight = value[0] if isinstance(value, list) else value
+        if model is None or full_layer_name is None:
+            raise ValueError("FP=xINT's quantize op needs the model and the layer name from transformers")
+        module_name = full_layer_name.rpartition(".")[0]
+        module = model.get_submodule(module_name)
+        if not isinstance(module, FPxINTLinear):
+            raise ValueError(f"{module_name} is not an FPxINTLinear ({type(module).__name__})")
+        cfg = self.hf_quantizer.quantization_config
+        proxy = self.hf_quantizer.proxy
+        importance = None if proxy is None else proxy.importance(module_name)
+        try:
+            e = module.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance)
+        except ValueError as err:
+            raise ValueError(f"FP=xINT cannot quantize {full_layer_name}: {err}") from err
+        state = module.expansion_state(e)
+        if cfg.bits_budget is not None:
+            self.hf_quantizer.budget_candidates[module_name] = budget_candidates(
+                module, weight, cfg, e, state, importance
+            )
+        module._parameters.pop("weight", None)  # the full-precision placeholder is not kept
+        if missing_keys is not None:
+            missing_keys.discard(full_layer_name)
+        self.hf_quantizer.progress_update()
+        return {f"{module_name}.{name}": tensor for name, tensor in state.items()}
