@@ -32,7 +32,7 @@ class Backend:
 
 
 def _int4_supports(*, bits, group_size, in_features, terms, device, dtype, series) -> Support:
-    return kernels.int4_supported(kernels._widths(bits, terms), group_size, device, dtype)
+    return kernels.int4_supported(kernels.term_widths(bits, terms), group_size, device, dtype)
 
 
 def _int8_supports(*, bits, group_size, in_features, terms, device, dtype, series) -> Support:
@@ -53,7 +53,9 @@ def prepare_dense(
 BACKENDS = {
     "int4": Backend("int4", _int4_supports, kernels.prepare_int4, kernels.int4_linear),
     "int8": Backend("int8", _int8_supports, kernels.prepare_int8, kernels.int8_linear),
-    "dense": Backend("dense", _dense_supports, prepare_dense, lambda x2d, w: x2d @ w.weight.t()),
+    "dense": Backend(
+        "dense", _dense_supports, prepare_dense, lambda x2d, w: torch.nn.functional.linear(x2d, w.weight)
+    ),
 }
 KERNEL_MODES = tuple(BACKENDS)
 _BY_WEIGHTS = {Int4Weights: "int4", Int8Weights: "int8", DenseWeights: "dense"}
@@ -94,8 +96,6 @@ def prepare(mode: str, e: Expansion, terms: int, dtype: torch.dtype, device: tor
 
 def kernel_linear(x: torch.Tensor, w: Int4Weights | Int8Weights | DenseWeights) -> torch.Tensor:
     """``x @ M.T`` for any leading shape of ``x`` with prepared weights ``w``."""
-    if isinstance(w, DenseWeights):
-        return torch.nn.functional.linear(x, w.weight)
     x2d = x.reshape(-1, x.shape[-1])
     y = BACKENDS[_BY_WEIGHTS[type(w)]].forward(x2d, w)
     return y.reshape(*x.shape[:-1], y.shape[-1])

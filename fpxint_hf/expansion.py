@@ -40,11 +40,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .fit import fit_grid, minmax_grid, relative_error, rtn, snr_db  # noqa: F401  (re-exported)
+from .fit import Grid, fit_grid, minmax_grid, relative_error, rtn, snr_db  # noqa: F401  (re-exported)
 from .saturation import LAPLACE_CLIP, SEARCH_GRID, clip_range, outlier_budget, saturate, sparse_matrix  # noqa: F401
 from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS  # noqa: F401
 
@@ -211,8 +212,8 @@ def expand(
         raise ValueError(f"series={series!r} is not supported; allowed: {SERIES_RULES}")
     if series == "legacy" and len(set(term_bits)) > 1:
         raise ValueError(f"mixed widths bits={list(term_bits)} need series='nested'")
-    if fit not in FIT_METHODS:
-        raise ValueError(f"fit={fit!r} is not supported; allowed: {FIT_METHODS}")
+    if fit not in FIRST_TERM_FITS:
+        raise ValueError(f"fit={fit!r} is not supported; allowed: {tuple(FIRST_TERM_FITS)}")
     if clip not in CLIP_METHODS:
         raise ValueError(f"clip={clip!r} is not supported; allowed: {CLIP_METHODS}")
     out_features, in_features = w.shape
@@ -252,6 +253,26 @@ def _column_weight(importance: torch.Tensor, in_features: int, gs: int, device: 
     return (a / a.mean(-1, keepdim=True).clamp(min=1e-30)).clamp(min=1e-6)
 
 
+def _optimized_grid(wg: torch.Tensor, bits: int, symmetric: bool, a: torch.Tensor | None) -> Grid:
+    """``fit.fit_grid`` (clip search + least squares), up to ``FIT_MAX_BITS`` bits in all; min-max above."""
+    if bits > FIT_MAX_BITS:
+        return minmax_grid(wg, bits, symmetric)
+    return fit_grid(wg, bits, symmetric=symmetric, weight=a)
+
+
+def _minmax_grid(wg: torch.Tensor, bits: int, symmetric: bool, a: torch.Tensor | None) -> Grid:
+    """RTN's min-max range (``a`` is not used)."""
+    return minmax_grid(wg, bits, symmetric)
+
+
+FIRST_TERM_FITS: dict[str, Callable[[torch.Tensor, int, bool, torch.Tensor | None], Grid]] = {
+    "optimized": _optimized_grid,
+    "minmax": _minmax_grid,
+}
+"""The first-term fits of a nested series by name (``fit``): the whole series' N-bit grid of each group of
+``wc`` ``[out, G, gs]``.  Its keys are ``settings.FIT_METHODS`` (tests/test_defaults.py checks it)."""
+
+
 def nested_first_term(
     wc: torch.Tensor, term_bits: tuple[int, ...], symmetric: bool, fit: str, a: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -264,13 +285,13 @@ def nested_first_term(
     """
     n = sum(term_bits)
     h1, tail = 2 ** (term_bits[0] - 1), 2.0 ** (n - term_bits[0])
-    optimized = fit == "optimized" and n <= FIT_MAX_BITS
+    first_grid = FIRST_TERM_FITS[fit]
     if symmetric:
-        g = fit_grid(wc, n, symmetric=True, weight=a) if optimized else minmax_grid(wc, n, symmetric=True)
+        g = first_grid(wc, n, True, a)
         reach = g.scale * (2 ** (n - 1) - 1)  # the fitted |range|
         scale = reach / (h1 - 0.5 - 0.5 / tail)
         return _fp16_scale(scale), None
-    g = fit_grid(wc, n, weight=a) if optimized else minmax_grid(wc, n)
+    g = first_grid(wc, n, False, a)
     lowest = g.zero - 2 ** (n - 1) * g.scale  # the fitted grid's lowest and highest levels
     highest = g.zero + (2 ** (n - 1) - 1) * g.scale
     zero = lowest + h1 * g.scale * tail + (g.scale * tail - g.scale) / 2

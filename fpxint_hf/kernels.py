@@ -1,8 +1,9 @@
 """Packed-integer CPU kernels for the FP=xINT series (Eq. 1 of ``expansion.py``).
 
 Two fast paths compute ``y = x @ M.T`` for ``M = M_sa + bias·1 + Σ_{i<=k} scale_i·Q_i`` without ever
-materialising the dequantized float matrix.  Both are prepared once per layer (``prepare``) and then
-run per forward (``kernel_linear``); ``FPxINTLinear`` caches the prepared weights.
+materialising the dequantized float matrix.  Both are prepared once per layer (``prepare_int4``/``prepare_int8``)
+and then run per forward (``int4_linear``/``int8_linear``); ``backends.py`` registers them as backends (with
+``backends.kernel_linear`` for any leading shape) and ``FPxINTLinear`` caches the prepared weights.
 
 ``int4`` (one ``torch.ops.aten._weight_int4pack_mm_for_cpu`` call per active term, outputs summed)
     Each term ``Q_i`` is re-packed into PyTorch's own int4 layout (``_convert_weight_to_int4pack_for_cpu``;
@@ -20,19 +21,21 @@ run per forward (``kernel_linear``); ``FPxINTLinear`` caches the prepared weight
 
 ``int8`` (collapsed: one ``torch.ops.aten._weight_int8pack_mm`` call for all active terms)
     With one group per row (``group_size == in_features``) the terms merge into one wider integer:
-    ``Σ_{i<=k} scale_i·c_i = scale_k · Σ_i r^(k-i)·c_i`` with ``r = 2^X - 2`` and centred codes
-    ``c_1 in [-2^(X-1), 2^(X-1) - 1]``, ``c_i in [-(2^(X-1) - 1), 2^(X-1) - 1]``.  Applies when that
-    integer's worst-case range (``collapsed_range``) fits int8: e.g. X=4 with k <= 2 (k=2: [-119, 105]),
+    ``Σ_{i<=k} scale_i·c_i = scale_k · Σ_i m_i·c_i`` with integer multipliers ``m_i = scale_i / scale_k``
+    (``collapse_multipliers``; legacy: powers of ``r = 2^X - 2`` with centred codes ``c_1 in [-2^(X-1),
+    2^(X-1) - 1]``, ``c_i in [-(2^(X-1) - 1), 2^(X-1) - 1]``; nested: mid-rise codes, shifted by
+    ``collapse_shift``).  Applies when that
+    integer's worst-case range (``collapsed_range``) fits int8: e.g. (legacy) X=4 with k <= 2 (k=2: [-119, 105]),
     X=3 with k <= 2, X=2 with k <= 6, X=8 with k = 1.  The bias (``zero · Σx``) and ``M_sa x`` are
     added afterwards.  CPU only, x float32, bfloat16 or float16.
 
 Speed (torch 2.13, AVX2 CPU; ``eval/results/bench_kernels.md``): both ops are vectorized only for
 bfloat16 activations; with float32 or float16 they are exact but far slower than dense ``F.linear``.
-``choose_kernel`` (the ``"auto"`` forward mode) therefore picks a kernel for bfloat16 only.
+``backends.choose_kernel`` (the ``"auto"`` forward mode) therefore picks a kernel for bfloat16 only.
 
 Not implemented: a CUDA path (``torch.ops.aten._weight_int4pack_mm`` with
 ``_convert_weight_to_int4pack``).  No GPU was available to test it, so CUDA tensors are reported as
-unsupported and ``FPxINTLinear`` in ``"auto"`` mode falls back to the reference path there.
+unsupported and ``FPxINTLinear`` in ``"auto"`` mode falls back to the ``dense`` backend there.
 
 Pure torch functions and dataclasses: no ``nn.Module``, no transformers.
 """
@@ -118,7 +121,8 @@ def int4_group_size(group_size: int) -> int | None:
     return next((g for g in INT4_GROUP_SIZES if group_size % g == 0), None)
 
 
-def _widths(bits: int | tuple[int, ...], terms: int = 1) -> tuple[int, ...]:
+def term_widths(bits: int | tuple[int, ...], terms: int = 1) -> tuple[int, ...]:
+    """The widths of the first ``terms`` terms: ``bits`` repeated, or the head of a per-term tuple."""
     return normalize_bits(bits, terms) if isinstance(bits, int) else tuple(bits)[:terms]
 
 
@@ -129,7 +133,7 @@ def int4_supported(
     dtype: torch.dtype = torch.float32,
 ) -> Support:
     """Whether the ``int4`` path applies to a layer with these parameters (see the module docstring)."""
-    widths = _widths(bits, len(bits) if isinstance(bits, tuple) else 1)
+    widths = term_widths(bits, len(bits) if isinstance(bits, tuple) else 1)
     if any(b not in INT4_BITS for b in widths):
         return Support(False, f"bits={bits} is not one of {INT4_BITS}")
     if int4_group_size(group_size) is None:
@@ -139,14 +143,14 @@ def int4_supported(
 
 def collapse_multipliers(bits: int | tuple[int, ...], terms: int, series: str) -> tuple[int, ...]:
     """``m_i = scale_i / scale_k`` (integers) for ``i <= k = terms``."""
-    widths = _widths(bits, terms)
+    widths = term_widths(bits, terms)
     steps = term_scales(torch.ones(1, 1), widths, terms, series)[:, 0, 0].double()
     return tuple(int(round(float(v))) for v in steps / steps[-1])
 
 
 def collapsed_range(bits: int | tuple[int, ...], terms: int, series: str) -> tuple[int, int]:
     """Worst-case range of ``Σ_{i<=k} m_i·c_i`` (``k = terms``) over all valid centred codes."""
-    widths = _widths(bits, terms)
+    widths = term_widths(bits, terms)
     mult = collapse_multipliers(widths, terms, series)
     ranges = [code_range(b, i, series) for i, b in enumerate(widths)]
     return sum(m * r[0] for m, r in zip(mult, ranges, strict=True)), sum(

@@ -41,7 +41,8 @@ from .offload import buffers_offloaded
 from .packing import pack_series, unpack_series
 from .settings import DEFAULTS, ExpansionSettings
 
-FORWARD_MODES = ("reference", "terms", "dense", "int4", "int8", "auto")
+MODULE_MODES = ("reference", "terms")  # computed by the module itself (``dequantize``, ``_forward_terms``)
+FORWARD_MODES = (*MODULE_MODES, *backends.KERNEL_MODES, "auto")  # the backends registry names the rest
 
 
 class FPxINTLinear(nn.Module):
@@ -294,7 +295,9 @@ class FPxINTLinear(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        prepared = self._kernel_weights(x) if self.forward_mode in ("int4", "int8", "dense", "auto") else None
+        if self.forward_mode not in FORWARD_MODES:
+            raise ValueError(f"forward_mode={self.forward_mode!r} is not supported; allowed: {FORWARD_MODES}")
+        prepared = None if self.forward_mode in MODULE_MODES else self._kernel_weights(x)
         if prepared is not None:
             needs_grad = torch.is_grad_enabled() and x.requires_grad
             y = (

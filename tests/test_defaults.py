@@ -51,3 +51,15 @@ def test_reader_fills_each_format_with_its_defaults():
             "quant_method": "fpxint",
             **{k: list(v) if isinstance(v, tuple) else v for k, v in read_quantization_config(saved).items()},
         }
+
+
+def test_registries_are_the_vocabulary():
+    """The forward modes are the module's own two, the backends registry's, and ``auto``; the fits of
+    ``settings.FIT_METHODS`` are those of the first-term fit registry."""
+    from fpxint_hf import backends
+    from fpxint_hf.expansion import FIRST_TERM_FITS
+    from fpxint_hf.linear import FORWARD_MODES, MODULE_MODES
+    from fpxint_hf.settings import FIT_METHODS
+
+    assert FORWARD_MODES == (*MODULE_MODES, *backends.BACKENDS, "auto")
+    assert tuple(FIRST_TERM_FITS) == FIT_METHODS

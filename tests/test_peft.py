@@ -49,9 +49,10 @@ def test_gradient_wrt_input(mode):
     assert all(not b.requires_grad for b in layer.buffers())
 
 
-def test_auto_mode_falls_back_to_reference_for_gradients():
-    """bfloat16 'auto' uses the packed int4 kernel for inference and the dense weight when x needs a gradient;
-    an explicit 'int4' is differentiated through the dequantized weight (``linear._KernelLinear``)."""
+def test_auto_mode_falls_back_to_dense_for_gradients():
+    """bfloat16 'auto' uses a packed kernel for inference and the dense weight when x needs a gradient (the same
+    gradient as 'reference'); an explicit 'int4' is differentiated through the dequantized weight
+    (``backends.KernelLinearFunction``)."""
     torch.manual_seed(0)
     layer = FPxINTLinear(128, 64, bias=False, bits=4, terms=2, group_size=32)
     layer.load_expansion(expand(torch.randn(64, 128), bits=4, terms=2, group_size=32))

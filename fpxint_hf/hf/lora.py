@@ -15,9 +15,9 @@ adapter goes through ``load_lora_adapter`` (or ``PeftModel.from_pretrained(..., 
     model = load_lora_adapter(AutoModelForCausalLM.from_pretrained("quantized-checkpoint"), "adapter")
 
 The quantized weights stay frozen buffers.  The base layer's forward runs as configured; ``"auto"`` takes the
-differentiable reference path whenever its input needs a gradient (the packed ``int4``/``int8`` kernels have no
-backward: an explicit ``forward_mode="int4"``/``"int8"`` fails in ``backward()`` when a gradient has to flow
-through the layer's input).  Merging an adapter into the quantized weights is not supported (it would need
+``dense`` backend (the dequantized weight, cached) whenever its input needs a gradient, and every other forward
+mode is differentiable too: the packed ``int4``/``int8`` kernels run inside ``backends.KernelLinearFunction``,
+whose backward uses the dequantized weight.  Merging an adapter into the quantized weights is not supported (it would need
 re-quantization); ``unload()`` returns the untouched quantized model.
 """
 

@@ -7,8 +7,10 @@ Installed as the ``vllm.general_plugins`` entry point ``fpxint`` (see pyproject)
 Run-time settings (environment variables, read when the engine loads the model):
 
 - ``FPXINT_VLLM_FORWARD``: ``dense`` (default: dequantize once after loading; the speed and memory of an
-  unquantized model) or ``int4`` (keep the packed codes and run one CPU int4 kernel per term; less memory, slower
-  on this AVX2 CPU, bfloat16 only); see ``eval/results/vllm.md``.
+  unquantized model) or another backend of ``fpxint_hf.backends.BACKENDS``: ``int4`` (keep the packed codes and
+  run one CPU int4 kernel per term; less memory, slower on this AVX2 CPU) or ``int8`` (per-channel layers: the
+  terms collapsed into one int8 matmul), bfloat16 only; a layer the backend does not support (or a fused layer
+  whose pieces keep different term counts) is served ``dense``.  See ``eval/results/vllm.md``.
 - ``FPXINT_ACTIVE_TERMS``: serve only the first k terms of every layer (one checkpoint, several precisions).
 """
 

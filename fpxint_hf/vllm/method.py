@@ -35,7 +35,7 @@ from vllm.model_executor.parameter import (
 )
 from vllm.platforms import current_platform
 
-from .. import backends, kernels
+from .. import backends
 from ..expansion import Expansion, normalize_bits, outlier_budget, reconstruct, resolve_group_size
 from ..layout import TensorSpec, check_tensors, layer_tensors
 from ..packing import unpack_series
@@ -43,7 +43,7 @@ from ..settings import read_quantization_config
 from . import ENV_ACTIVE_TERMS, ENV_FORWARD
 
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-FORWARDS = ("dense", "int4")
+FORWARDS = backends.KERNEL_MODES  # dense runs on vLLM's own GEMM; the others on the backends registry
 
 
 @register_quantization_config("fpxint")
@@ -211,10 +211,12 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
         active = self.config.active_terms
         ks = [e.terms_used if active is None else min(active, e.terms_used) for e in parts]
         layer.fpxint_prepared = None
-        if self.config.forward == "int4" and len(set(ks)) == 1 and len(parts) == 1:
-            why = kernels.int4_supported(self.term_bits[: ks[0]], parts[0].group_size, "cpu", torch.bfloat16)
-            if why:
-                layer.fpxint_prepared = kernels.prepare_int4(parts[0], ks[0], torch.bfloat16)
+        mode = self.config.forward
+        if mode != "dense" and len(set(ks)) == 1 and len(parts) == 1:
+            e, k = parts[0], ks[0]
+            layer_info = dict(bits=e.term_bits[:k], group_size=e.group_size, in_features=e.shape[1], terms=k)
+            if backends.supported(mode, **layer_info, series=e.series, device="cpu", dtype=torch.bfloat16):
+                layer.fpxint_prepared = backends.prepare(mode, e, k, torch.bfloat16)
         if layer.fpxint_prepared is None:
             weight = torch.cat([reconstruct(e, k) for e, k in zip(parts, ks, strict=True)])
             for name in ("codes", "scale", "zero", "outlier_idx", "outlier_val"):
@@ -230,7 +232,7 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
 
     def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         prepared = layer.fpxint_prepared
-        if isinstance(prepared, kernels.Int4Weights):
+        if not isinstance(prepared, str):  # a backend's prepared weights (bfloat16 kernels), not "dense"
             y = backends.kernel_linear(x.to(torch.bfloat16), prepared).to(x.dtype)
             return y if bias is None else y + bias
         return layer.cpu_linear(x, layer.weight, bias)
