@@ -19,7 +19,9 @@ them with a plain shape check.  The forward paths (``forward_mode``) give the sa
 
 from __future__ import annotations
 
+import dataclasses
 import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -165,35 +167,20 @@ class FPxINTLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(
-        cls,
-        linear: nn.Linear,
-        *,
-        bits: int | tuple[int, ...] = DEFAULTS.bits,
-        terms: int = DEFAULTS.terms,
-        group_size: int | None = DEFAULTS.group_size,
-        symmetric: bool = DEFAULTS.symmetric,
-        clip: str = DEFAULTS.clip,
-        outlier_fraction: float = DEFAULTS.outlier_fraction,
-        tol: float = DEFAULTS.tol,
-        series: str = DEFAULTS.series,
-        fit: str = DEFAULTS.fit,
+        cls, linear: nn.Linear, settings: ExpansionSettings = DEFAULTS, **overrides: Any
     ) -> FPxINTLinear:
-        """Quantize one ``nn.Linear`` (its bias is copied). ``group_size`` falls back as ``resolve_group_size``."""
-        module = cls(
+        """Quantize one ``nn.Linear`` (its bias is copied) with ``settings`` and ``overrides`` of its fields
+        (``bits=``, ``terms=``, ``series=``, ...). ``group_size`` falls back as ``resolve_group_size``."""
+        s = dataclasses.replace(settings, **overrides)
+        module = cls.for_settings(
             linear.in_features,
             linear.out_features,
+            s,
             linear.bias is not None,
-            bits=bits,
-            terms=terms,
-            group_size=resolve_group_size(linear.in_features, group_size),
-            symmetric=symmetric,
-            outlier_budget=outlier_budget(linear.in_features, outlier_fraction),
-            series=series,
-            fit=fit,
             device=linear.weight.device,
             dtype=linear.weight.dtype,
         )
-        module.load_expansion(module.quantize_weight(linear.weight, clip, outlier_fraction, tol))
+        module.load_expansion(module.quantize_weight(linear.weight, s.clip, s.outlier_fraction, s.tol))
         if linear.bias is not None and module.bias is not None:
             module.bias.copy_(linear.bias)
         return module

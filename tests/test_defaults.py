@@ -23,7 +23,6 @@ from fpxint_hf.settings import (
 SIGNATURES = {
     "expansion.expand": expand,
     "FPxINTLinear.__init__": FPxINTLinear.__init__,
-    "FPxINTLinear.from_linear": FPxINTLinear.from_linear,
     "FPxINTConfig.__init__": FPxINTConfig.__init__,
 }
 
@@ -35,6 +34,10 @@ def test_signature_defaults_are_the_dataclass_defaults(where):
     assert len(shared) >= 6, (where, shared)  # the settings really are repeated there
     drift = {n: params[n].default for n in shared if params[n].default != getattr(DEFAULTS, n)}
     assert not drift, f"{where} defaults differ from settings.DEFAULTS: {drift}"
+
+
+def test_from_linear_defaults_are_the_dataclass():
+    assert inspect.signature(FPxINTLinear.from_linear).parameters["settings"].default is DEFAULTS
 
 
 def test_config_defaults_are_the_reader_defaults():

@@ -48,15 +48,14 @@ def apply_bits_budget(model: torch.nn.Module, cfg: FPxINTConfig, candidates: dic
     each layer (``budget_candidates``, by module name), shrink the layers that keep fewer than ``terms`` and
     record them in ``cfg.layer_terms``."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FPxINTLinear)}
-    cands = {n: candidates.get(n) for n in layers}
-    if any(c is None for c in cands.values()):
+    if any(n not in candidates for n in layers):
         raise ValueError("bits_budget needs every FP=xINT layer quantized on load in this process")
     options = [
         LayerCandidates(
             n,
             m.in_features * m.out_features,
-            tuple(cands[n][k][2] for k in sorted(cands[n])),
-            tuple(cands[n][k][1] for k in sorted(cands[n])),
+            tuple(candidates[n][k][2] for k in sorted(candidates[n])),
+            tuple(candidates[n][k][1] for k in sorted(candidates[n])),
         )
         for n, m in layers.items()
     ]
@@ -66,7 +65,7 @@ def apply_bits_budget(model: torch.nn.Module, cfg: FPxINTConfig, candidates: dic
             module = layers[name]
             if k < module.terms:
                 module.truncate_terms(k)
-                for t_name, value in cands[name][k][0].items():
+                for t_name, value in candidates[name][k][0].items():
                     setattr(module, t_name, value.to(getattr(module, t_name).device))
     cfg.layer_terms = {n: k for n, k in keep.items() if k != cfg.terms} or None
     logger.info(

@@ -11,7 +11,6 @@ from ..linear import FORWARD_MODES
 from ..settings import (
     CONFIG_DEFAULTS,
     CONFIG_VERSIONS,
-    DEFAULTS,
     SETTING_NAMES,
     ExpansionSettings,
     check_settings,
@@ -88,17 +87,17 @@ class FPxINTConfig(QuantizationConfigMixin):
 
     def __init__(
         self,
-        bits: int | list[int] | tuple[int, ...] = DEFAULTS.bits,
-        terms: int = DEFAULTS.terms,
-        group_size: int | None = DEFAULTS.group_size,
-        symmetric: bool = DEFAULTS.symmetric,
-        clip: str = DEFAULTS.clip,
-        outlier_fraction: float = DEFAULTS.outlier_fraction,
-        tol: float = DEFAULTS.tol,
+        bits: int | list[int] | tuple[int, ...] = CONFIG_DEFAULTS["bits"],
+        terms: int = CONFIG_DEFAULTS["terms"],
+        group_size: int | None = CONFIG_DEFAULTS["group_size"],
+        symmetric: bool = CONFIG_DEFAULTS["symmetric"],
+        clip: str = CONFIG_DEFAULTS["clip"],
+        outlier_fraction: float = CONFIG_DEFAULTS["outlier_fraction"],
+        tol: float = CONFIG_DEFAULTS["tol"],
         modules_to_not_convert: list[str] | None = CONFIG_DEFAULTS["modules_to_not_convert"],
         forward_mode: str = CONFIG_DEFAULTS["forward_mode"],
-        series: str = DEFAULTS.series,
-        fit: str = DEFAULTS.fit,
+        series: str = CONFIG_DEFAULTS["series"],
+        fit: str = CONFIG_DEFAULTS["fit"],
         bits_budget: float | None = CONFIG_DEFAULTS["bits_budget"],
         layer_terms: dict[str, int] | None = CONFIG_DEFAULTS["layer_terms"],
         act_proxy: str | None = CONFIG_DEFAULTS["act_proxy"],
@@ -190,26 +189,10 @@ class FPxINTConfig(QuantizationConfigMixin):
             self.layer_terms,
             f"None or a dict of module name -> terms from 1 to {self.terms}",
         )
-        _check(
-            self.modules_to_not_convert is None
-            or (
-                isinstance(self.modules_to_not_convert, list)
-                and all(isinstance(m, str) for m in self.modules_to_not_convert)
-            ),
-            "modules_to_not_convert",
-            self.modules_to_not_convert,
-            "None or a list of module names",
-        )
-        _check(
-            self.quantized_modules is None
-            or (
-                isinstance(self.quantized_modules, list)
-                and all(isinstance(m, str) for m in self.quantized_modules)
-            ),
-            "quantized_modules",
-            self.quantized_modules,
-            "None or a list of module names",
-        )
+        for names in ("modules_to_not_convert", "quantized_modules"):
+            value = getattr(self, names)
+            ok = value is None or (isinstance(value, list) and all(isinstance(m, str) for m in value))
+            _check(ok, names, value, "None or a list of module names")
         _check(
             self.layer_group_size is None
             or (

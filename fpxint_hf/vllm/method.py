@@ -111,7 +111,7 @@ class FPxINTvLLMConfig(QuantizationConfig):
         sizes = {self.layer_group_size.get(p) for p in pieces}
         if len(sizes) > 1:
             raise ValueError(
-                f"{prefix}: its fused pieces {pieces} have different group sizes {sorted(sizes)}"
+                f"{prefix}: its fused pieces {pieces} have different group sizes {sorted(map(str, sizes))}"
             )
         return FPxINTvLLMLinearMethod(self, prefix, terms.pop(), sizes.pop())
 
