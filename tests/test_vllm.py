@@ -163,10 +163,11 @@ def hf_prompt_logprobs(model):
     return out
 
 
-@pytest.mark.parametrize("forward", ["dense", "int4"])
-def test_bf16_matches_transformers_within_tolerance(forward, fp_dir, tmp_path, monkeypatch):
-    """bf16 rounds differently in each engine: the prompt log-probs agree to a few hundredths of a nat."""
-    model = quantize(fp_dir, tmp_path / "q", bits=4, terms=2, group_size=64)
+@pytest.mark.parametrize(("forward", "group_size"), [("dense", 64), ("int4", 64), ("int8", None)])
+def test_bf16_matches_transformers_within_tolerance(forward, group_size, fp_dir, tmp_path, monkeypatch):
+    """bf16 rounds differently in each engine: the prompt log-probs agree to a few hundredths of a nat.
+    Every backend of ``fpxint_hf.backends`` serves (``int8`` needs per-channel layers)."""
+    model = quantize(fp_dir, tmp_path / "q", bits=4, terms=2, group_size=group_size)
     ref = hf_prompt_logprobs(model.to(torch.float32))
     monkeypatch.setenv("FPXINT_VLLM_FORWARD", forward)
     llm = vllm_llm(tmp_path / "q", dtype="bfloat16")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..expansion import resolve_group_size, rtn
 from ..hf import FPxINTConfig
 from ..model_ops import model_bits_per_weight
+from ..settings import DEFAULTS
 from .assets import FP_LABEL, fp_model_dir
 from .metrics import (
     DEFAULT_CONTEXT,
@@ -198,7 +199,7 @@ def _environment() -> dict[str, Any]:
 def run_table(
     rows: tuple[str, ...] = ROW_KINDS,
     bits: int = 4,
-    group_size: int | None = 128,
+    group_size: int | None = DEFAULTS.group_size,
     mmlu_limit: int | None = DEFAULT_MMLU_LIMIT,
     tokens: int = DEFAULT_TOKENS,
     context: int = DEFAULT_CONTEXT,
