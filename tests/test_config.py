@@ -98,6 +98,7 @@ NON_DEFAULT = dict(
     bits_budget=9.0,
     layer_terms={"model.layers.0.mlp.down_proj": 2},
     act_proxy=None,
+    compute_dtype="float32",
 )
 
 

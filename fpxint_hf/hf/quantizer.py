@@ -15,6 +15,7 @@ from ..linear import FPxINTLinear
 from ..model_ops import model_bits_per_weight
 from ..offload import accelerate_hooks
 from ..packing import unpack_series
+from .checkpoint import check_files_complete, check_skip_names, resolve_compute_dtype
 from .config import FPxINTConfig
 from .proxy import ActivationProxy
 from .replace import modules_to_not_convert, replace_with_fpxint_linear
@@ -80,6 +81,11 @@ class FPxINTHfQuantizer(HfQuantizer):
             raise ValueError(f"expected an FPxINTConfig, got {type(self.quantization_config).__name__}")
         self.quantization_config.post_init()  # fields may have been set after construction
 
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if not self.pre_quantized:
+            resolve_compute_dtype(self.quantization_config, dtype)  # the dtype a reload runs in
+        return dtype
+
     def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
         module_name, _, tensor_name = param_name.rpartition(".")
         if self.pre_quantized or tensor_name != "weight":
@@ -98,6 +104,8 @@ class FPxINTHfQuantizer(HfQuantizer):
         return super().param_element_size(model, param_name, param)
 
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs: Any):
+        if not self.pre_quantized:
+            check_skip_names(model, self.quantization_config.modules_to_not_convert)
         self.modules_to_not_convert = modules_to_not_convert(model, self.quantization_config)
         replaced = replace_with_fpxint_linear(
             model,
@@ -218,6 +226,7 @@ def check_checkpoint_keys(model: torch.nn.Module, checkpoint_files: list[str]) -
     """
     from safetensors import safe_open
 
+    check_files_complete(checkpoint_files)  # a truncated file: named, not safetensors' bare message
     stored: dict[str, set[str]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for path in checkpoint_files:
