@@ -23,6 +23,7 @@ ORDER = [
     "vllm",
     "hf",
     "evaluation",
+    "cli_checks",
     "cli",
 ]
 FORBIDDEN_EXTERNAL = {
