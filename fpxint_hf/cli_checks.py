@@ -59,7 +59,7 @@ def remove_stale_temp_dirs(out: Path) -> list[Path]:
     """Delete the temporary folders beside ``out`` left by killed quantize runs (their process is gone), and the
     save folders inside them; return what was removed.  Folders of live runs are left alone."""
     pattern = re.compile(rf"^\.{{1,2}}{re.escape(out.name)}\.tmp-(\d+)-")
-    removed = []
+    removed: list[Path] = []
     if not out.parent.is_dir():
         return removed
     for entry in out.parent.iterdir():

@@ -118,7 +118,7 @@ def test_failed_overwrite_keeps_the_old_checkpoint(make_fp_dir, tmp_path, fail_o
         new.save_pretrained(out, max_shard_size="40KB")
     assert digest(out) == before
     assert leftovers(tmp_path) == []
-    assert torch.equal(logits_of(AutoModelForCausalLM.from_pretrained(out)), old_logits)
+    assert torch.equal(logits_of(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)), old_logits)
 
 
 def test_overwrite_replaces_weights_and_keeps_other_files(make_fp_dir, tmp_path, logits_of):
@@ -139,7 +139,9 @@ def test_overwrite_replaces_weights_and_keeps_other_files(make_fp_dir, tmp_path,
     assert (out / "extra" / "notes.txt").read_text() == "kept"
     assert os.stat(out).st_mode & 0o777 == 0o750
     assert leftovers(tmp_path) == []
-    assert torch.equal(logits_of(AutoModelForCausalLM.from_pretrained(out)), logits_of(new))
+    assert torch.equal(
+        logits_of(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)), logits_of(new)
+    )
 
 
 @pytest.mark.skipif(
@@ -204,7 +206,7 @@ def test_push_to_hub_uploads_a_complete_checkpoint(make_fp_dir, tmp_path, monkey
             Path(path).write_text("card")
 
     def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
-        loaded = AutoModelForCausalLM.from_pretrained(working_dir)
+        loaded = AutoModelForCausalLM.from_pretrained(working_dir, dtype=torch.float32)
         uploads.append(
             (repo_id, sorted(os.listdir(working_dir)), torch.equal(logits_of(loaded), logits_of(self)))
         )
@@ -328,7 +330,7 @@ def test_per_channel_fallback_end_to_end(make_fp_dir, tmp_path, logits_of):
     assert model.model.layers[0].mlp.up_proj.group_size == 64
     model.save_pretrained(tmp_path / "q")
     with pytest.warns(UserWarning, match="in_features=72"):
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
     assert torch.equal(logits_of(reloaded), logits_of(model))
 
 
