@@ -257,7 +257,7 @@ def test_checkpoint_loaded_without_plugin(make_fp_dir, tmp_path):
         import transformers.quantizers.auto as auto
         print("REGISTERED", "fpxint" in auto.AUTO_QUANTIZATION_CONFIG_MAPPING, "fpxint_hf" in sys.modules)
         expected = torch.load({str(tmp_path / "expected.pt")!r})
-        m = AutoModelForCausalLM.from_pretrained({str(q_dir)!r}, output_loading_info=True)
+        m = AutoModelForCausalLM.from_pretrained({str(q_dir)!r}, output_loading_info=True, dtype=torch.float32)
         model, info = m
         print("LAYER", type(model.model.layers[0].self_attn.q_proj).__name__)
         print("MISSING", len(info["missing_keys"]), "UNEXPECTED", len(info["unexpected_keys"]))
@@ -267,7 +267,7 @@ def test_checkpoint_loaded_without_plugin(make_fp_dir, tmp_path):
             fpxint_hf.set_forward_mode(model, "terms")
         except ValueError as e:
             print("REFUSED", e)
-        model = AutoModelForCausalLM.from_pretrained({str(q_dir)!r})
+        model = AutoModelForCausalLM.from_pretrained({str(q_dir)!r}, dtype=torch.float32)
         print("AFTER_IMPORT", type(model.model.layers[0].self_attn.q_proj).__name__,
               torch.equal(model(torch.tensor({ids})).logits, expected))
     """
