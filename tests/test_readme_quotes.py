@@ -65,6 +65,23 @@ def decimals(text: str) -> set[str]:
     return set(re.findall(r"(?<![\w.])\d+\.\d+", text))
 
 
+def test_committed_table_command_time_and_prose_numbers():
+    result = json.loads((RESULTS / "table.json").read_text())
+    s = result["settings"]
+    raw = section("## Results on the embedded model", "### Against the calibration-free peers")
+    text = " ".join(raw.split())
+    assert s["command"] == "fpxint eval --out eval/results/table" and s["mmlu_limit"] == 2  # the default job
+    assert f"`{s['command']}` ({minutes(result['wall_time_s'])} on 2 cores" in text
+    assert f"{s['mmlu_questions']:,} questions per row" in text and f"{s['tokens']:,} pydoc tokens" in text
+    main_job = " ".join(section("## The main job: `fpxint eval`").split())
+    assert f"{minutes(result['wall_time_s'])} for the six rows" in main_job
+    prose = "\n".join(ln for ln in raw.splitlines() if "|" not in ln)
+    table_md = (RESULTS / "table.md").read_text()
+    rendered = table_md + json.dumps(result)
+    missing = {d for d in decimals(prose) if d not in rendered}
+    assert not missing, f"README numbers not in table.md/json: {sorted(missing)}"
+
+
 def test_peers_bench_tokens_time_torchao_and_prose_numbers():
     result = json.loads((RESULTS / "bench.json").read_text())
     text = " ".join(section("### Against the calibration-free peers").split())

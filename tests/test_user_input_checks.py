@@ -230,7 +230,8 @@ def test_each_warning_and_log_line_is_shown_once(capsys):
     logging.getLogger().addHandler(handler)
     try:
         with warnings.catch_warnings(record=True) as shown:
-            warnings.simplefilter("always")  # every occurrence reaches the display: only the dedupe can drop it
+            # every occurrence reaches the display: only the dedupe can drop it
+            warnings.simplefilter("always")
             with each_warning_once():
                 for _ in range(3):
                     warnings.warn("group_size=128 does not divide in_features=576", UserWarning, stacklevel=1)
