@@ -18,8 +18,9 @@ Writes ``eval/results/bench.json`` and ``eval/results/bench.md``.
 
 Comparison libraries (the ``bench`` extra), installed without their dependencies so torch is left alone:
 ``pip install --no-deps bitsandbytes==0.50.2 hqq==0.2.8.post1 einops termcolor`` (psutil for RSS).
-torchao (``pip install --no-deps torchao==0.18.0``) is tried; its int4 weight-only path has no CPU packing
-format in that release, so the row is skipped with the recorded error.
+torchao (``pip install --no-deps torchao==0.18.0``) is tried; where its int4 weight-only path fails (0.18.0 on this
+CPU: ``ImportError: Requires mslk >= 1.0.0``, a kernel package it does not declare), the row is kept as skipped
+with the error it raised, which bench.md and the README quote.
 """
 
 from __future__ import annotations

@@ -22,15 +22,18 @@ from typing import Any
 import torch
 
 from .atomic import fresh_dir, replace_dir
+from .cli_checks import (
+    UsageError,
+    check_eval_args,
+    check_folder,
+    each_warning_once,
+    remove_stale_temp_dirs,
+    temp_prefix,
+)
 from .hf import FPxINTConfig
 from .linear import FPxINTLinear
 from .model_ops import model_bits_per_weight, quant_method_of
 from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, SETTING_NAMES, ExpansionSettings
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit status 2."""
-
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,6 +91,7 @@ def _config_from_args(args: argparse.Namespace) -> FPxINTConfig:
         **settings,
         bits_budget=args.bits_budget,
         act_proxy=None if args.act_proxy == "none" else args.act_proxy,
+        compute_dtype=args.compute_dtype,
         modules_to_not_convert=args.skip or None,
     )
 
@@ -130,7 +134,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if out.exists() and not _is_checkpoint(out):
         raise UsageError(f"{out} is not a model checkpoint (no config.json); refusing to replace it")
     source, cleanup = _load_source(args.model)
-    tmp = Path(fresh_dir(out.parent, f".{out.name}.tmp-"))  # umask permissions, unlike mkdtemp's 0700
+    for stale in remove_stale_temp_dirs(out):  # left by a killed run (its process is gone)
+        print(f"note: removed {stale}, left by an interrupted run", file=sys.stderr)
+    tmp = Path(fresh_dir(out.parent, temp_prefix(out)))  # umask permissions, unlike mkdtemp's 0700
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, quantization_config=cfg, dtype=DTYPES[args.dtype], device_map=args.device_map
@@ -160,6 +166,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from .expansion import reconstruct, relative_error
 
+    check_folder(args.dir, "DIR")
     model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.float32)
     ref = None
     if args.reference:
@@ -193,10 +200,14 @@ def cmd_push(args: argparse.Namespace) -> int:
     from huggingface_hub import HfApi
     from transformers import AutoConfig
 
+    from .hf.checkpoint import validate_checkpoint
+
+    check_folder(args.dir, "DIR", hub_ok=False)
     config = AutoConfig.from_pretrained(args.dir)
     if quant_method_of(config) != "fpxint":
         qc = getattr(config, "quantization_config", None)
         raise UsageError(f"{args.dir} is not an fpxint checkpoint (quantization_config: {qc!r})")
+    validate_checkpoint(args.dir)  # headers and every tensor, before anything is uploaded
     api = HfApi()
     api.create_repo(args.repo_id, private=args.private, exist_ok=True)
     info = api.upload_folder(folder_path=args.dir, repo_id=args.repo_id, commit_message=args.message)
@@ -223,11 +234,11 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.assets import exit_on_missing
-    from .evaluation.table import run_table
+    from .evaluation.table import ROW_KINDS, run_table
 
-    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    rows = check_eval_args(args, ROW_KINDS)
     limit = None if args.full else args.limit
-    with exit_on_missing():
+    with exit_on_missing(), each_warning_once():
         result = run_table(
             rows=rows,
             bits=args.bits,
@@ -268,11 +279,12 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ExpansionSettings):
         default = getattr(DEFAULTS, f.name)
         kw = dict(_PARSE[f.name])
+        shown: Any = "none" if default is None and f.name == "group_size" else default
         if f.name == "terms":
+            shown = f"{default}, or one per --bits width"
             default = None  # resolved in _config_from_args: len(--bits) for mixed widths
         if kw.get("action") != "store_true":
             kw["default"] = default
-        shown = "none" if default is None and f.name == "group_size" else default
         p.add_argument(f"--{f.name.replace('_', '-')}", help=f"{f.metadata['help']} (default {shown})", **kw)
     p.add_argument("--bits-budget", type=float, default=None, help="average bits per weight to spend")
     p.add_argument(
@@ -280,6 +292,12 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--skip", action="append", default=[], help="module name to keep in full precision (repeat)"
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="dtype a reload without dtype= runs in (default: float16 for a float16 model, else bfloat16)",
     )
 
 
@@ -356,13 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command.  A user error prints one line ``fpxint: error: ...`` and returns 2; ``--debug`` shows
-    the traceback instead."""
+    """Run one command.  A user error prints one line ``fpxint: error: ...`` and returns 2; ``--debug`` lets the
+    exception propagate (Python's traceback, exit status 1).  Ctrl-C prints one line and returns 130."""
     args = build_parser().parse_args(argv)
     if args.debug:
         return args.func(args)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("fpxint: interrupted", file=sys.stderr)
+        return 130
     except (UsageError, ValueError, OSError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     except SystemExit as err:  # one-line exits (missing assets) keep their message

@@ -124,6 +124,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "act_proxy": "norm",
     "quantized_modules": None,  # the converted layers' names (written when quantizing; format 2)
     "layer_group_size": None,  # {module name: group size} where it differs from ``group_size`` (format 2)
+    "compute_dtype": None,  # the dtype a reload without dtype= runs in (None: chosen when quantizing)
     "version": CONFIG_VERSION,
 }
 """Every field of ``FPxINTConfig`` with its default (the expansion settings first)."""

@@ -101,6 +101,8 @@ def logits_of(input_ids) -> Callable[[nn.Module], torch.Tensor]:
 @pytest.fixture
 def load_fp() -> Callable[..., nn.Module]:
     def load(path, **kwargs) -> nn.Module:
+        # float32 unless asked: a saved FP=xINT checkpoint would otherwise reload in its compute_dtype
+        kwargs.setdefault("dtype", torch.float32)
         return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
     return load

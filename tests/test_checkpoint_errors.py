@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -220,8 +219,9 @@ def test_truncated_safetensors_fails(saved_quantized, keep):
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.truncate(keep(size))
-    with pytest.raises(SafetensorError, match=r"(?i)deserializ|header|metadata"):
+    with pytest.raises(ValueError, match=r"the checkpoint is incomplete: .*model\.safetensors") as info:
         reload(ckpt)
+    assert "\n" not in str(info.value)  # one line naming the file, not safetensors' bare message
 
 
 # --------------------------------------------------------------------------- (e) non-finite FP weights

@@ -101,6 +101,7 @@ NON_DEFAULT = dict(
     quantized_modules=["model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"],
     layer_group_size={"model.layers.0.mlp.up_proj": 64},
     version=1,
+    compute_dtype="float32",
 )
 
 

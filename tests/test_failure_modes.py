@@ -119,7 +119,7 @@ def test_failed_overwrite_keeps_the_old_checkpoint(make_fp_dir, tmp_path, fail_o
         new.save_pretrained(out, max_shard_size="40KB")
     assert digest(out) == before
     assert leftovers(tmp_path) == []
-    assert torch.equal(logits_of(AutoModelForCausalLM.from_pretrained(out)), old_logits)
+    assert torch.equal(logits_of(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)), old_logits)
 
 
 def test_overwrite_replaces_weights_and_keeps_other_files(make_fp_dir, tmp_path, logits_of):
@@ -140,7 +140,9 @@ def test_overwrite_replaces_weights_and_keeps_other_files(make_fp_dir, tmp_path,
     assert (out / "extra" / "notes.txt").read_text() == "kept"
     assert os.stat(out).st_mode & 0o777 == 0o750
     assert leftovers(tmp_path) == []
-    assert torch.equal(logits_of(AutoModelForCausalLM.from_pretrained(out)), logits_of(new))
+    assert torch.equal(
+        logits_of(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)), logits_of(new)
+    )
 
 
 @pytest.mark.skipif(
@@ -205,7 +207,7 @@ def test_push_to_hub_uploads_a_complete_checkpoint(make_fp_dir, tmp_path, monkey
             Path(path).write_text("card")
 
     def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
-        loaded = AutoModelForCausalLM.from_pretrained(working_dir)
+        loaded = AutoModelForCausalLM.from_pretrained(working_dir, dtype=torch.float32)
         uploads.append(
             (repo_id, sorted(os.listdir(working_dir)), torch.equal(logits_of(loaded), logits_of(self)))
         )
@@ -256,7 +258,7 @@ def test_checkpoint_loaded_without_plugin(make_fp_dir, tmp_path):
         import transformers.quantizers.auto as auto
         print("REGISTERED", "fpxint" in auto.AUTO_QUANTIZATION_CONFIG_MAPPING, "fpxint_hf" in sys.modules)
         expected = torch.load({str(tmp_path / "expected.pt")!r})
-        m = AutoModelForCausalLM.from_pretrained({str(q_dir)!r}, output_loading_info=True)
+        m = AutoModelForCausalLM.from_pretrained({str(q_dir)!r}, output_loading_info=True, dtype=torch.float32)
         model, info = m
         print("LAYER", type(model.model.layers[0].self_attn.q_proj).__name__)
         print("MISSING", len(info["missing_keys"]), "UNEXPECTED", len(info["unexpected_keys"]))
@@ -266,7 +268,7 @@ def test_checkpoint_loaded_without_plugin(make_fp_dir, tmp_path):
             fpxint_hf.set_forward_mode(model, "terms")
         except ValueError as e:
             print("REFUSED", e)
-        model = AutoModelForCausalLM.from_pretrained({str(q_dir)!r})
+        model = AutoModelForCausalLM.from_pretrained({str(q_dir)!r}, dtype=torch.float32)
         print("AFTER_IMPORT", type(model.model.layers[0].self_attn.q_proj).__name__,
               torch.equal(model(torch.tensor({ids})).logits, expected))
     """
@@ -330,7 +332,7 @@ def test_per_channel_fallback_end_to_end(make_fp_dir, tmp_path, logits_of):
     model.save_pretrained(tmp_path / "q")
     with warnings.catch_warnings(record=True) as caught:  # the group size is read back, not derived again
         warnings.simplefilter("always")
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
     assert not [w for w in caught if "does not divide" in str(w.message)]
     assert reloaded.model.layers[0].mlp.down_proj.group_size == 72
     assert torch.equal(logits_of(reloaded), logits_of(model))

@@ -24,6 +24,7 @@ ORDER = [
     "vllm",
     "hf",
     "evaluation",
+    "cli_checks",
     "cli",
 ]
 FORBIDDEN_EXTERNAL = {

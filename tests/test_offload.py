@@ -32,6 +32,9 @@ LAYER1_ON_DISK = {
 
 
 def load(path, **kwargs):
+    kwargs.setdefault(
+        "dtype", torch.float32
+    )  # as these tests were written (a checkpoint's default is bfloat16)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
 

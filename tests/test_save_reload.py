@@ -64,7 +64,9 @@ def test_save_reload_bit_exact(
     other = {k for k in saved if k not in quantized_keys}
     assert all(k.endswith(("norm.weight", "embed_tokens.weight", "lm_head.weight")) for k in other), other
 
-    reloaded = load_fp(out)
+    assert qcfg["compute_dtype"] == "bfloat16"  # what a reload without dtype= runs in (config.json's dtype)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    reloaded = load_fp(out, dtype=dtype)
     assert isinstance(reloaded.config.quantization_config, fpxint_hf.FPxINTConfig)
     assert reloaded.get_input_embeddings().weight.dtype == dtype
     for name, module in fpxint_modules(reloaded).items():

@@ -6,6 +6,7 @@ import torch
 
 from ..layout import check_tensors
 from ..linear import FPxINTLinear
+from .checkpoint import check_files_complete
 from .offloaded import offload_hooked, offloaded_value
 
 
@@ -18,6 +19,7 @@ def check_checkpoint_keys(model: torch.nn.Module, checkpoint_files: list[str]) -
     """
     from safetensors import safe_open
 
+    check_files_complete(checkpoint_files)  # a truncated file: named, not safetensors' bare message
     stored: dict[str, set[str]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for path in checkpoint_files:

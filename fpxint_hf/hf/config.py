@@ -19,6 +19,7 @@ from ..settings import (
 
 QUANT_METHOD = "fpxint"
 ACT_PROXIES = ("norm", None)
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 class FPxINTConfig(QuantizationConfigMixin):
@@ -69,6 +70,10 @@ class FPxINTConfig(QuantizationConfigMixin):
             Weigh the first-term fit by a data-free estimate of each input column's activation energy read from
             the neighbouring norm and projection weights (LLaMA/Qwen2 blocks; see `fpxint_hf.hf.proxy`). `None`:
             plain weight error. Used when quantizing with `series="nested"`, `fit="optimized"`.
+        compute_dtype (`str`, *optional*):
+            The dtype a saved checkpoint runs in when reloaded without `dtype=` (`"bfloat16"`, `"float16"` or
+            `"float32"`; written as config.json's `dtype`). `None` (default): decided when quantizing, `"float16"`
+            for a float16 model, else `"bfloat16"` (the dtype of the packed CPU kernels).
         layer_terms (`dict[str, int]`, *optional*):
             Terms stored per layer where they differ from `terms` (written by `bits_budget`; read on reload).
         quantized_modules (`list[str]`, *optional*):
@@ -104,6 +109,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         quantized_modules: list[str] | None = CONFIG_DEFAULTS["quantized_modules"],
         layer_group_size: dict[str, int] | None = CONFIG_DEFAULTS["layer_group_size"],
         version: int = CONFIG_DEFAULTS["version"],
+        compute_dtype: str | None = CONFIG_DEFAULTS["compute_dtype"],
         **kwargs: Any,
     ):
         method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -131,6 +137,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         self.quantized_modules = quantized_modules
         self.layer_group_size = layer_group_size
         self.version = version
+        self.compute_dtype = compute_dtype
         self.post_init()
 
     @classmethod
@@ -169,6 +176,12 @@ class FPxINTConfig(QuantizationConfigMixin):
         """Check every field; raise ``ValueError`` naming the field, the value and what is allowed."""
         check_settings("FPxINTConfig", {name: getattr(self, name) for name in SETTING_NAMES})
         _check(self.act_proxy in ACT_PROXIES, "act_proxy", self.act_proxy, f"one of {ACT_PROXIES}")
+        _check(
+            self.compute_dtype is None or self.compute_dtype in COMPUTE_DTYPES,
+            "compute_dtype",
+            self.compute_dtype,
+            f"None or one of {COMPUTE_DTYPES}",
+        )
         _check(
             self.bits_budget is None
             or (_is_real(self.bits_budget) and 1 <= self.bits_budget <= 64 and self.terms >= 2),

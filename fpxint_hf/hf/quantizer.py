@@ -14,6 +14,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..linear import FPxINTLinear
 from .bits_budget import apply_bits_budget
+from .checkpoint import check_skip_names, resolve_compute_dtype
 from .checks import check_checkpoint_keys, check_loaded
 from .config import FPxINTConfig
 from .convert import FPxINTQuantize
@@ -43,6 +44,11 @@ class FPxINTHfQuantizer(HfQuantizer):
             raise ValueError(f"expected an FPxINTConfig, got {type(self.quantization_config).__name__}")
         self.quantization_config.post_init()  # fields may have been set after construction
 
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if not self.pre_quantized:
+            resolve_compute_dtype(self.quantization_config, dtype)  # the dtype a reload runs in
+        return dtype
+
     def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
         module_name, _, tensor_name = param_name.rpartition(".")
         if self.pre_quantized or tensor_name != "weight":
@@ -61,6 +67,8 @@ class FPxINTHfQuantizer(HfQuantizer):
         return super().param_element_size(model, param_name, param)
 
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs: Any):
+        if not self.pre_quantized:
+            check_skip_names(model, self.quantization_config.modules_to_not_convert)
         self.modules_to_not_convert = modules_to_not_convert(model, self.quantization_config)
         replaced = replace_with_fpxint_linear(
             model,

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..atomic import fresh_dir, replace_dir
+from .checkpoint import record_compute_dtype
 from .config import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def atomic_save_pretrained(model, original, save_directory, *args, **kwargs):
         if os.path.isdir(target):
             shutil.copymode(target, tmp)
         result = original(model, tmp, *args, **kwargs)
+        record_compute_dtype(tmp, model)
         if os.path.isdir(target):
             _carry_over(target, tmp)
         replace_dir(tmp, target)
