@@ -6,10 +6,12 @@ concatenation in part order 1..22 into one ``qwen.gguf``. No checksum is publish
 SHA-256 is recorded in the provenance of every folder built from it. The part modules are never imported: their
 folders are found with :func:`importlib.util.find_spec`, as for the other data carriers.
 
-Tensor types in the joined file (``gguf_tensor_types``): Q4_K for most linear weights, Q6_K for some ``attn_v`` /
-``ffn_down`` layers and the token embedding (the usual ``Q4_K_M`` mix), float32 for norms and biases. "FP" for
-this model is those weights dequantized by transformers' GGUF loader and kept in float32
-(:data:`CODER_FP_LABEL`).
+Tensor types in the joined file (``gguf_tensor_types``; 339 tensors): 169 Q4_K (the token embedding and most
+linear weights), 29 Q6_K (the output head ``output.weight``, untied, and ``attn_v`` / ``ffn_down`` of 14 of the
+28 layers: the usual ``Q4_K_M`` mix), 141 F32 (norms and the q/k/v biases). "FP" for this model is those weights
+dequantized by transformers' GGUF loader and kept in float32 (:data:`CODER_FP_LABEL`): Q4_K is 4-bit codes in
+blocks of 32 with 6-bit block scales and mins inside super-blocks of 256, so the "FP" linear weights already lie
+on a 4-bit grid of group 32.
 """
 
 from __future__ import annotations
