@@ -88,12 +88,13 @@ def build_bnb_int8(fp_dir: Path):
     )
 
 
-def build_hqq(fp_dir: Path, nbits: int = BITS):
+def build_hqq(fp_dir: Path, nbits: int = BITS, group_size: int = 64, dtype: torch.dtype = torch.bfloat16):
+    """HQQ ``HQQLinear`` layers (bf16 compute, scale and zero) in a model loaded in ``dtype``."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16).eval()
-    qcfg = BaseQuantizeConfig(nbits=nbits, group_size=64)
+    model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=dtype).eval()
+    qcfg = BaseQuantizeConfig(nbits=nbits, group_size=group_size)
     stored = n = 0
     for name, lin in quantizable_linears(model):
         parent = model.get_submodule(name.rsplit(".", 1)[0])
@@ -107,7 +108,7 @@ def build_hqq(fp_dir: Path, nbits: int = BITS):
         model,
         8 * stored / n,
         [
-            f"hqq {getattr(hqq, '__version__', '0.2.8.post1')}: {nbits}-bit, group 64, bf16 scale+zero, "
+            f"hqq {getattr(hqq, '__version__', '0.2.8.post1')}: {nbits}-bit, group {group_size}, bf16 scale+zero, "
             "default optimizer"
         ],
     )

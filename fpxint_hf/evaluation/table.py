@@ -17,6 +17,7 @@ import logging
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,19 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+class _RowList(list):
+    """A list that reports every appended row to ``on_row``."""
+
+    def __init__(self, on_row: Callable[[Row], None] | None) -> None:
+        super().__init__()
+        self._on_row = on_row
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        if self._on_row is not None:
+            self._on_row(row)
+
+
 def quantizable_linears(model: nn.Module, config: FPxINTConfig | None = None) -> list[tuple[str, nn.Linear]]:
     """The linear layers the FP=xINT quantizer converts under ``config`` (default settings when ``None``): the
     quantizer's own rule (``hf.replace.linears_to_quantize``), so RTN and peer rows cover the same layers."""
@@ -206,13 +220,22 @@ def run_table(
     model_dir: str | Path | None = None,
     mmlu_local: bool | None = None,
     cache_dir: str | Path | None = None,
+    *,
+    extra_rows: dict[str, Callable[[str], tuple[str, nn.Module, float]]] | None = None,
+    mmlu_options: dict[str, Any] | None = None,
+    on_row: Callable[[Row], None] | None = None,
 ) -> TableResult:
-    """Build every requested row. ``mmlu_limit``: questions per subject (``None``: all; 0: skip MMLU)."""
+    """Build every requested row. ``mmlu_limit``: questions per subject (``None``: all; 0: skip MMLU).
+
+    ``extra_rows`` adds row kinds beyond :data:`ROW_KINDS`: ``kind -> build(fp_dir) -> (name, model, bits per
+    weight)`` (e.g. a peer method); ``mmlu_options`` are passed on to :func:`run_mmlu` (``local_dir``,
+    ``per_question``); ``on_row`` is called with each finished row (e.g. to save partial results)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    bad = sorted(set(rows) - set(ROW_KINDS))
+    extra_rows = extra_rows or {}
+    bad = sorted(set(rows) - set(ROW_KINDS) - set(extra_rows))
     if bad:
-        raise ValueError(f"rows={bad} unknown; allowed: {ROW_KINDS}")
+        raise ValueError(f"rows={bad} unknown; allowed: {(*ROW_KINDS, *extra_rows)}")
     repeated = sorted({r for r in rows if rows.count(r) > 1})
     if repeated:
         raise ValueError(f"rows={repeated} repeated; name each row once")
@@ -242,11 +265,13 @@ def run_table(
     def mmlu(model: nn.Module) -> MMLUResult | None:
         if mmlu_limit == 0:
             return None
-        result = run_mmlu(model, tokenizer, mmlu_limit, mmlu_local, cache_dir=cache_dir)
+        result = run_mmlu(
+            model, tokenizer, mmlu_limit, mmlu_local, cache_dir=cache_dir, **(mmlu_options or {})
+        )
         settings["mmlu_source"], settings["mmlu_questions"] = result.source, result.n_questions
         return result
 
-    out: list[Row] = []
+    out: list[Row] = _RowList(on_row)
     progress = tqdm(rows, desc="FP=xINT table", unit="row", disable=None)
     for kind in progress:
         progress.set_postfix_str(kind)
@@ -255,6 +280,14 @@ def run_table(
             fp_quality = QualityMetrics(reference.perplexity, 0.0, 1.0, reference.n_tokens)
             out.append(Row("FP", None, fp_quality, mmlu(fp)))
             fp = None
+            gc.collect()
+            continue
+        if kind in extra_rows:
+            t = time.perf_counter()
+            name, model, bpw = extra_rows[kind](str(fp_dir))
+            elapsed = time.perf_counter() - t
+            out.append(Row(name, bpw, evaluate_against(model, reference), mmlu(model), elapsed))
+            del model
             gc.collect()
             continue
         if kind in ("rtn", "rtn2x"):
@@ -293,4 +326,4 @@ def run_table(
             "Its weights come from a Q4_1 GGUF (4-bit min-max per block of 32): a 4-bit quantizer with group 32 "
             "re-finds that grid almost losslessly, so group 32 is not used here.",
         ]
-    return TableResult(out, settings, _environment(), time.perf_counter() - start, notes)
+    return TableResult(list(out), settings, _environment(), time.perf_counter() - start, notes)
