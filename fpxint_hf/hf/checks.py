@@ -17,18 +17,15 @@ def check_checkpoint_keys(model: torch.nn.Module, checkpoint_files: list[str]) -
     ``symmetric=True``) as "unexpected" and drop it, so the model would run without it.  Reads only the
     safetensors headers.
     """
-    from safetensors import safe_open
-
-    check_files_complete(checkpoint_files)  # a truncated file: named, not safetensors' bare message
     stored: dict[str, set[str]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    for path in checkpoint_files:
-        if str(path).endswith(".safetensors"):
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    module_name, _, tensor_name = key.rpartition(".")
-                    stored.setdefault(module_name, set()).add(tensor_name)
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
+    # one read of each header: a truncated file is named (not safetensors' bare message), the rest are used here
+    for header in check_files_complete(checkpoint_files).values():
+        for key, entry in header.items():
+            if key != "__metadata__":
+                module_name, _, tensor_name = key.rpartition(".")
+                stored.setdefault(module_name, set()).add(tensor_name)
+                shapes[key] = tuple(entry["shape"])
     prefix = getattr(model, "base_model_prefix", "") + "."
     problems = []
     for name, module in model.named_modules():
