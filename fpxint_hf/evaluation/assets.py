@@ -39,7 +39,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,22 +203,30 @@ def fp_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     gguf = smollm2_gguf_path()
     version = _dist_version(SMOLLM2_DIST)
     final = cache_root(cache_dir) / f"smollm2-135m-instruct-q4_1-dequant-f32-v{version}"
+    return float_folder_from_gguf(
+        gguf,
+        final,
+        lambda: {
+            "label": FP_LABEL,
+            "source": f"{SMOLLM2_DIST}=={version}:{SMOLLM2_GGUF}",
+            "gguf_sha256": _sha256(gguf),
+            "dtype": "float32",
+        },
+    )
+
+
+def float_folder_from_gguf(gguf: Path, final: Path, provenance: Callable[[], dict[str, Any]]) -> Path:
+    """``final``: a plain float32 HF folder converted once from ``gguf`` (atomically, ``provenance()`` recorded
+    in it); a complete one is reused as it is."""
     if (final / _PROVENANCE).is_file():
         return final
     logger.info("converting %s into a plain HF folder at %s (once)", gguf.name, final)
-    plain, tokenizer = plain_model_from_gguf(gguf)
+    plain, tokenizer = plain_model_from_gguf(gguf)  # float32
+    info = provenance()
     with _atomic_dir(final) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _write_provenance(
-            tmp,
-            {
-                "label": FP_LABEL,
-                "source": f"{SMOLLM2_DIST}=={version}:{SMOLLM2_GGUF}",
-                "gguf_sha256": _sha256(gguf),
-                "dtype": "float32",
-            },
-        )
+        _write_provenance(tmp, info)
     return final
 
 

