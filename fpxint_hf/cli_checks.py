@@ -18,6 +18,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from .settings import DEFAULTS, check_settings
+
 
 class UsageError(Exception):
     """A problem with what the user asked for: printed as one line, exit status 2."""
@@ -72,8 +74,6 @@ def remove_stale_temp_dirs(out: Path) -> list[Path]:
 
 def check_eval_args(args: argparse.Namespace, row_kinds: tuple[str, ...]) -> tuple[str, ...]:
     """Validate every ``fpxint eval`` argument (the rows it returns) before anything loads."""
-    from .hf import FPxINTConfig
-
     if args.limit is not None and args.limit < 0:
         raise UsageError(f"--limit {args.limit} is invalid: questions per subject, >= 1, or 0 to skip MMLU")
     if args.context < 2:
@@ -87,11 +87,13 @@ def check_eval_args(args: argparse.Namespace, row_kinds: tuple[str, ...]) -> tup
     repeated = sorted({r for r in rows if rows.count(r) > 1})
     if repeated:
         raise UsageError(f"--rows {args.rows!r}: rows={repeated} repeated; name each row once")
-    for kind in rows:
-        if kind in ("t1", "t2", "t3"):  # raises ValueError naming the field, e.g. FPxINTConfig.bits=9
-            FPxINTConfig(bits=args.bits, terms=int(kind[1:]), group_size=args.group_size)
-        elif kind in ("rtn", "rtn2x"):
-            FPxINTConfig(bits=args.bits, terms=1, group_size=args.group_size)
+    for (
+        kind
+    ) in rows:  # raises ValueError naming the field, e.g. FPxINTConfig.bits=9 (without importing torch)
+        if kind in ("t1", "t2", "t3", "rtn", "rtn2x"):
+            terms = int(kind[1:]) if kind.startswith("t") else 1
+            values = {**DEFAULTS.as_dict(), "bits": args.bits, "terms": terms, "group_size": args.group_size}
+            check_settings("FPxINTConfig", values)
     if args.model is not None:
         check_folder(args.model, "--model")
     return rows

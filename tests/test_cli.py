@@ -329,3 +329,14 @@ def test_two_concurrent_quantize_runs_leave_one_valid_checkpoint(tiny_dir, tmp_p
     assert re.search(r"fpxint: error: .*(exists; pass --overwrite|appeared while quantizing)", loser), loser
     assert AutoModelForCausalLM.from_pretrained(out).config.quantization_config.terms == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.")]
+
+
+def test_eval_argument_errors_come_before_torch_loads():
+    """A wrong ``fpxint eval`` argument is reported without importing torch or transformers (which take seconds)."""
+    code = (
+        "import sys; from fpxint_hf.cli import main; rc = main(['eval', '--rows', 't1,xx']); "
+        "print(rc, sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["2", "[]"], done.stdout + done.stderr
+    assert "rows=['xx'] unknown" in done.stderr

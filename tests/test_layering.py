@@ -25,6 +25,7 @@ ORDER = [
     "hf",
     "evaluation",
     "cli_checks",
+    "cli_parser",
     "cli",
 ]
 FORBIDDEN_EXTERNAL = {

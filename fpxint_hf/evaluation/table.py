@@ -40,11 +40,10 @@ from .metrics import (
     pydoc_windows,
 )
 from .mmlu import CATEGORIES, MMLUResult, run_mmlu
+from .rows import DEFAULT_MMLU_LIMIT, ROW_KINDS
 
 logger = logging.getLogger(__name__)
 
-ROW_KINDS = ("fp", "rtn", "t1", "t2", "rtn2x", "t3")
-DEFAULT_MMLU_LIMIT = 2
 # The paper's Table 6 (MMLU Avg., %), quoted for reference; its per-category numbers are not reproduced here.
 PAPER_MMLU_AVG = {
     "LLaMA3-8B": {"FP": 64.8, "Normal (RTN W4A16)": 62.5, "FP=xINT": 64.7},
