@@ -194,7 +194,7 @@ def test_killed_save_leaves_no_directory(make_fp_dir, tmp_path):
 
 def test_push_to_hub_uploads_a_complete_checkpoint(make_fp_dir, tmp_path, monkeypatch, logits_of):
     """``push_to_hub`` saves into a temporary directory and uploads it: the upload sees the whole checkpoint (which
-    loads), and ``save_pretrained(dir, push_to_hub=True)`` still names the repository after ``dir``."""
+    loads and carries config.json's dtype), and ``save_pretrained(dir, push_to_hub=True)`` still names the repository after ``dir``."""
     model = quantize(make_fp_dir("qwen2"))
     uploads = []
 
@@ -208,8 +208,9 @@ def test_push_to_hub_uploads_a_complete_checkpoint(make_fp_dir, tmp_path, monkey
 
     def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
         loaded = AutoModelForCausalLM.from_pretrained(working_dir, dtype=torch.float32)
+        dtype = json.loads((Path(working_dir) / "config.json").read_text())["dtype"]
         uploads.append(
-            (repo_id, sorted(os.listdir(working_dir)), torch.equal(logits_of(loaded), logits_of(self)))
+            (repo_id, sorted(os.listdir(working_dir)), torch.equal(logits_of(loaded), logits_of(self)), dtype)
         )
 
     monkeypatch.setattr(hub, "hf_api", FakeApi)
@@ -222,7 +223,9 @@ def test_push_to_hub_uploads_a_complete_checkpoint(make_fp_dir, tmp_path, monkey
     model.save_pretrained(tmp_path / "tiny-local", push_to_hub=True)
     files = ["config.json", "generation_config.json", "model.safetensors"]
     files = ["README.md", *files]  # the model card, written by transformers in both cases
-    assert uploads == [("me/tiny-fpxint", files, True), ("tiny-local", files, True)]
+    # the hub copy reloads in the compute dtype, as the local one does (config.json's dtype is written before upload)
+    assert model.config.quantization_config.compute_dtype == "bfloat16"
+    assert uploads == [("me/tiny-fpxint", files, True, "bfloat16"), ("tiny-local", files, True, "bfloat16")]
     assert sorted(os.listdir(tmp_path / "tiny-local")) == files
     assert leftovers(tmp_path) == []
 

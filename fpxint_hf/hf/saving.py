@@ -23,12 +23,14 @@ its own directory), ``distributed_checkpoint=True``, or a target that is an exis
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -108,7 +110,8 @@ def atomic_save_pretrained(model, original, save_directory, *args, **kwargs):
     try:
         if os.path.isdir(target):
             shutil.copymode(target, tmp)
-        result = original(model, tmp, *args, **kwargs)
+        with _dtype_recorded_before_upload(model):
+            result = original(model, tmp, *args, **kwargs)
         record_compute_dtype(tmp, model)
         if os.path.isdir(target):
             _carry_over(target, tmp)
@@ -117,6 +120,26 @@ def atomic_save_pretrained(model, original, save_directory, *args, **kwargs):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+@contextlib.contextmanager
+def _dtype_recorded_before_upload(model) -> Iterator[None]:
+    """``save_pretrained(push_to_hub=True)`` uploads from inside transformers' save: write ``compute_dtype`` into
+    the folder's config.json just before that upload, so the hub copy reloads in the same dtype as the local one."""
+    upload = getattr(model, "_upload_modified_files", None)  # transformers' PushToHubMixin step
+    if upload is None:
+        yield
+        return
+
+    def recorded_then_upload(working_dir, *args, **kwargs):
+        record_compute_dtype(working_dir, model)
+        return upload(working_dir, *args, **kwargs)
+
+    model._upload_modified_files = recorded_then_upload
+    try:
+        yield
+    finally:
+        del model._upload_modified_files
 
 
 def _weights_variant(entry: str) -> tuple[bool, str | None]:
