@@ -43,7 +43,10 @@ MODELS = {
     "smollm2": (fp_model_dir, 64),
 }  # group: bench_mmlu.py's, bench_pareto.py's
 BLOCKS = (0, 13, 27)
-FLOORS = (0.0, 0.1, 0.25, 0.5, 1.0)  # ActivationProxy gain_floor candidates
+FLOORS = (
+    0.0,
+    1.0,
+)  # ActivationProxy gain_floor: before / after (0.1, 0.25, 0.5 were measured on SmolLM2 too)
 KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 
@@ -154,6 +157,9 @@ def layers(fp_dir: Path, group: int, work: Path, blocks: list[int], floors: list
                 name, {v: {k: round(x, 2) for k, x in r.items()} for v, r in rows[name].items()}, flush=True
             )
         print(f"block {b} done ({time.perf_counter() - start:.0f} s)", flush=True)
+        (work / f"layers_{b}.json").write_text(
+            json.dumps({k: v for k, v in rows.items() if f".{b}." in k}, indent=1)
+        )
     return rows
 
 
@@ -272,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         capture(fp_dir, work, args.tokens, args.context)
     elif args.step == "layers":
         blocks = [int(b) for b in args.blocks.split(",")]
-        rows = layers(fp_dir, group, work, blocks, list(FLOORS))
-        (work / f"layers_{args.blocks.replace(',', '_')}.json").write_text(json.dumps(rows, indent=1))
+        layers(fp_dir, group, work, blocks, list(FLOORS))  # writes layers_<block>.json
     elif args.step == "report":
         report(Path(args.work), Path(args.out))
     elif args.step == "kl":
