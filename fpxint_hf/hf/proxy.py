@@ -4,7 +4,8 @@ The first-term fit minimizes ``Σ_j a_j (w_j - ŵ_j)²`` (``fit.py``, Eq. F); wi
 expected squared error of the layer's *output* when the input channels are uncorrelated.  Without calibration
 data ``E[x_j²]`` is read off the neighbouring weights of a LLaMA/Qwen2-style decoder block:
 
-- ``q/k/v_proj`` read ``RMSNorm(h)·γ`` with ``γ = input_layernorm.weight``: ``E[x_j²] ∝ γ_j²``;
+- ``q/k/v_proj`` read ``RMSNorm(h)·γ`` with ``γ = input_layernorm.weight``: ``E[x_j²] ∝ γ_j²``, floored at the
+  mean ``γ²`` (``GAIN_FLOOR``: a gain below average says nothing, see there; in every formula below too);
   ``gate/up_proj`` likewise with ``post_attention_layernorm.weight``;
 - ``o_proj`` reads attention-weighted averages of the values ``v = W_v·(RMSNorm(h)·γ) + b_v``:
   ``E[x_j²] ≲ ||W_v[j] ⊙ γ||² + b_v[j]²`` (value channel j, repeated over the query heads sharing it);
@@ -20,12 +21,22 @@ from __future__ import annotations
 import torch
 
 ATTN_IN, MLP_IN = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+GAIN_FLOOR = 1.0
+"""``γ_j²`` below ``GAIN_FLOOR·mean(γ²)`` counts as that floor.  A small gain is no evidence of a quiet column: trained
+models damp their massive-activation channels with small gains, so there ``E[x_j²] = γ_j²·E[(h_j/rms)²]`` is often
+*larger* than average (Qwen2.5-Coder-1.5B: γ² 8-17x below its mean on inputs 10-14x louder than average); trusting
+``γ_j²`` let the fit clip exactly those columns (eval/results/qwen_diagnosis.md)."""
 
 
 class ActivationProxy:
     """``importance(module_name)`` for the layers of one checkpoint (``checkpoint_files``: its safetensors)."""
 
-    def __init__(self, checkpoint_files: list[str], num_key_value_heads: int | None = None):
+    def __init__(
+        self,
+        checkpoint_files: list[str],
+        num_key_value_heads: int | None = None,
+        gain_floor: float = GAIN_FLOOR,
+    ):
         from safetensors import safe_open
 
         self.files: dict[str, str] = {}
@@ -34,6 +45,7 @@ class ActivationProxy:
                 with safe_open(str(path), framework="pt") as f:
                     self.files.update(dict.fromkeys(f.keys(), str(path)))
         self.kv_heads = num_key_value_heads
+        self.gain_floor = gain_floor
         self._cache: dict[str, torch.Tensor] = {}
 
     def _get(self, key: str) -> torch.Tensor | None:
@@ -49,17 +61,24 @@ class ActivationProxy:
             self._cache[key] = t  # norm weights: tiny and used three times
         return t
 
+    def _gain(self, key: str) -> torch.Tensor | None:
+        """``|γ|`` of a norm, raised to at least ``sqrt(gain_floor)`` times its RMS."""
+        g = self._get(key)
+        if g is None:
+            return None
+        return g.abs().clamp(min=(self.gain_floor * g.pow(2).mean()).sqrt().item())
+
     def importance(self, module_name: str) -> torch.Tensor | None:
         parent, _, leaf = module_name.rpartition(".")
         block = parent.rpartition(".")[0]
         if leaf in ATTN_IN or leaf in MLP_IN:
             norm = "input_layernorm" if leaf in ATTN_IN else "post_attention_layernorm"
-            g = self._get(f"{block}.{norm}.weight")
+            g = self._gain(f"{block}.{norm}.weight")
             return None if g is None else g.pow(2)
         if leaf == "o_proj":
             return self._o_proj(block, parent)
         if leaf == "down_proj":
-            g = self._get(f"{block}.post_attention_layernorm.weight")
+            g = self._gain(f"{block}.post_attention_layernorm.weight")
             up, gate = self._get(f"{parent}.up_proj.weight"), self._get(f"{parent}.gate_proj.weight")
             if g is None or up is None or gate is None:
                 return None
@@ -67,7 +86,7 @@ class ActivationProxy:
         return None
 
     def _o_proj(self, block: str, attn: str) -> torch.Tensor | None:
-        g, wv = self._get(f"{block}.input_layernorm.weight"), self._get(f"{attn}.v_proj.weight")
+        g, wv = self._gain(f"{block}.input_layernorm.weight"), self._get(f"{attn}.v_proj.weight")
         wo_key = f"{attn}.o_proj.weight"
         if g is None or wv is None or wo_key not in self.files or not self.kv_heads:
             return None
