@@ -32,7 +32,8 @@ def allocate_terms(layers: list[LayerCandidates], budget: float) -> dict[str, in
     spent = sum(c.bits[0] for c in layers)
     if spent > budget * total:
         raise ValueError(
-            f"bits_budget={budget} is below the {spent / total:.3f} bits per weight of one term in every layer"
+            f"bits_budget={budget} is below the {spent / total:.4f} bits per weight of one term in every layer; "
+            "allowed: at least that, or a narrower first term (e.g. bits=[2, 2, 2]) or symmetric=True (no zeros)"
         )
     while True:
         best, best_gain = None, 0.0

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..budget import LayerCandidates, allocate_terms
+from ..layout import layer_tensors
 from ..linear import FPxINTLinear
 from ..model_ops import model_bits_per_weight
 from .config import FPxINTConfig
@@ -17,7 +18,11 @@ logger = logging.getLogger(__name__)
 def budget_candidates(
     module: FPxINTLinear, weight: torch.Tensor, cfg: FPxINTConfig, full, full_state, importance=None
 ) -> dict:
-    """``{k: (buffers, relative error, stored bits)}`` for k = 1..terms: each k fitted for exactly k terms."""
+    """``{k: (buffers, relative error, stored bits)}`` for k = 1..terms: each k fitted for exactly k terms.
+
+    The stored bits count every tensor that grows with the layer (codes, scales, zeros, outliers), not the
+    per-layer ``terms_used`` counter (32 bits a layer, the same for every k): so a budget equal to the bits of
+    one term, e.g. ``bits=[3, 2]``, ``bits_budget=3.5`` at group 64, is met with one term in every layer."""
     cands = {}
     for k in range(1, module.terms + 1):
         if k == module.terms:
@@ -38,7 +43,15 @@ def budget_candidates(
             )
             e = probe.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance)
             state = probe.expansion_state(e)
-        stored = 8 * sum(t.numel() * t.element_size() for t in state.values())
+        specs = layer_tensors(
+            module.term_bits[:k],
+            module.out_features,
+            module.in_features,
+            module.group_size,
+            module.symmetric,
+            module.outlier_budget,
+        )
+        stored = 8 * sum(t.numel() * t.element_size() for n, t in state.items() if specs[n].kind != "piece")
         cands[k] = (state, e.errors[-1] if e.errors else 0.0, stored)
     return cands
 
