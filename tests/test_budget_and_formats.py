@@ -9,7 +9,7 @@ import torch
 from checkpoint_helpers import fpxint_modules
 
 import fpxint_hf
-from fpxint_hf.budget import LayerCandidates, allocate_terms
+from fpxint_hf.budget import FUSED, LayerCandidates, allocate_terms, fused_groups, merge_candidates
 from fpxint_hf.expansion import snr_db
 from fpxint_hf.model_ops import model_bits_per_weight
 
@@ -32,6 +32,30 @@ def test_allocate_terms_spends_where_the_error_falls_most():
         allocate_terms(layers, 4.0)
 
 
+def test_fused_pieces_are_allocated_together():
+    names = ["m.l0.self_attn.q_proj", "m.l0.self_attn.k_proj", "m.l0.self_attn.o_proj", "m.l0.mlp.up_proj"]
+    names += ["m.l0.mlp.gate_proj", "m.l1.self_attn.q_proj"]
+    assert fused_groups(names) == {
+        "m.l0.self_attn.qkv_proj": ["m.l0.self_attn.q_proj", "m.l0.self_attn.k_proj"],
+        "m.l0.self_attn.o_proj": ["m.l0.self_attn.o_proj"],
+        "m.l0.mlp.gate_up_proj": ["m.l0.mlp.up_proj", "m.l0.mlp.gate_proj"],
+        "m.l1.self_attn.qkv_proj": ["m.l1.self_attn.q_proj"],
+    }
+    a = LayerCandidates("a", 100, (450, 650), (0.3, 0.1))
+    b = LayerCandidates("b", 50, (225, 325), (0.4, 0.2))
+    merged = merge_candidates("ab", [a, b])
+    assert (merged.n_weights, merged.bits) == (150, (675, 975))
+    assert merged.errors == pytest.approx((0.5, (0.01 + 0.04) ** 0.5))  # squared errors add
+
+
+def _fused_terms_agree(model) -> bool:
+    terms = {n: m.terms for n, m in fpxint_modules(model).items()}
+    groups = fused_groups(list(terms))
+    return all(len({terms[n] for n in names}) == 1 for names in groups.values()) and any(
+        len(names) == len(FUSED["qkv_proj"]) for names in groups.values()
+    )
+
+
 def test_budget_model_meets_its_budget_saves_and_reloads(
     make_fp_dir, load_fp, load_quantized, logits_of, tmp_path
 ):
@@ -49,6 +73,7 @@ def test_budget_model_meets_its_budget_saves_and_reloads(
     q = load_quantized(fp_dir, bits=[4, 2, 2], terms=3, group_size=32, bits_budget=7.5)
     per_layer = {n: m.terms for n, m in fpxint_modules(q).items()}
     assert len(set(per_layer.values())) > 1  # a mix of terms across layers
+    assert _fused_terms_agree(q)  # q/k/v and gate/up keep one number of terms each (vLLM fuses them)
     before = logits_of(q)
     q.save_pretrained(tmp_path / "b")
     saved = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]
@@ -96,6 +121,7 @@ def test_low_bits_budgets_meet_the_budget_and_reload_bit_exact(
     bpw = model_bits_per_weight(q)
     assert bpw <= budget + _counter_bits(q) + 1e-9  # all counted but the per-layer counter
     assert (len({m.terms for m in layers.values()}) > 1) == mixed
+    assert _fused_terms_agree(q)
     assert bpw > budget - (1.5 if mixed else 0.001)
     assert snr_db(logits_of(q), logits_of(load_fp(fp_dir))) > 10.0
     before = logits_of(q)

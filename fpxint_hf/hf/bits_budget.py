@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..budget import LayerCandidates, allocate_terms
+from ..budget import LayerCandidates, allocate_terms, fused_groups, merge_candidates
 from ..layout import layer_tensors
 from ..linear import FPxINTLinear
 from ..model_ops import model_bits_per_weight
@@ -57,22 +57,25 @@ def budget_candidates(
 
 
 def apply_bits_budget(model: torch.nn.Module, cfg: FPxINTConfig, candidates: dict[str, dict]) -> None:
-    """Choose each layer's terms under ``cfg.bits_budget`` (``budget.allocate_terms``) from the ``candidates`` of
-    each layer (``budget_candidates``, by module name), shrink the layers that keep fewer than ``terms`` and
-    record them in ``cfg.layer_terms``."""
+    """Choose each layer's terms under ``cfg.bits_budget`` (``budget.allocate_terms``; the pieces vLLM fuses
+    keep one number of terms) from the ``candidates`` of each layer (``budget_candidates``, by module name),
+    shrink the layers that keep fewer than ``terms`` and record them in ``cfg.layer_terms``."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FPxINTLinear)}
     if any(n not in candidates for n in layers):
         raise ValueError("bits_budget needs every FP=xINT layer quantized on load in this process")
-    options = [
-        LayerCandidates(
+    single = {
+        n: LayerCandidates(
             n,
             m.in_features * m.out_features,
             tuple(candidates[n][k][2] for k in sorted(candidates[n])),
             tuple(candidates[n][k][1] for k in sorted(candidates[n])),
         )
         for n, m in layers.items()
-    ]
-    keep = allocate_terms(options, float(cfg.bits_budget or 0))
+    }
+    groups = fused_groups(list(layers))  # q/k/v and gate/up keep one number of terms (vLLM fuses them)
+    options = [merge_candidates(g, [single[n] for n in names]) for g, names in groups.items()]
+    per_group = allocate_terms(options, float(cfg.bits_budget or 0))
+    keep = {n: per_group[g] for g, names in groups.items() for n in names}
     with torch.no_grad():
         for name, k in keep.items():
             module = layers[name]
