@@ -38,6 +38,21 @@ def fake_quant(fp_dir: Path, fn: Callable[[torch.Tensor], torch.Tensor]) -> tupl
     return model, time.perf_counter() - start
 
 
+def counted_row(
+    fp_dir: Path, fn: Callable[[torch.Tensor, int], tuple[torch.Tensor, float]]
+) -> dict[str, Any]:
+    """A peer whose ``fn(weight, layer index)`` returns (dequantized weight, stored bits), bits summed."""
+    model = load_fp(fp_dir)
+    stored = n = 0.0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i, (_, lin) in enumerate(quantizable_linears(model)):
+            deq, bits = fn(lin.weight.float(), i)
+            lin.weight.copy_(deq)
+            stored, n = stored + bits, n + lin.weight.numel()
+    return {"model": model, "bits": stored / n, "quant_s": time.perf_counter() - start}
+
+
 def rtn_row(fp_dir: Path, bits: int, group: int = GROUP) -> dict[str, Any]:
     model, secs = fake_quant(fp_dir, lambda w: rtn(w, bits, group))
     return {"model": model, "bits": bits + 32 / group, "quant_s": secs}

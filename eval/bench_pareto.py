@@ -4,7 +4,13 @@
 
 One process, float32 forward for every row, the same pydoc tokens (windows of 512).  Writes
 ``<out>.json``, ``<out>.md`` (table + targets met/missed) and ``<out>.png`` (PPL and KL against bits).
-Needs the ``bench`` extra (hqq, bitsandbytes; installed with ``--no-deps``).
+Needs the ``bench`` extra (hqq, bitsandbytes; installed with ``--no-deps``) and the SINQ authors' package
+(``pip install --no-deps --target DIR sinq==0.2.0``, delete ``DIR/sitecustomize.py``, ``SINQ_AUTO_PATCH=0``,
+DIR on ``PYTHONPATH``); the Hadamard and HIGGS peers are written in ``eval/_pareto_peers.py``.
+
+A new FP=xINT row is one line in ``ROWS`` (or ``ABLATIONS``, run with ``--ablations``):
+``ours("label", bits=4, terms=1, <any FPxINTConfig field>=...)`` (nested series and the optimized fit unless
+given); it takes part in the FP=xINT targets automatically.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _pareto_peers as peers  # noqa: E402
 import _pareto_report as report  # noqa: E402
 import _pareto_rows as rows  # noqa: E402
 
@@ -31,48 +38,71 @@ from fpxint_hf.expansion import expand  # noqa: E402
 NESTED = {"series": "nested", "fit": "optimized"}
 LEGACY = {"series": "legacy", "fit": "minmax"}
 
-ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder)
+
+def ours(label: str, family: str = "FP=xINT", active: int | None = None, **cfg: Any) -> tuple[str, str, Any]:
+    """A row of FP=xINT quantized with ``FPxINTConfig(group_size=64, **cfg)`` (``NESTED`` unless overridden)."""
+    cfg = {**NESTED, **cfg}
+    return (label, family, lambda d: rows.fpxint_row(d, active=active, **cfg))
+
+
+def peer(fn: Any, bits: int) -> Any:
+    """A builder for an ``_pareto_peers`` quantizer ``fn(w, bits, seed)`` (seed: the layer index)."""
+    return lambda d: rows.counted_row(d, lambda w, i: fn(w, bits, i))
+
+
+ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and every row a target reads
     ("RTN W3", "RTN", lambda d: rows.rtn_row(d, 3)),
     ("RTN W4", "RTN", lambda d: rows.rtn_row(d, 4)),
-    ("RTN W4 g32 (the GGUF's own Q4_1 grid)", "artefact", lambda d: rows.rtn_row(d, 4, 32)),
-    ("RTN W5", "RTN", lambda d: rows.rtn_row(d, 5)),
     ("RTN W6", "RTN", lambda d: rows.rtn_row(d, 6)),
     ("RTN W8", "RTN", lambda d: rows.rtn_row(d, 8)),
+    ("HQQ 3-bit", "HQQ", lambda d: rows.hqq_row(d, 3)),
     ("HQQ 4-bit", "HQQ", lambda d: rows.hqq_row(d, 4)),
-    ("HQQ 8-bit", "HQQ", lambda d: rows.hqq_row(d, 8)),
     ("bnb NF4", "NF4", rows.nf4_row),
+    ("SINQ 3-bit", "SINQ", lambda d: rows.counted_row(d, lambda w, i: peers.sinq(w, 3))),
+    ("SINQ 4-bit", "SINQ", lambda d: rows.counted_row(d, lambda w, i: peers.sinq(w, 4))),
+    ("Hadamard + RTN W3 (QuaRot)", "Hadamard+RTN", peer(peers.rotated_rtn, 3)),
+    ("Hadamard + RTN W4 (QuaRot)", "Hadamard+RTN", peer(peers.rotated_rtn, 4)),
+    ("HIGGS 3-bit (Hadamard + Gaussian MSE grid)", "HIGGS", peer(peers.higgs, 3)),
+    ("HIGGS 4-bit (Hadamard + Gaussian MSE grid)", "HIGGS", peer(peers.higgs, 4)),
+    ours("FP=xINT T=1 (3)", bits=3, terms=1),
+    ours("FP=xINT T=1 (3), symmetric", bits=3, terms=1, symmetric=True),
+    # (bits_budget=3.5 with asymmetric 3+2, or 3.25 with symmetric 3+2, is one 3-bit term in every layer: the
+    # T=1 rows above, by construction; tests/test_budget_and_formats.py checks it)
+    ours(
+        "FP=xINT budget 3.5 (3+2), symmetric",
+        "FP=xINT budget",
+        bits=[3, 2],
+        terms=2,
+        symmetric=True,
+        bits_budget=3.5,
+    ),
+    ours("FP=xINT budget 3.25 (2+2+2)", "FP=xINT budget", bits=2, terms=3, bits_budget=3.25),
+    ours("FP=xINT budget 3.5 (2+2+2)", "FP=xINT budget", bits=2, terms=3, bits_budget=3.5),
+    ours("FP=xINT T=1 (4), symmetric", bits=4, terms=1, symmetric=True),
+    ours("FP=xINT T=1 (4)", bits=4, terms=1),
+    ours("FP=xINT 2+2", bits=2, terms=2),
+    ours("FP=xINT budget 5.0 (4+2+2)", "FP=xINT budget", bits=[4, 2, 2], terms=3, bits_budget=5.0),
+    ours("FP=xINT 3+2", bits=[3, 2], terms=2),
+    ours("FP=xINT 2+2+2", bits=2, terms=3),
+    ours("FP=xINT T=2 (4+4)", bits=4, terms=2),
+]
+
+ABLATIONS: list[tuple[str, str, Any]] = [  # with --ablations: more points, old rules, one-checkpoint reads
+    ("RTN W4 g32 (the GGUF's own Q4_1 grid)", "artefact", lambda d: rows.rtn_row(d, 4, 32)),
+    ("RTN W5", "RTN", lambda d: rows.rtn_row(d, 5)),
+    ("HQQ 8-bit", "HQQ", lambda d: rows.hqq_row(d, 8)),
     ("int8 row-wise (LLM.int8 weights)", "int8", rows.int8_row),
-    ("FP=xINT legacy T=1 (4)", "FP=xINT legacy", lambda d: rows.fpxint_row(d, bits=4, terms=1, **LEGACY)),
-    ("FP=xINT legacy T=2 (4+4)", "FP=xINT legacy", lambda d: rows.fpxint_row(d, bits=4, terms=2, **LEGACY)),
-    ("FP=xINT T=1 (4)", "FP=xINT", lambda d: rows.fpxint_row(d, bits=4, terms=1, **NESTED)),
-    (
-        "FP=xINT T=1 (4), act_proxy=None",
-        "FP=xINT no proxy",
-        lambda d: rows.fpxint_row(d, bits=4, terms=1, act_proxy=None, **NESTED),
-    ),
-    (
-        "FP=xINT T=2 (4+4), act_proxy=None",
-        "FP=xINT no proxy",
-        lambda d: rows.fpxint_row(d, bits=4, terms=2, act_proxy=None, **NESTED),
-    ),
-    ("FP=xINT 2+2", "FP=xINT", lambda d: rows.fpxint_row(d, bits=2, terms=2, **NESTED)),
-    ("FP=xINT 4+2", "FP=xINT", lambda d: rows.fpxint_row(d, bits=[4, 2], terms=2, **NESTED)),
-    ("FP=xINT 3+3", "FP=xINT", lambda d: rows.fpxint_row(d, bits=3, terms=2, **NESTED)),
-    ("FP=xINT 2+2+2", "FP=xINT", lambda d: rows.fpxint_row(d, bits=2, terms=3, **NESTED)),
-    ("FP=xINT T=2 (4+4)", "FP=xINT", lambda d: rows.fpxint_row(d, bits=4, terms=2, **NESTED)),
+    ours("FP=xINT legacy T=1 (4)", "FP=xINT legacy", bits=4, terms=1, **LEGACY),
+    ours("FP=xINT legacy T=2 (4+4)", "FP=xINT legacy", bits=4, terms=2, **LEGACY),
+    ours("FP=xINT T=1 (4), act_proxy=None", "FP=xINT no proxy", bits=4, terms=1, act_proxy=None),
+    ours("FP=xINT T=2 (4+4), act_proxy=None", "FP=xINT no proxy", bits=4, terms=2, act_proxy=None),
+    ours("FP=xINT 4+2", bits=[4, 2], terms=2),
+    ours("FP=xINT 3+3", bits=3, terms=2),
     *[
-        (
-            f"FP=xINT budget {b} (4+2+2)",
-            "FP=xINT budget",
-            lambda d, b=b: rows.fpxint_row(d, bits=[4, 2, 2], terms=3, bits_budget=b, **NESTED),
-        )
-        for b in (5.0, 6.0, 7.0)
+        ours(f"FP=xINT budget {b} (4+2+2)", "FP=xINT budget", bits=[4, 2, 2], terms=3, bits_budget=b)
+        for b in (6.0, 7.0)
     ],
-    (
-        "FP=xINT T=2 checkpoint read at T=1",
-        "one checkpoint",
-        lambda d: rows.fpxint_row(d, active=1, bits=4, terms=2, **NESTED),
-    ),
+    ours("FP=xINT T=2 checkpoint read at T=1", "one checkpoint", active=1, bits=4, terms=2),
     ("RTN W8 checkpoint, top 4 bits", "one checkpoint", rows.rtn8_top4_row),
 ]
 
@@ -83,16 +113,22 @@ def quantization_times(fp_dir: Path) -> dict[str, float]:
 
     weights = [lin.weight.detach().float() for _, lin in quantizable_linears(rows.load_fp(fp_dir))]
     out = {}
+
+    def hqq(nbits: int) -> Any:
+        return lambda w: Quantizer.quantize(
+            w, nbits=nbits, group_size=64, axis=1, compute_dtype=torch.float32, device="cpu"
+        )
+
     for label, fn in [
-        (
-            "HQQ 4-bit",
-            lambda w: Quantizer.quantize(
-                w, nbits=4, group_size=64, axis=1, compute_dtype=torch.float32, device="cpu"
-            ),
-        ),
+        ("HQQ 3-bit", hqq(3)),
+        ("HQQ 4-bit", hqq(4)),
+        ("FP=xINT T=1 (3)", lambda w: expand(w, 3, 1, 64, series="nested", fit="optimized")),
+        ("FP=xINT 3+2", lambda w: expand(w, (3, 2), 2, 64, series="nested", fit="optimized")),
         ("FP=xINT T=1 (4)", lambda w: expand(w, 4, 1, 64, series="nested", fit="optimized")),
         ("FP=xINT T=2 (4+4)", lambda w: expand(w, 4, 2, 64, series="nested", fit="optimized")),
         ("RTN W4", lambda w: rows.rtn(w, 4, 64)),
+        ("Hadamard + RTN W4 (QuaRot)", lambda w: peers.rotated_rtn(w, 4, 0)),
+        ("HIGGS 4-bit", lambda w: peers.higgs(w, 4, 0)),
     ]:
         start = time.perf_counter()
         for w in weights:
@@ -110,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--out", default="eval/results/pareto")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ablations", action="store_true", help="also the ABLATIONS rows (about 1.5x the time)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -122,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     fp_m = evaluate_against(fp, ref)
     del fp
     results = [{"label": "FP", "family": "FP", "bits": 32.0, "ppl": fp_m.perplexity, "kl": 0.0, "top1": 1.0}]
-    for label, family, build in ROWS:
+    for label, family, build in ROWS + (ABLATIONS if args.ablations else []):
         built = build(fp_dir)
         m = evaluate_against(built.pop("model"), ref)
         results.append(

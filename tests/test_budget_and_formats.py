@@ -9,9 +9,15 @@ import torch
 from checkpoint_helpers import fpxint_modules
 
 import fpxint_hf
-from fpxint_hf.budget import LayerCandidates, allocate_terms
+from fpxint_hf.budget import FUSED, LayerCandidates, allocate_terms, fused_groups, merge_candidates
 from fpxint_hf.expansion import snr_db
 from fpxint_hf.model_ops import model_bits_per_weight
+
+
+def _counter_bits(model) -> float:
+    """Bits per weight of the per-layer 32-bit ``terms_used`` counters, which a bits budget leaves out."""
+    layers = fpxint_modules(model).values()
+    return 32 * len(layers) / sum(m.in_features * m.out_features for m in layers)
 
 
 def test_allocate_terms_spends_where_the_error_falls_most():
@@ -26,6 +32,30 @@ def test_allocate_terms_spends_where_the_error_falls_most():
         allocate_terms(layers, 4.0)
 
 
+def test_fused_pieces_are_allocated_together():
+    names = ["m.l0.self_attn.q_proj", "m.l0.self_attn.k_proj", "m.l0.self_attn.o_proj", "m.l0.mlp.up_proj"]
+    names += ["m.l0.mlp.gate_proj", "m.l1.self_attn.q_proj"]
+    assert fused_groups(names) == {
+        "m.l0.self_attn.qkv_proj": ["m.l0.self_attn.q_proj", "m.l0.self_attn.k_proj"],
+        "m.l0.self_attn.o_proj": ["m.l0.self_attn.o_proj"],
+        "m.l0.mlp.gate_up_proj": ["m.l0.mlp.up_proj", "m.l0.mlp.gate_proj"],
+        "m.l1.self_attn.qkv_proj": ["m.l1.self_attn.q_proj"],
+    }
+    a = LayerCandidates("a", 100, (450, 650), (0.3, 0.1))
+    b = LayerCandidates("b", 50, (225, 325), (0.4, 0.2))
+    merged = merge_candidates("ab", [a, b])
+    assert (merged.n_weights, merged.bits) == (150, (675, 975))
+    assert merged.errors == pytest.approx((0.5, (0.01 + 0.04) ** 0.5))  # squared errors add
+
+
+def _fused_terms_agree(model) -> bool:
+    terms = {n: m.terms for n, m in fpxint_modules(model).items()}
+    groups = fused_groups(list(terms))
+    return all(len({terms[n] for n in names}) == 1 for names in groups.values()) and any(
+        len(names) == len(FUSED["qkv_proj"]) for names in groups.values()
+    )
+
+
 def test_budget_model_meets_its_budget_saves_and_reloads(
     make_fp_dir, load_fp, load_quantized, logits_of, tmp_path
 ):
@@ -35,7 +65,7 @@ def test_budget_model_meets_its_budget_saves_and_reloads(
     for budget in (6.0, 7.5, 9.1):  # group 32: one 4-bit term is 5 bits per weight
         q = load_quantized(fp_dir, bits=[4, 2, 2], terms=3, group_size=32, bits_budget=budget)
         bpw = model_bits_per_weight(q)
-        assert bpw <= budget + 1e-9
+        assert bpw <= budget + _counter_bits(q) + 1e-9
         bpws.append(bpw)
         snrs.append(snr_db(logits_of(q), ref))
     assert bpws[0] < bpws[1] < bpws[2]
@@ -43,6 +73,7 @@ def test_budget_model_meets_its_budget_saves_and_reloads(
     q = load_quantized(fp_dir, bits=[4, 2, 2], terms=3, group_size=32, bits_budget=7.5)
     per_layer = {n: m.terms for n, m in fpxint_modules(q).items()}
     assert len(set(per_layer.values())) > 1  # a mix of terms across layers
+    assert _fused_terms_agree(q)  # q/k/v and gate/up keep one number of terms each (vLLM fuses them)
     before = logits_of(q)
     q.save_pretrained(tmp_path / "b")
     saved = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]
@@ -55,17 +86,55 @@ def test_budget_model_meets_its_budget_saves_and_reloads(
     assert model_bits_per_weight(reloaded, 1) < model_bits_per_weight(reloaded)
 
 
-@pytest.mark.parametrize("bits,terms", [([4, 2], 2), (2, 3), (3, 2)])
+@pytest.mark.parametrize(
+    "bits,terms,symmetric",
+    [([4, 2], 2, False), (2, 3, False), (3, 2, False), (3, 1, False), (3, 1, True), ([3, 2], 2, False)],
+)
 def test_mixed_and_low_width_series_save_and_reload(
-    bits, terms, make_fp_dir, load_fp, load_quantized, logits_of, tmp_path
+    bits, terms, symmetric, make_fp_dir, load_fp, load_quantized, logits_of, tmp_path
 ):
     fp_dir = make_fp_dir("qwen2")
-    q = load_quantized(fp_dir, bits=bits, terms=terms, group_size=32)
+    q = load_quantized(fp_dir, bits=bits, terms=terms, group_size=32, symmetric=symmetric)
     before = logits_of(q)
     q.save_pretrained(tmp_path / "m")
     reloaded = load_fp(tmp_path / "m")
     assert torch.equal(logits_of(reloaded), before)
-    assert snr_db(before, logits_of(load_fp(fp_dir))) > 25.0
+    assert snr_db(before, logits_of(load_fp(fp_dir))) > (25.0 if terms > 1 else 12.0)
+
+
+@pytest.mark.parametrize(
+    "bits,terms,symmetric,budget,mixed",
+    [
+        ([3, 2], 2, False, 3.5, False),  # the budget is one 3-bit term (asymmetric, group 64): one term each
+        ([3, 2], 2, True, 3.25, False),  # the same, symmetric
+        ([3, 2], 2, True, 3.5, True),  # a symmetric 3-bit term (3.25) and 2-bit residuals where they pay most
+        ([2, 2, 2], 3, False, 3.25, True),
+        ([2, 2, 2], 3, False, 3.5, True),
+    ],
+)
+def test_low_bits_budgets_meet_the_budget_and_reload_bit_exact(
+    bits, terms, symmetric, budget, mixed, make_fp_dir, load_fp, load_quantized, logits_of, tmp_path
+):
+    fp_dir = make_fp_dir("llama_untied")
+    q = load_quantized(fp_dir, bits=bits, terms=terms, group_size=64, symmetric=symmetric, bits_budget=budget)
+    layers = fpxint_modules(q)
+    bpw = model_bits_per_weight(q)
+    assert bpw <= budget + _counter_bits(q) + 1e-9  # all counted but the per-layer counter
+    assert (len({m.terms for m in layers.values()}) > 1) == mixed
+    assert _fused_terms_agree(q)
+    assert bpw > budget - (1.5 if mixed else 0.001)
+    assert snr_db(logits_of(q), logits_of(load_fp(fp_dir))) > 10.0
+    before = logits_of(q)
+    q.save_pretrained(tmp_path / "lo")
+    reloaded = load_fp(tmp_path / "lo")
+    terms_of = {n: m.terms for n, m in layers.items()}
+    assert {n: m.terms for n, m in fpxint_modules(reloaded).items()} == terms_of
+    assert torch.equal(logits_of(reloaded), before)
+
+
+def test_budget_below_one_term_names_the_way_out(make_fp_dir, load_quantized):
+    with pytest.raises(ValueError, match=r"bits_budget=3.25 is below .*bits=\[2, 2, 2\]"):
+        load_quantized(make_fp_dir("llama_untied"), bits=[3, 2], terms=2, group_size=64, bits_budget=3.25)
 
 
 def test_old_checkpoint_without_series_keys_still_loads(

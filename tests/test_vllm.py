@@ -100,6 +100,9 @@ CONFIGS = {
     ),
     "mixed_4+2_per_channel_sym": dict(bits=[4, 2], terms=2, group_size=None, symmetric=True),
     "legacy_3bit_t2": dict(bits=3, terms=2, group_size=64, series="legacy", fit="minmax"),
+    "3bit_t1_g64": dict(bits=3, terms=1, group_size=64),
+    # a symmetric 3-bit term (3.25 bpw) and 2-bit residuals in some layers: mixed widths and layer_terms
+    "3+2_sym_budget_3.5_g64": dict(bits=[3, 2], terms=2, group_size=64, symmetric=True, bits_budget=3.5),
 }
 
 

@@ -6,7 +6,8 @@ import logging
 
 import torch
 
-from ..budget import LayerCandidates, allocate_terms
+from ..budget import LayerCandidates, allocate_terms, fused_groups, merge_candidates
+from ..layout import layer_tensors
 from ..linear import FPxINTLinear
 from ..model_ops import model_bits_per_weight
 from .config import FPxINTConfig
@@ -17,7 +18,11 @@ logger = logging.getLogger(__name__)
 def budget_candidates(
     module: FPxINTLinear, weight: torch.Tensor, cfg: FPxINTConfig, full, full_state, importance=None
 ) -> dict:
-    """``{k: (buffers, relative error, stored bits)}`` for k = 1..terms: each k fitted for exactly k terms."""
+    """``{k: (buffers, relative error, stored bits)}`` for k = 1..terms: each k fitted for exactly k terms.
+
+    The stored bits count every tensor that grows with the layer (codes, scales, zeros, outliers), not the
+    per-layer ``terms_used`` counter (32 bits a layer, the same for every k): so a budget equal to the bits of
+    one term, e.g. ``bits=[3, 2]``, ``bits_budget=3.5`` at group 64, is met with one term in every layer."""
     cands = {}
     for k in range(1, module.terms + 1):
         if k == module.terms:
@@ -38,28 +43,39 @@ def budget_candidates(
             )
             e = probe.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance)
             state = probe.expansion_state(e)
-        stored = 8 * sum(t.numel() * t.element_size() for t in state.values())
+        specs = layer_tensors(
+            module.term_bits[:k],
+            module.out_features,
+            module.in_features,
+            module.group_size,
+            module.symmetric,
+            module.outlier_budget,
+        )
+        stored = 8 * sum(t.numel() * t.element_size() for n, t in state.items() if specs[n].kind != "piece")
         cands[k] = (state, e.errors[-1] if e.errors else 0.0, stored)
     return cands
 
 
 def apply_bits_budget(model: torch.nn.Module, cfg: FPxINTConfig, candidates: dict[str, dict]) -> None:
-    """Choose each layer's terms under ``cfg.bits_budget`` (``budget.allocate_terms``) from the ``candidates`` of
-    each layer (``budget_candidates``, by module name), shrink the layers that keep fewer than ``terms`` and
-    record them in ``cfg.layer_terms``."""
+    """Choose each layer's terms under ``cfg.bits_budget`` (``budget.allocate_terms``; the pieces vLLM fuses
+    keep one number of terms) from the ``candidates`` of each layer (``budget_candidates``, by module name),
+    shrink the layers that keep fewer than ``terms`` and record them in ``cfg.layer_terms``."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FPxINTLinear)}
     if any(n not in candidates for n in layers):
         raise ValueError("bits_budget needs every FP=xINT layer quantized on load in this process")
-    options = [
-        LayerCandidates(
+    single = {
+        n: LayerCandidates(
             n,
             m.in_features * m.out_features,
             tuple(candidates[n][k][2] for k in sorted(candidates[n])),
             tuple(candidates[n][k][1] for k in sorted(candidates[n])),
         )
         for n, m in layers.items()
-    ]
-    keep = allocate_terms(options, float(cfg.bits_budget or 0))
+    }
+    groups = fused_groups(list(layers))  # q/k/v and gate/up keep one number of terms (vLLM fuses them)
+    options = [merge_candidates(g, [single[n] for n in names]) for g, names in groups.items()]
+    per_group = allocate_terms(options, float(cfg.bits_budget or 0))
+    keep = {n: per_group[g] for g, names in groups.items() for n in names}
     with torch.no_grad():
         for name, k in keep.items():
             module = layers[name]

@@ -63,8 +63,9 @@ class FPxINTConfig(QuantizationConfigMixin):
             First-term fit of a nested series: `"optimized"` (clip search + least squares, calibration-free) or
             `"minmax"` (round-to-nearest on the min-max range). A config.json without this key is `"minmax"`.
         bits_budget (`float`, *optional*):
-            Average bits per weight to spend (scales included). Each layer is quantized with 1..`terms` terms
-            and keeps the number of terms that lowers the summed relative weight error most per stored bit;
+            Average bits per weight to spend (codes, scales, zeros and outliers counted; the per-layer 32-bit
+            `terms_used` counter is not, so `bits=[3, 2]`, `bits_budget=3.5` at group 64 is 3-bit in every
+            layer). Each layer is quantized with 1..`terms` terms and keeps the number of terms that lowers the summed relative weight error most per stored bit;
             the choice is written to `layer_terms`. Needs `terms >= 2`.
         act_proxy (`str` or `None`, *optional*, defaults to `"norm"`):
             Weigh the first-term fit by a data-free estimate of each input column's activation energy read from

@@ -36,13 +36,13 @@ from vllm.model_executor.parameter import (
 from vllm.platforms import current_platform
 
 from .. import backends
+from ..budget import FUSED
 from ..expansion import Expansion, normalize_bits, outlier_budget, reconstruct, resolve_group_size
 from ..layout import TensorSpec, check_tensors, layer_tensors
 from ..packing import unpack_series
 from ..settings import read_quantization_config
 from . import ENV_ACTIVE_TERMS, ENV_FORWARD
 
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 FORWARDS = backends.KERNEL_MODES  # dense runs on vLLM's own GEMM; the others on the backends registry
 
 
