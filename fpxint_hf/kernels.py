@@ -35,7 +35,9 @@ and then run per forward (``int4_linear``/``int8_linear``); ``backends.py`` regi
 
 Speed (torch 2.13, AVX2 CPU; ``eval/results/bench_kernels.md``): both ops are vectorized only for
 bfloat16 activations; with float32 or float16 they are exact but far slower than dense ``F.linear``.
-``backends.choose_kernel`` (the ``"auto"`` forward mode) therefore picks a kernel for bfloat16 only.
+``backends.choose_kernel`` (the ``"auto"`` forward mode) therefore picks a kernel for bfloat16 only.  At one
+token (decode) the int4 op is compute-bound on AVX2 (unpacking nibbles), far below the copy bandwidth: it, not
+the Python around it, sets FP=xINT's decode speed (``eval/results/speed.md`` and its profile).
 
 Not implemented: a CUDA path (``torch.ops.aten._weight_int4pack_mm`` with
 ``_convert_weight_to_int4pack``).  No GPU was available to test it, so CUDA tensors are reported as
@@ -272,7 +274,8 @@ def prepare_int4(
 def int4_linear(x2d: torch.Tensor, w: Int4Weights) -> torch.Tensor:
     """``x2d @ M.T`` (``[n, in] -> [n, out]``, x's dtype): one int4 matmul for all terms (x repeated once per
     term along the input dimension), plus ``M_sa x``."""
-    xs = x2d.repeat(1, w.terms) if w.terms > 1 else x2d.contiguous()
+    # torch.cat: one op, ~7x cheaper than Tensor.repeat at one token
+    xs = torch.cat([x2d] * w.terms, dim=1) if w.terms > 1 else x2d.contiguous()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(xs, w.packed, w.group_size, w.scale_and_zero)
     if y.shape[1] != w.out_features:  # rows padded to a multiple of 16
         y = y[:, : w.out_features]
