@@ -59,6 +59,7 @@ BACKENDS = {
 }
 KERNEL_MODES = tuple(BACKENDS)
 _BY_WEIGHTS = {Int4Weights: "int4", Int8Weights: "int8", DenseWeights: "dense"}
+_FORWARD = {cls: BACKENDS[name].forward for cls, name in _BY_WEIGHTS.items()}  # one lookup per call
 
 
 def backend(mode: str) -> Backend:
@@ -96,9 +97,12 @@ def prepare(mode: str, e: Expansion, terms: int, dtype: torch.dtype, device: tor
 
 def kernel_linear(x: torch.Tensor, w: Int4Weights | Int8Weights | DenseWeights) -> torch.Tensor:
     """``x @ M.T`` for any leading shape of ``x`` with prepared weights ``w``."""
-    x2d = x.reshape(-1, x.shape[-1])
-    y = BACKENDS[_BY_WEIGHTS[type(w)]].forward(x2d, w)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    forward = _FORWARD[type(w)]
+    if x.dim() == 2:
+        return forward(x, w)
+    shape = x.shape
+    y = forward(x.reshape(-1, shape[-1]), w)
+    return y.view(*shape[:-1], y.shape[-1])
 
 
 class KernelLinearFunction(torch.autograd.Function):

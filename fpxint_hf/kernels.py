@@ -5,11 +5,15 @@ materialising the dequantized float matrix.  Both are prepared once per layer (`
 and then run per forward (``int4_linear``/``int8_linear``); ``backends.py`` registers them as backends (with
 ``backends.kernel_linear`` for any leading shape) and ``FPxINTLinear`` caches the prepared weights.
 
-``int4`` (one ``torch.ops.aten._weight_int4pack_mm_for_cpu`` call per active term, outputs summed)
-    Each term ``Q_i`` is re-packed into PyTorch's own int4 layout (``_convert_weight_to_int4pack_for_cpu``;
-    not the layout of ``packing.pack_4bit``) with a ``[G, N, 2]`` (scale, zero) table in the compute
-    dtype; the kernel computes ``(q - 8)·scale + zero``.  Term 1 carries the FP=xINT bias as its zero,
-    later terms have zero 0.  ``M_sa x`` is added by ``sparse_term``.  Applies when
+``int4`` (one ``torch.ops.aten._weight_int4pack_mm_for_cpu`` call for all active terms)
+    The terms run as ONE matmul, stacked along the input dimension (the Abelian add inside the kernel):
+    ``[x, x, …] @ [Q_1 | Q_2 | …]^T`` with a ``[T·G, N, 2]`` (scale, zero) table, the groups of term i
+    following those of term i-1, so the kernel's float32 accumulator sums ``Σ_i scale_i·(Q_i x)`` and no
+    per-term output is materialised (``eval/bench_speed.py`` times it against one int4 matmul of the same
+    total size and against T sequential calls).  The codes are re-packed into PyTorch's own int4 layout
+    (``_convert_weight_to_int4pack_for_cpu``; not the layout of ``packing.pack_4bit``), the table is in the
+    compute dtype; the kernel computes ``(q - 8)·scale + zero``.  Term 1 carries the FP=xINT bias as its
+    zero, later terms have zero 0.  ``M_sa x`` is added by ``sparse_term``.  Applies when
 
     - ``bits`` in {2, 3, 4} (2- and 3-bit codes are shifted by ``8 - 2^(X-1)`` into the int4 range,
       exactly);
@@ -31,7 +35,9 @@ and then run per forward (``int4_linear``/``int8_linear``); ``backends.py`` regi
 
 Speed (torch 2.13, AVX2 CPU; ``eval/results/bench_kernels.md``): both ops are vectorized only for
 bfloat16 activations; with float32 or float16 they are exact but far slower than dense ``F.linear``.
-``backends.choose_kernel`` (the ``"auto"`` forward mode) therefore picks a kernel for bfloat16 only.
+``backends.choose_kernel`` (the ``"auto"`` forward mode) therefore picks a kernel for bfloat16 only.  At one
+token (decode) the int4 op is compute-bound on AVX2 (unpacking nibbles), far below the copy bandwidth: it, not
+the Python around it, sets FP=xINT's decode speed (``eval/results/speed.md`` and its profile).
 
 Not implemented: a CUDA path (``torch.ops.aten._weight_int4pack_mm`` with
 ``_convert_weight_to_int4pack``).  No GPU was available to test it, so CUDA tensors are reported as
@@ -71,12 +77,13 @@ class Support:
 
 @dataclass
 class Int4Weights:
-    """Prepared ``int4`` weights of the first ``len(packed)`` terms of one layer."""
+    """Prepared ``int4`` weights of the first ``terms`` terms of one layer, stacked along the input dimension."""
 
-    packed: list[torch.Tensor]  # per term: uint8, _convert_weight_to_int4pack_for_cpu layout, N padded to 16
-    scale_and_zero: list[torch.Tensor]  # per term: [G', N_pad, 2] (scale, zero) in the compute dtype
+    packed: torch.Tensor  # uint8, _convert_weight_to_int4pack_for_cpu layout of [N_pad, terms·in] codes
+    scale_and_zero: torch.Tensor  # [terms·G', N_pad, 2] (scale, zero) in the compute dtype, term-major groups
     group_size: int  # kernel group size (divides the layer's group size)
     out_features: int
+    terms: int
     outliers: torch.Tensor | None  # M_sa as float32 sparse CSR [out, in] (``outlier_matrix``), or None
 
 
@@ -256,20 +263,23 @@ def prepare_int4(
         if pad:  # code 8 with scale 0 and zero 0: rows of value 0
             codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
             scale, zero = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scale, zero))
-        packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1))
-        tables.append(torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous())
-    return Int4Weights(packed, tables, gs, n_out, _outliers(e, device))
+        packed.append(codes)
+        tables.append(torch.stack([scale.t(), zero.t()], dim=-1))
+    stacked = torch.cat(packed, dim=1).contiguous()  # [N_pad, terms·in]: term i's columns after term i-1's
+    packed_all = torch.ops.aten._convert_weight_to_int4pack_for_cpu(stacked, 1)
+    table = torch.cat(tables, dim=0).to(dtype).contiguous()  # [terms·G', N_pad, 2]
+    return Int4Weights(packed_all, table, gs, n_out, terms, _outliers(e, device))
 
 
 def int4_linear(x2d: torch.Tensor, w: Int4Weights) -> torch.Tensor:
-    """``x2d @ M.T`` (``[n, in] -> [n, out]``, x's dtype): one int4 matmul per term, summed, plus ``M_sa x``."""
-    x2d = x2d.contiguous()
-    y = torch.zeros(())
-    for i, (packed, table) in enumerate(zip(w.packed, w.scale_and_zero, strict=True)):
-        part = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, packed, w.group_size, table)
-        y = part if i == 0 else y.float() + part  # the Abelian add (float32 for reduced-precision x)
-    y = y[:, : w.out_features]
-    return _finish(y, x2d, w)
+    """``x2d @ M.T`` (``[n, in] -> [n, out]``, x's dtype): one int4 matmul for all terms (x repeated once per
+    term along the input dimension), plus ``M_sa x``."""
+    # torch.cat: one op, ~7x cheaper than Tensor.repeat at one token
+    xs = torch.cat([x2d] * w.terms, dim=1) if w.terms > 1 else x2d.contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xs, w.packed, w.group_size, w.scale_and_zero)
+    if y.shape[1] != w.out_features:  # rows padded to a multiple of 16
+        y = y[:, : w.out_features]
+    return y if w.outliers is None else _finish(y, x2d, w)
 
 
 # --------------------------------------------------------------------------- collapsed int8

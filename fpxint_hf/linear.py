@@ -300,14 +300,16 @@ class FPxINTLinear(nn.Module):
 
     def _kernel_weights(self, x: torch.Tensor):
         """Prepared weights of the ``int4``/``int8`` kernel for ``x`` (cached), or ``None``: ``auto`` fell back."""
-        mode, k = self.forward_mode, self.num_terms()
+        mode = self.forward_mode
         if mode == "auto" and x.requires_grad and torch.is_grad_enabled():
             mode = "dense"  # the packed kernels have no backward; the dense weight is a constant of autograd
-        key, buffers = (mode, k, x.dtype, x.device), tuple(self._buffers.values())
-        cache = getattr(self, "_kernel_cache", None)  # absent on modules unpickled from older versions
-        if cache is not None and cache[0] == key and len(cache[1]) == len(buffers):
-            if all(map(operator.is_, cache[1], buffers)):  # same buffer objects: still valid
+        # the hot path (every decode step) reads no tensor: the key holds active_terms, not terms_used.item(); the
+        # same buffer objects mean the same terms_used (every method that changes state replaces or resets them)
+        key, cache = (mode, self.active_terms, x.dtype, x.device), getattr(self, "_kernel_cache", None)
+        if cache is not None and cache[0] == key and len(cache[1]) == len(self._buffers):
+            if all(map(operator.is_, cache[1], self._buffers.values())):  # same buffer objects: still valid
                 return cache[2]
+        k, buffers = self.num_terms(), tuple(self._buffers.values())
         kw: dict = {
             "bits": self.term_bits[:k],
             "group_size": self.group_size,
