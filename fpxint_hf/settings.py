@@ -68,7 +68,7 @@ class ExpansionSettings:
         },
     )
     act_outliers: int = field(
-        default=0,
+        default=4,
         metadata={"help": "largest-|value| activations per token kept exactly (A_sa)", "cli": {"type": int}},
     )
 
