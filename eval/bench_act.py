@@ -1,6 +1,6 @@
 """Activation series (issue 16): W4A16 vs W4A8 vs W4A4 with 1-3 activation terms, on the embedded SmolLM2.
 
-    python eval/bench_act.py [--tokens 4096] [--out eval/results/act]
+    python eval/bench_act.py [--tokens 1024] [--out eval/results/act]
 
 One process, float32 forward for every row, the same pydoc tokens (windows of 512) and FP reference as
 eval/bench_pareto.py (``fpxint_hf.evaluation.metrics``).  The weights use the project defaults (4-bit nested
@@ -50,12 +50,32 @@ def set_activations(model: torch.nn.Module, bits: int | None, terms: int, outlie
     return len(layers)
 
 
+def write(args: argparse.Namespace, argv: list[str] | None, windows: torch.Tensor, rows: list, start: float):
+    """Write ``<out>.json`` and ``<out>.md`` with the rows measured so far; return the result dict."""
+    res = {
+        "command": "python eval/bench_act.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": "SmolLM2-135M-Instruct (FP = its GGUF Q4_1 weights dequantized to float32)",
+        "weights": "FPxINTConfig defaults (bits=4, nested, fit=optimized, group_size=128, act_proxy=norm)",
+        "tokens": windows.numel(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "default_act_outliers": DEFAULTS.act_outliers,
+        "rows": rows,
+        "wall_s": time.perf_counter() - start,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(report.to_markdown(res))
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--out", default="eval/results/act")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--weight-terms", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--weight-terms", type=int, nargs="+", default=[2, 1])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -86,22 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(report.row_line(row), flush=True)
         del model
-    res = {
-        "command": "python eval/bench_act.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": "SmolLM2-135M-Instruct (FP = its GGUF Q4_1 weights dequantized to float32)",
-        "weights": "FPxINTConfig defaults (bits=4, nested, fit=optimized, group_size=128, act_proxy=norm)",
-        "tokens": windows.numel(),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "default_act_outliers": DEFAULTS.act_outliers,
-        "rows": rows,
-        "wall_s": time.perf_counter() - start,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text(report.to_markdown(res))
-    print(report.to_markdown(res))
+        write(args, argv, windows, rows, start)  # after each weight setting: a partial run leaves its rows
+    print(report.to_markdown(write(args, argv, windows, rows, start)))
     return 0
 
 

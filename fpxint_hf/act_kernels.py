@@ -58,7 +58,9 @@ class ActWeights:
     scale: torch.Tensor  # float32 [G, T', out]: s_w of each code matrix per group
     const: torch.Tensor | None  # float32 [out, G]: C (bias + mid-rise offsets - shift·s_w), or None when 0
     row_sum: torch.Tensor  # float32 [out]: W·1 (multiplies bias_A)
-    dense: torch.Tensor | None  # float32 [out, in]: W, kept only when the activations keep outliers (W·A_sa)
+    dense_t: (
+        torch.Tensor | None
+    )  # float32 [in, out]: W.T, kept only when the activations keep outliers (W·A_sa)
     outliers: torch.Tensor | None  # M_sa as float32 sparse CSR [out, in], or None
     max_code: int  # max |Wq|
     spec: ActSpec
@@ -115,7 +117,7 @@ def prepare_act(e: Expansion, terms: int, spec: ActSpec, device: torch.device | 
         scale=scale.permute(2, 0, 1).to(device=device, dtype=torch.float32).contiguous(),
         const=const.to(device) if bool(const.abs().max() > 0) else None,
         row_sum=w.sum(1).to(device),
-        dense=w.to(device) if spec.outliers else None,
+        dense_t=w.t().contiguous().to(device) if spec.outliers else None,
         outliers=outlier_matrix(e.outlier_idx, e.outlier_val, width).to(device)
         if e.outlier_idx.numel()
         else None,
@@ -142,14 +144,18 @@ def act_linear(x2d: torch.Tensor, w: ActWeights) -> torch.Tensor:
 
 
 def _product(s: ActivationSeries, w: ActWeights, groups: int, gs: int, t: int, out: int) -> torch.Tensor:
+    """The sum of the module docstring.  ``s_A`` does not depend on the group, so the integer products are
+    reduced as ``Σ_j s_A[j] · (Σ_g Σ_t s_w[t,g] · P[t,j,g])``: one matmul and one fused multiply-add per group."""
     j, n, width = s.codes.shape
     a = s.codes.reshape(j * n, width)
-    y = torch.zeros(n, out, dtype=torch.float32, device=s.codes.device)
+    acc = torch.zeros(j * n, out, dtype=torch.float32, device=s.codes.device)  # Σ_g Σ_t s_w·P, per act term
     for g in range(groups):
-        p = integer_products(a[:, g * gs : (g + 1) * gs].contiguous(), w.codes[g], w.spec.method).view(
-            j, n, t, out
-        )
-        y += ((p * s.scale.view(j, n, 1, 1)).sum(0) * w.scale[g].unsqueeze(0)).sum(1)
+        p = integer_products(a[:, g * gs : (g + 1) * gs].contiguous(), w.codes[g], w.spec.method)
+        if t == 1:
+            acc.addcmul_(p, w.scale[g])
+        else:
+            acc += (p.view(j * n, t, out) * w.scale[g]).sum(1)
+    y = (acc.view(j, n, out) * s.scale.view(j, n, 1)).sum(0)
     if w.const is not None or w.outliers is not None:
         a_int = series_part(s)
         if w.const is not None:
@@ -157,6 +163,13 @@ def _product(s: ActivationSeries, w: ActWeights, groups: int, gs: int, t: int, o
         if w.outliers is not None:
             y += sparse_term(a_int, w.outliers)
     y += s.bias[:, None] * w.row_sum[None, :]
-    if w.dense is not None and s.outlier_idx.numel():
-        y += torch.einsum("nk,nko->no", s.outlier_val, w.dense.t()[s.outlier_idx])
+    if w.dense_t is not None and s.outlier_idx.numel():  # W·A_sa: one sparse matmul
+        rows = torch.arange(n, device=y.device).repeat_interleave(s.outlier_idx.shape[1])
+        a_sa = torch.sparse_coo_tensor(
+            torch.stack([rows, s.outlier_idx.reshape(-1)]),
+            s.outlier_val.reshape(-1),
+            (n, width),
+            check_invariants=False,  # indices from topk: in range by construction
+        )
+        y += torch.sparse.mm(a_sa, w.dense_t)
     return y
