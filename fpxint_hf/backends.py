@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from . import kernels
-from .expansion import Expansion, reconstruct
+from .act_kernels import ActSpec, ActWeights, act_linear, auto_method, prepare_act
+from .expansion import Expansion, reconstruct, term_offsets, term_scales
 from .kernels import AUTO_DTYPES, DenseWeights, Int4Weights, Int8Weights, Support
 
 
@@ -59,7 +60,10 @@ BACKENDS = {
 }
 KERNEL_MODES = tuple(BACKENDS)
 _BY_WEIGHTS = {Int4Weights: "int4", Int8Weights: "int8", DenseWeights: "dense"}
-_FORWARD = {cls: BACKENDS[name].forward for cls, name in _BY_WEIGHTS.items()}  # one lookup per call
+_FORWARD: dict[type, Callable[[torch.Tensor, Any], torch.Tensor]] = {
+    cls: BACKENDS[name].forward for cls, name in _BY_WEIGHTS.items()
+}  # one lookup per call
+_FORWARD[ActWeights] = act_linear  # W·A (act_bits set): both operands expanded
 
 
 def backend(mode: str) -> Backend:
@@ -90,12 +94,41 @@ def choose_kernel(*, dtype: torch.dtype, **layer: Any) -> str:
     return "dense"
 
 
-def prepare(mode: str, e: Expansion, terms: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-    """The weights backend ``mode`` runs on, for the first ``terms`` terms of ``e``."""
+def prepare(
+    mode: str,
+    e: Expansion,
+    terms: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    act: ActSpec | None = None,
+):
+    """The weights backend ``mode`` runs on, for the first ``terms`` terms of ``e`` (with ``act``: the
+    activation product of ``act_kernels``, whatever ``mode``)."""
+    if act is not None:
+        return prepare_act(e, terms, act, device)
     return backend(mode).prepare(e, terms, dtype, device)
 
 
-def kernel_linear(x: torch.Tensor, w: Int4Weights | Int8Weights | DenseWeights) -> torch.Tensor:
+ACT_METHOD_OF_MODE = {"reference": "reference", "int8": "int"}
+"""The activation product's method under a layer's ``forward_mode`` when ``act_bits`` is set; every other mode
+takes ``act_kernels.auto_method`` (float32 on the integer codes where exact on the CPU, else reference)."""
+
+
+def act_spec(
+    forward_mode: str,
+    group_size: int,
+    device: torch.device,
+    bits: int,
+    terms: int,
+    tol: float,
+    outliers: int,
+) -> ActSpec:
+    """The ``ActSpec`` of a layer with activation settings ``bits``, ``terms``, ``tol``, ``outliers``."""
+    method = ACT_METHOD_OF_MODE.get(forward_mode) or auto_method(group_size, bits, device)
+    return ActSpec(bits, terms, tol, outliers, method)
+
+
+def kernel_linear(x: torch.Tensor, w: Int4Weights | Int8Weights | DenseWeights | ActWeights) -> torch.Tensor:
     """``x @ M.T`` for any leading shape of ``x`` with prepared weights ``w``."""
     forward = _FORWARD[type(w)]
     if x.dim() == 2:
@@ -117,3 +150,26 @@ class KernelLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         return grad @ ctx.layer.dequantize().to(grad.dtype), None, None
+
+
+def forward_terms(x: torch.Tensor, e: Expansion, k: int) -> torch.Tensor:
+    """The ``terms`` forward mode: ``Σ_{i,g} scale_{i,g}·(Q_{i,g} x_g) + bias_g·Σx_g + M_sa x`` for the first ``k``
+    terms of ``e``: ``k`` integer-valued matmuls (per group), then the weighted reduce ("AbelianAdd")."""
+    (out_features, in_features), gs, term_bits = e.shape, e.group_size, e.term_bits
+    groups = in_features // gs
+    xg = x.reshape(-1, groups, gs)  # [N, G, gs]
+    shift = torch.tensor(
+        [2 ** (b - 1) - o for b, o in zip(term_bits[:k], term_offsets(term_bits, k, e.series), strict=True)],
+        dtype=x.dtype,
+        device=x.device,
+    )  # integers or half-integers: exact in bf16/fp16
+    q = (e.codes[:k].to(x.dtype) - shift.view(-1, 1, 1)).view(k, out_features, groups, gs)
+    partial = torch.einsum("ngc,togc->tnog", xg, q).float()  # [k, N, out, G]: the k low-bit matmuls
+    steps = term_scales(e.scale, term_bits, k, e.series)  # [k, out, G]
+    y = torch.einsum("tnog,tog->no", partial, steps)  # the Abelian add over terms and groups
+    if e.zero is not None:
+        y = y + kernels.zero_term(x.reshape(-1, in_features), e.zero, gs)
+    if e.outlier_idx.numel():
+        m_sa = kernels.outlier_matrix(e.outlier_idx, e.outlier_val, in_features)
+        y = y + kernels.sparse_term(x.reshape(-1, in_features), m_sa)
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)

@@ -54,7 +54,7 @@ _PARSE: dict[str, dict[str, Any]] = {
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ExpansionSettings):
         default = getattr(DEFAULTS, f.name)
-        kw = dict(_PARSE[f.name])
+        kw = dict(_PARSE.get(f.name) or f.metadata["cli"])
         shown: Any = "none" if default is None and f.name == "group_size" else default
         if f.name == "terms":
             shown = f"{default}, or one per --bits width"

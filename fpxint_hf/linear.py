@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends, kernels
+from . import backends
 from .expansion import (
     Expansion,
     expand,
@@ -35,13 +35,11 @@ from .expansion import (
     outlier_budget,
     reconstruct,
     resolve_group_size,
-    term_offsets,
-    term_scales,
 )
 from .layout import TensorSpec, layer_tensors
 from .offload import buffers_offloaded
 from .packing import pack_series, unpack_series
-from .settings import DEFAULTS, ExpansionSettings
+from .settings import ACT_SETTINGS, DEFAULTS, ExpansionSettings
 
 MODULE_MODES = ("reference", "terms")  # computed by the module itself (``dequantize``, ``_forward_terms``)
 FORWARD_MODES = (*MODULE_MODES, *backends.KERNEL_MODES, "auto")  # the backends registry names the rest
@@ -76,6 +74,10 @@ class FPxINTLinear(nn.Module):
         outlier_budget: int = 0,
         series: str = DEFAULTS.series,
         fit: str = DEFAULTS.fit,
+        act_bits: int | None = DEFAULTS.act_bits,
+        act_terms: int = DEFAULTS.act_terms,
+        act_tol: float = DEFAULTS.act_tol,
+        act_outliers: int = DEFAULTS.act_outliers,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -92,6 +94,13 @@ class FPxINTLinear(nn.Module):
             series,
             fit,
         )  # the series rule; how the first term is fitted (quantize time only)
+        # the activation series (act_kernels.py; act_bits None: A16, x stays float)
+        self.act_bits, self.act_terms, self.act_tol, self.act_outliers = (
+            act_bits,
+            act_terms,
+            act_tol,
+            act_outliers,
+        )
         self.active_terms: int | None = None  # run-time truncation; None = every stored term
         self.forward_mode = "auto"
         self._kernel_cache: tuple | None = None  # (key, buffers, prepared kernel weights or None)
@@ -158,6 +167,7 @@ class FPxINTLinear(nn.Module):
             outlier_budget=outlier_budget(in_features, settings.outlier_fraction),
             series=settings.series,
             fit=settings.fit,
+            **{k: getattr(settings, k) for k in ACT_SETTINGS},
             device=device,
             dtype=dtype,
         )
@@ -284,7 +294,8 @@ class FPxINTLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.forward_mode not in FORWARD_MODES:
             raise ValueError(f"forward_mode={self.forward_mode!r} is not supported; allowed: {FORWARD_MODES}")
-        prepared = None if self.forward_mode in MODULE_MODES else self._kernel_weights(x)
+        quantized_x = self.act_bits is not None  # W·A: x expanded too (issue 16), through act_kernels
+        prepared = None if self.forward_mode in MODULE_MODES and not quantized_x else self._kernel_weights(x)
         if prepared is not None:
             needs_grad = torch.is_grad_enabled() and x.requires_grad
             y = (
@@ -300,12 +311,16 @@ class FPxINTLinear(nn.Module):
 
     def _kernel_weights(self, x: torch.Tensor):
         """Prepared weights of the ``int4``/``int8`` kernel for ``x`` (cached), or ``None``: ``auto`` fell back."""
-        mode = self.forward_mode
-        if mode == "auto" and x.requires_grad and torch.is_grad_enabled():
+        mode, act = self.forward_mode, None
+        if self.act_bits is not None:  # W·A: x is expanded too (act_kernels); forward_mode picks the product
+            act = backends.act_spec(
+                mode, self.group_size, x.device, *(getattr(self, n) for n in ACT_SETTINGS)
+            )
+        elif mode == "auto" and x.requires_grad and torch.is_grad_enabled():
             mode = "dense"  # the packed kernels have no backward; the dense weight is a constant of autograd
         # the hot path (every decode step) reads no tensor: the key holds active_terms, not terms_used.item(); the
         # same buffer objects mean the same terms_used (every method that changes state replaces or resets them)
-        key, cache = (mode, self.active_terms, x.dtype, x.device), getattr(self, "_kernel_cache", None)
+        key, cache = (mode, self.active_terms, x.dtype, x.device, act), getattr(self, "_kernel_cache", None)
         if cache is not None and cache[0] == key and len(cache[1]) == len(self._buffers):
             if all(map(operator.is_, cache[1], self._buffers.values())):  # same buffer objects: still valid
                 return cache[2]
@@ -317,13 +332,15 @@ class FPxINTLinear(nn.Module):
             "terms": k,
             "series": self.series,
         }
-        if mode == "auto":
+        if act is not None:
+            mode = "act"
+        elif mode == "auto":
             mode = backends.choose_kernel(**kw, device=x.device, dtype=x.dtype)
         else:
             why = backends.supported(mode, **kw, device=x.device, dtype=x.dtype)
             if not why:
                 raise ValueError(f"forward_mode={mode!r} does not apply to {self.extra_repr()}: {why.reason}")
-        prepared = backends.prepare(mode, self.expansion(), k, x.dtype, x.device)
+        prepared = backends.prepare(mode, self.expansion(), k, x.dtype, x.device, act)
         # accelerate swaps offloaded buffers in for each forward and back to meta after it: a cache would only
         # miss, and would keep every offloaded layer's weights in memory
         self._kernel_cache = None if buffers_offloaded(self) else (key, buffers, prepared)
@@ -331,27 +348,7 @@ class FPxINTLinear(nn.Module):
 
     def _forward_terms(self, x: torch.Tensor) -> torch.Tensor:
         """Σ_{i,g} scale_{i,g}·(Q_{i,g} x_g) + bias_g·Σx_g + M_sa x: T integer matmuls, then the reduce."""
-        e, k = self.expansion(), self.num_terms()
-        groups, gs = self.in_features // self.group_size, self.group_size
-        xg = x.reshape(-1, groups, gs)  # [N, G, gs]
-        shift = torch.tensor(
-            [
-                2 ** (b - 1) - o
-                for b, o in zip(self.term_bits[:k], term_offsets(self.term_bits, k, self.series), strict=True)
-            ],
-            dtype=x.dtype,
-            device=x.device,
-        )  # integers or half-integers: exact in bf16/fp16
-        q = (e.codes[:k].to(x.dtype) - shift.view(-1, 1, 1)).view(k, self.out_features, groups, gs)
-        partial = torch.einsum("ngc,togc->tnog", xg, q).float()  # [k, N, out, G]: the k low-bit matmuls
-        steps = term_scales(e.scale, self.term_bits, k, self.series)  # [k, out, G]
-        y = torch.einsum("tnog,tog->no", partial, steps)  # the Abelian add over terms and groups
-        if e.zero is not None:
-            y = y + kernels.zero_term(x.reshape(-1, self.in_features), e.zero, gs)
-        if e.outlier_idx.numel():
-            m_sa = kernels.outlier_matrix(e.outlier_idx, e.outlier_val, self.in_features)
-            y = y + kernels.sparse_term(x.reshape(-1, self.in_features), m_sa)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return backends.forward_terms(x, self.expansion(), self.num_terms())
 
     # ------------------------------------------------------------------ reporting
 
@@ -384,5 +381,6 @@ class FPxINTLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={self.bits}, terms={self.terms}, group_size={self.group_size}, symmetric={self.symmetric}, "
             f"series={self.series}, "
-            f"outliers_per_row={self.outlier_budget}, bits_per_weight={self.bits_per_weight():.3f}"
+            + ("" if self.act_bits is None else f"act_bits={self.act_bits}, act_terms={self.act_terms}, ")
+            + f"outliers_per_row={self.outlier_budget}, bits_per_weight={self.bits_per_weight():.3f}"
         )

@@ -19,6 +19,9 @@ SERIES_RULES = ("nested", "legacy")
 FIT_METHODS = ("optimized", "minmax")
 MAX_TERMS = 8
 MAX_OUTLIER_FRACTION = 0.1
+ACT_BITS = (4, 8)  # widths of the activation series' terms (activations.ACT_BITS)
+MAX_ACT_TERMS = 4
+MAX_ACT_OUTLIERS = 64
 
 
 def _is_int(v: Any) -> bool:
@@ -46,6 +49,28 @@ class ExpansionSettings:
     tol: float = field(default=0.0, metadata={"help": "stop a tensor once max |residual| < tol"})
     series: str = field(default="nested", metadata={"help": "how later terms refine earlier ones"})
     fit: str = field(default="optimized", metadata={"help": "first-term fit of a nested series"})
+    # the activation series (W·A: activations expanded at run time, per token; absent = None = A16)
+    act_bits: int | None = field(
+        default=None,
+        metadata={
+            "help": "bits per activation term (None: activations stay float, A16)",
+            "cli": {"type": int},
+        },
+    )
+    act_terms: int = field(
+        default=1, metadata={"help": f"activation terms T_a, 1-{MAX_ACT_TERMS}", "cli": {"type": int}}
+    )
+    act_tol: float = field(
+        default=0.0,
+        metadata={
+            "help": "a token stops adding activation terms once max |residual| < act_tol",
+            "cli": {"type": float},
+        },
+    )
+    act_outliers: int = field(
+        default=4,
+        metadata={"help": "largest-|value| activations per token kept exactly (A_sa)", "cli": {"type": int}},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, list):
@@ -98,8 +123,19 @@ def check_settings(owner: str, values: dict[str, Any]) -> None:
         f"a number from 0 to {MAX_OUTLIER_FRACTION}",
     )
     check(_is_real(values["tol"]) and values["tol"] >= 0, "tol", "a finite number >= 0")
+    act = {k: values[k] for k in ACT_SETTINGS}
+    ok_bits = act["act_bits"] is None or (_is_int(act["act_bits"]) and act["act_bits"] in ACT_BITS)
+    check(ok_bits, "act_bits", f"None (A16) or one of {ACT_BITS}")
+    terms_a = act["act_terms"]
+    check(
+        _is_int(terms_a) and 1 <= terms_a <= MAX_ACT_TERMS, "act_terms", f"an int from 1 to {MAX_ACT_TERMS}"
+    )
+    check(_is_real(act["act_tol"]) and act["act_tol"] >= 0, "act_tol", "a finite number >= 0")
+    k = act["act_outliers"]
+    check(_is_int(k) and 0 <= k <= MAX_ACT_OUTLIERS, "act_outliers", f"an int from 0 to {MAX_ACT_OUTLIERS}")
 
 
+ACT_SETTINGS = ("act_bits", "act_terms", "act_tol", "act_outliers")
 SETTING_NAMES = tuple(f.name for f in fields(ExpansionSettings))
 DEFAULTS = ExpansionSettings()
 

@@ -102,6 +102,10 @@ NON_DEFAULT = dict(
     layer_group_size={"model.layers.0.mlp.up_proj": 64},
     version=1,
     compute_dtype="float32",
+    act_bits=4,
+    act_terms=3,
+    act_tol=1e-4,
+    act_outliers=0,
 )
 
 

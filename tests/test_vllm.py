@@ -212,6 +212,18 @@ def test_vllm_reads_the_config_as_transformers_does(saved):
     )
 
 
+def test_activation_series_checkpoint_is_refused_naming_the_field():
+    """A checkpoint quantized with ``act_bits`` (W4A8/W4A4) is refused with the field named; ``act_bits: null``
+    (or no key, as in every older checkpoint) serves as before."""
+    from fpxint_hf.vllm.method import FPxINTvLLMConfig
+
+    for bits in (8, 4):
+        with pytest.raises(ValueError, match=rf"quantization_config\.act_bits={bits} is not supported by"):
+            FPxINTvLLMConfig({"quant_method": "fpxint", "version": 2, "act_bits": bits, "act_terms": 2})
+    for saved in ({"version": 2, "act_bits": None}, {"version": 2}, {}):
+        assert FPxINTvLLMConfig({"quant_method": "fpxint", **saved}).terms >= 1
+
+
 def test_tensor_parallel_shards_are_refused_with_the_layer_name():
     from fpxint_hf.vllm.method import FPxINTvLLMConfig, FPxINTvLLMLinearMethod
 

@@ -87,6 +87,19 @@ class FPxINTConfig(QuantizationConfigMixin):
         version (`int`, *optional*, defaults to 2):
             Format of the saved config. A config.json without `version` is format 1: a key it lacks takes the
             value of fpxint_hf 0.1 (`series="legacy"`, `fit="minmax"`, `act_proxy=None`).
+        act_bits (`int` or `None`, *optional*):
+            Expand every quantized layer's input as well, at run time, per token (W4A8 / W4A4): `A = A_sa +
+            bias_A·1 + Σ_j scale_{A,j}·Ã_j` with `act_bits`-bit integer terms `Ã_j` (4 or 8), and compute the layer
+            as integer × integer products (see `fpxint_hf.act_kernels`). `None` (default; also a config.json
+            without the key): activations stay in floating point (A16). Not supported by the vLLM plugin.
+        act_terms (`int`, *optional*, defaults to 1):
+            Activation terms T_a (1 to 4); each adds `act_bits` bits of precision (the error falls ~2^X-fold).
+        act_tol (`float`, *optional*, defaults to 0.0):
+            A token stops adding activation terms once its residual's max |value| is below `act_tol` (the paper
+            uses 1e-4); 0 = always `act_terms`.
+        act_outliers (`int`, *optional*, defaults to 4):
+            Largest-|value| activations per token kept exactly (`A_sa`, 0 to 64), multiplied in floating point
+            (4 cut SmolLM2's W4A8 KL ~8x at one activation term: eval/results/act.md).
         kwargs (`dict[str, Any]`, *optional*):
             Only `quant_method` (as written in config.json) is accepted here; other names raise `ValueError`.
     """
@@ -111,6 +124,10 @@ class FPxINTConfig(QuantizationConfigMixin):
         layer_group_size: dict[str, int] | None = CONFIG_DEFAULTS["layer_group_size"],
         version: int = CONFIG_DEFAULTS["version"],
         compute_dtype: str | None = CONFIG_DEFAULTS["compute_dtype"],
+        act_bits: int | None = CONFIG_DEFAULTS["act_bits"],
+        act_terms: int = CONFIG_DEFAULTS["act_terms"],
+        act_tol: float = CONFIG_DEFAULTS["act_tol"],
+        act_outliers: int = CONFIG_DEFAULTS["act_outliers"],
         **kwargs: Any,
     ):
         method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -139,6 +156,12 @@ class FPxINTConfig(QuantizationConfigMixin):
         self.layer_group_size = layer_group_size
         self.version = version
         self.compute_dtype = compute_dtype
+        self.act_bits, self.act_terms, self.act_tol, self.act_outliers = (
+            act_bits,
+            act_terms,
+            act_tol,
+            act_outliers,
+        )
         self.post_init()
 
     @classmethod

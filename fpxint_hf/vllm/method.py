@@ -54,6 +54,12 @@ class FPxINTvLLMConfig(QuantizationConfig):
         super().__init__()
         self.config = config
         fields = read_quantization_config(config)  # the same reader (and format defaults) as FPxINTConfig
+        if fields["act_bits"] is not None:
+            raise ValueError(
+                f"quantization_config.act_bits={fields['act_bits']!r} is not supported by the FP=xINT vLLM plugin: "
+                "it serves weight-only (A16) checkpoints; the activation series runs in transformers only. The "
+                "stored weights do not depend on it: set act_bits to null in config.json to serve them as A16"
+            )
         self.terms = int(fields["terms"])
         self.term_bits = normalize_bits(fields["bits"], self.terms)
         self.group_size = fields["group_size"]

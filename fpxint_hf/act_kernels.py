@@ -1,0 +1,175 @@
+"""``W·A`` with both halves of Eq. 1 expanded: the weight series of ``expansion.py`` times the activation series
+of ``activations.py``, as integer × integer matmuls plus a few small float terms (W4A8, W4A4, ...).
+
+Write the weight of one layer as ``W = Σ_t s_w[t]·Wq_t + C + M_sa`` (``Wq_t`` integer codes; ``C`` a constant
+per (row, group): the bias plus the mid-rise offsets of a nested series; ``M_sa`` sparse) and a token's
+activation as ``Â = Σ_j s_A[j]·Ã_j + bias_A·1 + A_sa``.  Then, per group ``g`` of ``group_size`` inputs,
+
+    y = Σ_g Σ_t Σ_j s_w[t,g] · s_A[j] · (Wq_{t,g} · Ã_{j,g})        the T_w × T_a integer products
+      + Σ_g C_g · (Σ_{c∈g} A_int) + M_sa·A_int                       (A_int = Σ_j s_A[j]·Ã_j, float)
+      + bias_A · (W·1) + W·A_sa                                     (W·1 precomputed; A_sa sparse)
+
+The weight terms are collapsed into one int8 matrix where they fit (``kernels.collapse_shift``: e.g. 4+4
+nested), else kept one per term; the activation terms are stacked along the token dimension, so each group
+takes one matmul ``[J·N, gs] × [gs, T'·out]`` for every (t, j) pair.  Three methods compute these integer
+products ``P``, all exactly, so they give bit-identical outputs (the same float finishing follows):
+
+- ``"reference"``: float64 matmul on the integer codes (exact: ``|P| <= gs·2^7·2^7`` is far below 2^53), any
+  device;
+- ``"int"``: ``torch._int_mm`` (int8 × int8 → int32; exact while ``gs·2^14 < 2^31``, i.e. every group size up
+  to 65536).  In torch 2.13 on the CPU it is exact but unvectorized (~30x slower than float32 sgemm);
+- ``"float32"``: float32 matmul on the integer codes, exact while ``gs·max|Wq|·max|Ã| <= 2^24`` (every
+  partial sum is then an integer float32 holds exactly: ``float32_exact``); the fast CPU path.
+
+``auto_method`` picks ``float32`` where it is exact on the CPU, else ``reference``.  Pure torch: no ``nn``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .activations import ActivationSeries, expand_activations, series_part
+from .expansion import Expansion, reconstruct, term_offsets, term_scales
+from .kernels import collapse_codes, collapse_shift, outlier_matrix, sparse_term
+
+ACT_METHODS = ("reference", "int", "float32")
+_CODE_DTYPES = {"reference": torch.float64, "int": torch.int8, "float32": torch.float32}
+_FLOAT32_EXACT = 2**24
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """How a layer expands its input: ``bits``, ``terms``, ``tol``, ``outliers`` per token, product ``method``."""
+
+    bits: int
+    terms: int
+    tol: float = 0.0
+    outliers: int = 0
+    method: str = "reference"
+
+
+@dataclass
+class ActWeights:
+    """A layer's weight series prepared for ``act_linear`` (first ``terms`` weight terms)."""
+
+    codes: torch.Tensor  # [G, gs, T'·out] integer codes Wq (int8, or float holding integers), per group
+    scale: torch.Tensor  # float32 [G, T', out]: s_w of each code matrix per group
+    const: torch.Tensor | None  # float32 [out, G]: C (bias + mid-rise offsets - shift·s_w), or None when 0
+    row_sum: torch.Tensor  # float32 [out]: W·1 (multiplies bias_A)
+    dense_t: (
+        torch.Tensor | None
+    )  # float32 [in, out]: W.T, kept only when the activations keep outliers (W·A_sa)
+    outliers: torch.Tensor | None  # M_sa as float32 sparse CSR [out, in], or None
+    max_code: int  # max |Wq|
+    spec: ActSpec
+
+
+def float32_exact(group_size: int, weight_max_code: int, act_bits: int) -> bool:
+    """Whether float32 matmuls on the integer codes are exact: ``gs·max|Wq|·2^(act_bits-1) <= 2^24``."""
+    return group_size * weight_max_code * 2 ** (act_bits - 1) <= _FLOAT32_EXACT
+
+
+def auto_method(group_size: int, act_bits: int, device: torch.device | str) -> str:
+    """``float32`` on the CPU where it is exact for any int8 weight code, else ``reference`` (``int`` is only
+    used when asked for: it is the slowest on the CPU)."""
+    exact = float32_exact(group_size, 128, act_bits)
+    return "float32" if exact and torch.device(device).type == "cpu" else "reference"
+
+
+def weight_codes(e: Expansion, terms: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes ``[T', out, in]`` (int32), their scales ``[T', out, G]`` and the constant ``C`` ``[out, G]``
+    of the first ``terms`` terms: collapsed into one matrix when ``kernels.collapse_shift`` fits int8."""
+    steps = term_scales(e.scale, e.term_bits, terms, e.series)  # [k, out, G]
+    offsets = torch.tensor(term_offsets(e.term_bits, terms, e.series), device=steps.device).view(-1, 1, 1)
+    const = (steps * offsets).sum(0)  # the mid-rise half steps
+    if e.zero is not None:
+        const = const + e.zero.float()
+    shift = collapse_shift(e.term_bits, terms, e.series)
+    if shift is not None:
+        codes = (collapse_codes(e, terms) + shift).unsqueeze(0)
+        return codes, steps[-1:], const - shift * steps[-1]
+    centred = torch.stack([e.codes[i].to(torch.int32) - 2 ** (e.term_bits[i] - 1) for i in range(terms)])
+    return centred, steps, const
+
+
+def prepare_act(e: Expansion, terms: int, spec: ActSpec, device: torch.device | str = "cpu") -> ActWeights:
+    """Prepare the first ``terms`` weight terms of ``e`` for ``act_linear`` with ``spec`` (once per layer)."""
+    if spec.method not in ACT_METHODS:
+        raise ValueError(f"activation product method={spec.method!r} is not one of {ACT_METHODS}")
+    codes, scale, const = weight_codes(e, terms)
+    t, out, width = codes.shape
+    gs = e.group_size
+    groups = width // gs
+    lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
+    if lo < -128 or hi > 127:
+        raise ValueError(f"weight codes [{lo}, {hi}] do not fit int8 for the activation product")
+    if spec.method == "float32" and not float32_exact(gs, max(-lo, hi), spec.bits):
+        raise ValueError(
+            f"float32 products are not exact for group_size={gs} with {spec.bits}-bit activations"
+        )
+    # [T', out, G, gs] -> [G, gs, T', out] -> [G, gs, T'·out]
+    grouped = codes.view(t, out, groups, gs).permute(2, 3, 0, 1).reshape(groups, gs, t * out)
+    w = reconstruct(e, terms)
+    return ActWeights(
+        codes=grouped.to(device=device, dtype=_CODE_DTYPES[spec.method]).contiguous(),
+        scale=scale.permute(2, 0, 1).to(device=device, dtype=torch.float32).contiguous(),
+        const=const.to(device) if bool(const.abs().max() > 0) else None,
+        row_sum=w.sum(1).to(device),
+        dense_t=w.t().contiguous().to(device) if spec.outliers else None,
+        outliers=outlier_matrix(e.outlier_idx, e.outlier_val, width).to(device)
+        if e.outlier_idx.numel()
+        else None,
+        max_code=max(-lo, hi),
+        spec=spec,
+    )
+
+
+def integer_products(a: torch.Tensor, codes: torch.Tensor, method: str) -> torch.Tensor:
+    """``a @ codes`` for integer-valued ``a`` ``[M, gs]`` (int8) and one group's ``codes`` ``[gs, T'·out]``: the
+    exact integer sums, as float32 (the same rounding whichever ``method`` computed them)."""
+    if method == "int":
+        return torch._int_mm(a, codes).float()
+    return (a.to(codes.dtype) @ codes).float()
+
+
+def act_linear(x2d: torch.Tensor, w: ActWeights) -> torch.Tensor:
+    """``x2d @ W.T`` (``[N, in] -> [N, out]`` in x's dtype) with ``x2d`` expanded into its activation series."""
+    spec, (groups, gs, tout) = w.spec, w.codes.shape
+    t = w.scale.shape[1]
+    out = tout // t
+    s = expand_activations(x2d, spec.bits, spec.terms, spec.tol, spec.outliers)
+    return _product(s, w, groups, gs, t, out).to(x2d.dtype)
+
+
+def _product(s: ActivationSeries, w: ActWeights, groups: int, gs: int, t: int, out: int) -> torch.Tensor:
+    """The sum of the module docstring.  ``s_A`` does not depend on the group, so the integer products are
+    reduced as ``Σ_j s_A[j] · (Σ_g Σ_t s_w[t,g] · P[t,j,g])``: one matmul and one fused multiply-add per group."""
+    j, n, width = s.codes.shape
+    a = s.codes.reshape(j * n, width)
+    acc = torch.zeros(j * n, out, dtype=torch.float32, device=s.codes.device)  # Σ_g Σ_t s_w·P, per act term
+    for g in range(groups):
+        p = integer_products(a[:, g * gs : (g + 1) * gs].contiguous(), w.codes[g], w.spec.method)
+        if t == 1:
+            acc.addcmul_(p, w.scale[g])
+        else:
+            acc += (p.view(j * n, t, out) * w.scale[g]).sum(1)
+    y = (acc.view(j, n, out) * s.scale.view(j, n, 1)).sum(0)
+    if w.const is not None or w.outliers is not None:
+        a_int = series_part(s)
+        if w.const is not None:
+            y += a_int.view(n, groups, gs).sum(-1) @ w.const.t()
+        if w.outliers is not None:
+            y += sparse_term(a_int, w.outliers)
+    y += s.bias[:, None] * w.row_sum[None, :]
+    if w.dense_t is not None and s.outlier_idx.numel():  # W·A_sa: one sparse matmul
+        rows = torch.arange(n, device=y.device).repeat_interleave(s.outlier_idx.shape[1])
+        a_sa = torch.sparse_coo_tensor(
+            torch.stack([rows, s.outlier_idx.reshape(-1)]),
+            s.outlier_val.reshape(-1),
+            (n, width),
+            check_invariants=False,  # indices from topk: in range by construction
+        )
+        y += torch.sparse.mm(a_sa, w.dense_t)
+    return y
