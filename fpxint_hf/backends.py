@@ -103,7 +103,8 @@ def kernel_linear(x: torch.Tensor, w: Int4Weights | Int8Weights | DenseWeights) 
 
 class KernelLinearFunction(torch.autograd.Function):
     """A packed kernel's forward with the dequantized weight's backward (``dL/dx = dL/dy · M``), so every forward
-    mode can train adapters on top of a frozen FP=xINT layer (quanto's ``QLinearFunction`` does the same)."""
+    mode can train adapters on top of a frozen FP=xINT layer (quanto's ``QLinearFunction`` does the same).  ``x`` is
+    the layer's transformed input (``FPxINTLinear.input_transform``), so ``M`` is its ``series_weight``."""
 
     @staticmethod
     def forward(ctx, x, layer, prepared):  # type: ignore[override]
@@ -112,4 +113,4 @@ class KernelLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return grad @ ctx.layer.dequantize().to(grad.dtype), None, None
+        return grad @ ctx.layer.series_weight().to(grad.dtype), None, None

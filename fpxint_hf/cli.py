@@ -24,16 +24,26 @@ import torch
 from .atomic import fresh_dir, replace_dir
 from .cli_checks import (
     UsageError,
+    bits_arg,
     check_eval_args,
     check_folder,
     each_warning_once,
+    group_size_arg,
     remove_stale_temp_dirs,
     temp_prefix,
 )
 from .hf import FPxINTConfig
 from .linear import FPxINTLinear
 from .model_ops import model_bits_per_weight, quant_method_of
-from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, SETTING_NAMES, ExpansionSettings
+from .settings import (
+    CLIP_METHODS,
+    DEFAULTS,
+    FIT_METHODS,
+    ROTATIONS,
+    SERIES_RULES,
+    SETTING_NAMES,
+    ExpansionSettings,
+)
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,27 +70,6 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     if not _is_checkpoint(out):
         raise UsageError(f"{out} is not a model checkpoint (no config.json); refusing to replace it")
     replace_dir(tmp, out)
-
-
-def _group_size(text: str) -> int | None:
-    """argparse type of ``--group-size``: an int, or ``none``/``channel`` for per channel."""
-    if text.lower() in ("none", "channel"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int or 'none'") from None
-
-
-def _bits(text: str) -> int | list[int]:
-    """argparse type of ``--bits``: ``4`` or one width per term, ``4,2``."""
-    try:
-        widths = [int(b) for b in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an int or a comma-separated list of ints"
-        ) from None
-    return widths[0] if len(widths) == 1 else widths
 
 
 def _config_from_args(args: argparse.Namespace) -> FPxINTConfig:
@@ -263,22 +252,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # how argparse reads each ExpansionSettings field (names, defaults and help come from the dataclass)
 _PARSE: dict[str, dict[str, Any]] = {
-    "bits": {"type": _bits},
+    "bits": {"type": bits_arg},
     "terms": {"type": int},
-    "group_size": {"type": _group_size},
-    "symmetric": {"action": "store_true"},
+    "group_size": {"type": group_size_arg},
     "clip": {"choices": CLIP_METHODS},
     "outlier_fraction": {"type": float},
     "tol": {"type": float},
     "series": {"choices": SERIES_RULES},
     "fit": {"choices": FIT_METHODS},
-}
+    "rotation": {"choices": [r for r in ROTATIONS if r]},
+}  # a bool field (symmetric, dual_scale) is a store_true flag
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ExpansionSettings):
         default = getattr(DEFAULTS, f.name)
-        kw = dict(_PARSE[f.name])
+        kw = dict(_PARSE.get(f.name, {"action": "store_true"}))
         shown: Any = "none" if default is None and f.name == "group_size" else default
         if f.name == "terms":
             shown = f"{default}, or one per --bits width"
@@ -335,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bits", type=int, default=4, help="bits per term (default 4)")
     e.add_argument(
         "--group-size",
-        type=_group_size,
+        type=group_size_arg,
         default=128,
         help="group size (default 128; 576-input layers use 64)",
     )

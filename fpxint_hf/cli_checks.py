@@ -23,6 +23,27 @@ class UsageError(Exception):
     """A problem with what the user asked for: printed as one line, exit status 2."""
 
 
+def group_size_arg(text: str) -> int | None:
+    """argparse type of ``--group-size``: an int, or ``none``/``channel`` for per channel."""
+    if text.lower() in ("none", "channel"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int or 'none'") from None
+
+
+def bits_arg(text: str) -> int | list[int]:
+    """argparse type of ``--bits``: ``4`` or one width per term, ``4,2``."""
+    try:
+        widths = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an int or a comma-separated list of ints"
+        ) from None
+    return widths[0] if len(widths) == 1 else widths
+
+
 def looks_local(text: str) -> bool:
     """A path rather than a hub id ``org/name`` (a hub id has exactly one ``/`` and no leading ``.``/``/``/``~``)."""
     return text.startswith((".", "/", "~")) or text.count("/") != 1 or os.path.exists(text)

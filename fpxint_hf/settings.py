@@ -17,6 +17,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 CLIP_METHODS = ("laplace", "search", "minmax")
 SERIES_RULES = ("nested", "legacy")
 FIT_METHODS = ("optimized", "minmax")
+ROTATIONS = (None, "hadamard")
 MAX_TERMS = 8
 MAX_OUTLIER_FRACTION = 0.1
 
@@ -46,6 +47,12 @@ class ExpansionSettings:
     tol: float = field(default=0.0, metadata={"help": "stop a tensor once max |residual| < tol"})
     series: str = field(default="nested", metadata={"help": "how later terms refine earlier ones"})
     fit: str = field(default="optimized", metadata={"help": "first-term fit of a nested series"})
+    dual_scale: bool = field(
+        default=False, metadata={"help": "SINQ-style per-input-column scales (Sinkhorn) before the series"}
+    )
+    rotation: str | None = field(
+        default=None, metadata={"help": "rotate the input channels first: none or hadamard (block FWHT)"}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, list):
@@ -98,6 +105,8 @@ def check_settings(owner: str, values: dict[str, Any]) -> None:
         f"a number from 0 to {MAX_OUTLIER_FRACTION}",
     )
     check(_is_real(values["tol"]) and values["tol"] >= 0, "tol", "a finite number >= 0")
+    check(isinstance(values["dual_scale"], bool), "dual_scale", "True or False")
+    check(values["rotation"] in ROTATIONS, "rotation", f"one of {ROTATIONS}")
 
 
 SETTING_NAMES = tuple(f.name for f in fields(ExpansionSettings))
