@@ -227,8 +227,15 @@ class FPxINTLinear(nn.Module):
             self.dual_scale,
             bool(self.rotation),
         )
-        got = (e.term_bits, e.terms, e.group_size, e.series, e.col_scale is not None, e.rot_signs is not None)
-        if e.shape != (self.out_features, self.in_features) or got != mine:
+        theirs = (
+            e.term_bits,
+            e.terms,
+            e.group_size,
+            e.series,
+            e.col_scale is not None,
+            e.rot_signs is not None,
+        )
+        if e.shape != (self.out_features, self.in_features) or theirs != mine:
             raise ValueError(
                 f"expansion (shape={e.shape}, bits={e.term_bits}, terms={e.terms}, group_size={e.group_size}, "
                 f"series={e.series}, col_scale={e.col_scale is not None}, rot_signs={e.rot_signs is not None}) "

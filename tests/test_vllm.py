@@ -100,6 +100,10 @@ CONFIGS = {
     ),
     "mixed_4+2_per_channel_sym": dict(bits=[4, 2], terms=2, group_size=None, symmetric=True),
     "legacy_3bit_t2": dict(bits=3, terms=2, group_size=64, series="legacy", fit="minmax"),
+    # fused q/k/v and gate/up pieces each fold their own t and signs into vLLM's dense weight
+    "input_transforms_dual_scale_hadamard": dict(
+        bits=4, terms=2, group_size=64, dual_scale=True, rotation="hadamard"
+    ),
 }
 
 
@@ -168,6 +172,22 @@ def test_bf16_matches_transformers_within_tolerance(forward, group_size, fp_dir,
     """bf16 rounds differently in each engine: the prompt log-probs agree to a few hundredths of a nat.
     Every backend of ``fpxint_hf.backends`` serves (``int8`` needs per-channel layers)."""
     model = quantize(fp_dir, tmp_path / "q", bits=4, terms=2, group_size=group_size)
+    ref = hf_prompt_logprobs(model.to(torch.float32))
+    monkeypatch.setenv("FPXINT_VLLM_FORWARD", forward)
+    llm = vllm_llm(tmp_path / "q", dtype="bfloat16")
+    got = prompt_logprobs(llm)
+    diff = torch.cat([(a - b).abs() for a, b in zip(got, ref, strict=True)])
+    assert diff.mean() < 0.05 and diff.max() < 0.3, (forward, diff.mean().item(), diff.max().item())
+
+
+@pytest.mark.parametrize("forward", ["int4", "int8"])
+def test_input_transforms_on_the_kernels_match_transformers(forward, fp_dir, tmp_path, monkeypatch):
+    """With ``dual_scale`` and ``rotation`` the unfused layers on a packed kernel transform their input first
+    (``t ⊙ Rᵀx``); bf16 prompt log-probs agree with transformers' float32 forward as in the plain case."""
+    group_size = 64 if forward == "int4" else None
+    model = quantize(
+        fp_dir, tmp_path / "q", bits=4, terms=2, group_size=group_size, dual_scale=True, rotation="hadamard"
+    )
     ref = hf_prompt_logprobs(model.to(torch.float32))
     monkeypatch.setenv("FPXINT_VLLM_FORWARD", forward)
     llm = vllm_llm(tmp_path / "q", dtype="bfloat16")
