@@ -49,7 +49,7 @@ def configs() -> list[dict[str, Any]]:
             for option, extra in OPTIONS.items():
                 cfg = {"series": "nested", "fit": "optimized", **extra}
                 out.append({"bits": bits, "symmetric": symmetric, "option": option, "cfg": cfg})
-    for bits in (3, 4):
+    for bits in (3,):  # the informative width (the FP weights are a 4-bit grid already)
         for peer, extra in PEERS.items():
             cfg = {"series": "nested", "fit": "minmax", "act_proxy": None, **extra}
             out.append({"bits": bits, "symmetric": False, "option": f"peer: {peer}", "cfg": cfg})
@@ -103,8 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--out", default="eval/results/options")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", type=int, default=None, help="only the first N rows (the order of configs())")
+    ap.add_argument("--shard", default="0/1", help="K/N: run rows K, K+N, ... into <out>.shard-K.json")
+    ap.add_argument(
+        "--merge", type=int, default=None, help="N: merge <out>.shard-*.json of N shards, run nothing"
+    )
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.merge is not None:
+        return merge(out, args.merge)
+    k, n = (int(v) for v in args.shard.split("/"))
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     fp_dir = fp_model_dir()
@@ -126,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
         "wall_s": 0.0,
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for c in configs()[: args.rows]:
+    part = out.with_name(f"{out.name}.shard-{k}.json") if n > 1 else out.with_suffix(".json")
+    for c in configs()[k::n]:
         built = rows.fpxint_row(fp_dir, bits=c["bits"], terms=1, symmetric=c["symmetric"], **c["cfg"])
         m = evaluate_against(built.pop("model"), ref)
         row = {**{k: c[k] for k in ("bits", "symmetric", "option")}, "settings": c["cfg"]}
@@ -141,8 +148,28 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         res["wall_s"] = time.perf_counter() - start
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")  # after every row
+        part.write_text(json.dumps(res, indent=1) + "\n")  # after every row
+    if n == 1:
         out.with_suffix(".md").write_text(to_markdown(res))
+    print(to_markdown(res))
+    return 0
+
+
+def merge(out: Path, n: int) -> int:
+    """One ``<out>.json`` / ``.md`` from the shards, rows in the order of ``configs()`` (wall time: the longest
+    shard; the shards ran side by side)."""
+    parts = [json.loads(out.with_name(f"{out.name}.shard-{k}.json").read_text()) for k in range(n)]
+    order = [(c["bits"], c["symmetric"], c["option"]) for c in configs()]
+    rows_ = sorted(
+        (r for p in parts for r in p["rows"]),
+        key=lambda r: order.index((r["bits"], r["symmetric"], r["option"])),
+    )
+    res = {**parts[0], "rows": rows_, "wall_s": max(p["wall_s"] for p in parts), "shards": n}
+    res["command"] = (
+        f"python eval/bench_options.py --shard K/{n} (K = 0..{n - 1}, side by side), then --merge {n}"
+    )
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(res))
     print(to_markdown(res))
     return 0
 

@@ -268,7 +268,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ExpansionSettings):
         default = getattr(DEFAULTS, f.name)
         kw = dict(_PARSE.get(f.name, {"action": "store_true"}))
-        shown: Any = "none" if default is None and f.name == "group_size" else default
+        shown: Any = "none" if default is None else default
         if f.name == "terms":
             shown = f"{default}, or one per --bits width"
             default = None  # resolved in _config_from_args: len(--bits) for mixed widths

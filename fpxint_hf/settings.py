@@ -51,7 +51,7 @@ class ExpansionSettings:
         default=False, metadata={"help": "SINQ-style per-input-column scales (Sinkhorn) before the series"}
     )
     rotation: str | None = field(
-        default=None, metadata={"help": "rotate the input channels first: none or hadamard (block FWHT)"}
+        default=None, metadata={"help": "hadamard: rotate the input channels first (block FWHT)"}
     )
 
     def __post_init__(self) -> None:

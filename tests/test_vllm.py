@@ -210,7 +210,14 @@ def test_tampered_checkpoint_fails_naming_the_tensor(fp_dir, tmp_path, capfd):
 
 
 @pytest.mark.parametrize(
-    "saved", [{}, {"version": 2}, {"series": "nested", "bits": [4, 2]}, {"version": 2, "group_size": None}]
+    "saved",
+    [
+        {},
+        {"version": 2},
+        {"series": "nested", "bits": [4, 2]},
+        {"version": 2, "group_size": None},
+        {"version": 2, "dual_scale": True, "rotation": "hadamard"},  # input_transform keys; absent above: off
+    ],
 )
 def test_vllm_reads_the_config_as_transformers_does(saved):
     """Both read config.json with ``settings.read_quantization_config``: the same defaults per format version
@@ -227,6 +234,7 @@ def test_vllm_reads_the_config_as_transformers_does(saved):
         hf.outlier_fraction,
         hf.series,
     )
+    assert (v.dual_scale, v.rotation) == (hf.dual_scale, hf.rotation)
 
 
 def test_tensor_parallel_shards_are_refused_with_the_layer_name():
