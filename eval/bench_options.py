@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="eval/results/options")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shard", default="0/1", help="K/N: run rows K, K+N, ... into <out>.shard-K.json")
+    ap.add_argument("--rows", default=None, help="i,j,...: run these rows of configs() (into shard K's file)")
     ap.add_argument(
         "--merge", type=int, default=None, help="N: merge <out>.shard-*.json of N shards, run nothing"
     )
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(f"{out.name}.shard-{k}.json") if n > 1 else out.with_suffix(".json")
-    for c in configs()[k::n]:
+    chosen = [int(i) for i in args.rows.split(",")] if args.rows else range(k, len(configs()), n)
+    for c in [configs()[i] for i in chosen]:
         built = rows.fpxint_row(fp_dir, bits=c["bits"], terms=1, symmetric=c["symmetric"], **c["cfg"])
         m = evaluate_against(built.pop("model"), ref)
         row = {**{k: c[k] for k in ("bits", "symmetric", "option")}, "settings": c["cfg"]}
@@ -160,13 +162,14 @@ def merge(out: Path, n: int) -> int:
     shard; the shards ran side by side)."""
     parts = [json.loads(out.with_name(f"{out.name}.shard-{k}.json").read_text()) for k in range(n)]
     order = [(c["bits"], c["symmetric"], c["option"]) for c in configs()]
+    unique = {(r["bits"], r["symmetric"], r["option"]): r for p in reversed(parts) for r in p["rows"]}
     rows_ = sorted(
-        (r for p in parts for r in p["rows"]),
+        unique.values(),
         key=lambda r: order.index((r["bits"], r["symmetric"], r["option"])),
     )
     res = {**parts[0], "rows": rows_, "wall_s": max(p["wall_s"] for p in parts), "shards": n}
     res["command"] = (
-        f"python eval/bench_options.py --shard K/{n} (K = 0..{n - 1}, side by side), then --merge {n}"
+        f"python eval/bench_options.py --shard K/{n} [--rows ...] ({n} processes side by side), then --merge {n}"
     )
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     out.with_suffix(".md").write_text(to_markdown(res))

@@ -24,9 +24,9 @@ _STEP_CLIP = (0.7, 2.0)  # one step's factor per row / column
 _LOG_CLIP = (-0.3, 10.0)  # accumulated log scale
 
 
-def _imbalance(cur: torch.Tensor) -> torch.Tensor:
-    """``max / min`` of every row's and column's std, per tile: ``[G]`` for tiles ``[G, out, gs]``."""
-    s_r, s_c = cur.std(dim=2), cur.std(dim=1)
+def _imbalance(s_r: torch.Tensor, s_c: torch.Tensor) -> torch.Tensor:
+    """``max / min`` of every row's and column's std (``[G, out, 1]``, ``[G, 1, gs]``), per tile: ``[G]``."""
+    s_r, s_c = s_r.flatten(1), s_c.flatten(1)
     lo = torch.minimum(s_r.amin(-1), s_c.amin(-1)).clamp(min=1e-12)
     return torch.maximum(s_r.amax(-1), s_c.amax(-1)) / lo
 
@@ -46,18 +46,19 @@ def sinkhorn_column_scales(w: torch.Tensor, group_size: int, iters: int = SINKHO
     ).view(-1, 1, 1)
     log_c = m.new_zeros(m.shape[0], 1, group_size)
     log_r = m.new_zeros(m.shape[0], out_features, 1)
-    best_c, best_imb = log_c.clone(), _imbalance(m)
+    best_c, best_imb = log_c.clone(), _imbalance(m.std(dim=2, keepdim=True), m.std(dim=1, keepdim=True))
     stopped = torch.zeros_like(best_imb, dtype=torch.bool)
     for _ in range(iters):
         cur = m / log_c.exp() / log_r.exp()
-        imb = _imbalance(cur)
+        s_r, s_c = cur.std(dim=2, keepdim=True), cur.std(dim=1, keepdim=True)
+        imb = _imbalance(s_r, s_c)
         better = (imb <= best_imb) & ~stopped
         best_c = torch.where(better.view(-1, 1, 1), log_c, best_c)
         best_imb = torch.where(better, imb, best_imb)
         stopped |= imb > best_imb  # a tile stops once its imbalance rises
         go = (~stopped).float().view(-1, 1, 1)
-        step_c = (cur.std(dim=1, keepdim=True).clamp(*_STD_CLIP) / target).clamp(*_STEP_CLIP).log()
-        step_r = (cur.std(dim=2, keepdim=True).clamp(*_STD_CLIP) / target).clamp(*_STEP_CLIP).log()
+        step_c = (s_c.clamp(*_STD_CLIP) / target).clamp(*_STEP_CLIP).log()
+        step_r = (s_r.clamp(*_STD_CLIP) / target).clamp(*_STEP_CLIP).log()
         log_c = (log_c + step_c * go).clamp(*_LOG_CLIP)
         log_r = (log_r + step_r * go).clamp(*_LOG_CLIP)
     best_c = best_c - best_c.mean(-1, keepdim=True)  # geometric mean 1 per group (absorbed by scale_1)
