@@ -238,3 +238,21 @@ def test_reconstruct_is_the_transformed_series():
     e = expand(w, 4, 2, 64, rotation="hadamard")
     assert e.rot_signs is not None
     assert snr_db(reconstruct(e), rotate_weight(w, e.rot_signs)) >= 40
+
+
+def test_committed_options_table_is_rendered_from_its_json_and_quoted_in_the_readme():
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "eval"))
+    try:
+        from bench_options import to_markdown
+    finally:
+        sys.path.remove(str(root / "eval"))
+    res = json.loads((root / "eval" / "results" / "options.json").read_text())
+    table = to_markdown(res)
+    assert (root / "eval" / "results" / "options.md").read_text() == table
+    readme = (root / "README.md").read_text()
+    quoted = [line for line in table.splitlines() if line.startswith("| 3 ") or line.startswith("| 4 ")]
+    assert quoted and all(line in readme for line in quoted)
