@@ -17,7 +17,7 @@ import torch
 
 from . import kernels
 from .act_kernels import ActSpec, ActWeights, act_linear, auto_method, prepare_act
-from .expansion import Expansion, reconstruct, term_offsets, term_scales
+from .expansion import Expansion, reconstruct
 from .kernels import AUTO_DTYPES, DenseWeights, Int4Weights, Int8Weights, Support
 
 
@@ -140,7 +140,8 @@ def kernel_linear(x: torch.Tensor, w: Int4Weights | Int8Weights | DenseWeights |
 
 class KernelLinearFunction(torch.autograd.Function):
     """A packed kernel's forward with the dequantized weight's backward (``dL/dx = dL/dy · M``), so every forward
-    mode can train adapters on top of a frozen FP=xINT layer (quanto's ``QLinearFunction`` does the same)."""
+    mode can train adapters on top of a frozen FP=xINT layer (quanto's ``QLinearFunction`` does the same).  ``x`` is
+    the layer's transformed input (``FPxINTLinear.input_transform``), so ``M`` is its ``series_weight``."""
 
     @staticmethod
     def forward(ctx, x, layer, prepared):  # type: ignore[override]
@@ -149,27 +150,4 @@ class KernelLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return grad @ ctx.layer.dequantize().to(grad.dtype), None, None
-
-
-def forward_terms(x: torch.Tensor, e: Expansion, k: int) -> torch.Tensor:
-    """The ``terms`` forward mode: ``Σ_{i,g} scale_{i,g}·(Q_{i,g} x_g) + bias_g·Σx_g + M_sa x`` for the first ``k``
-    terms of ``e``: ``k`` integer-valued matmuls (per group), then the weighted reduce ("AbelianAdd")."""
-    (out_features, in_features), gs, term_bits = e.shape, e.group_size, e.term_bits
-    groups = in_features // gs
-    xg = x.reshape(-1, groups, gs)  # [N, G, gs]
-    shift = torch.tensor(
-        [2 ** (b - 1) - o for b, o in zip(term_bits[:k], term_offsets(term_bits, k, e.series), strict=True)],
-        dtype=x.dtype,
-        device=x.device,
-    )  # integers or half-integers: exact in bf16/fp16
-    q = (e.codes[:k].to(x.dtype) - shift.view(-1, 1, 1)).view(k, out_features, groups, gs)
-    partial = torch.einsum("ngc,togc->tnog", xg, q).float()  # [k, N, out, G]: the k low-bit matmuls
-    steps = term_scales(e.scale, term_bits, k, e.series)  # [k, out, G]
-    y = torch.einsum("tnog,tog->no", partial, steps)  # the Abelian add over terms and groups
-    if e.zero is not None:
-        y = y + kernels.zero_term(x.reshape(-1, in_features), e.zero, gs)
-    if e.outlier_idx.numel():
-        m_sa = kernels.outlier_matrix(e.outlier_idx, e.outlier_val, in_features)
-        y = y + kernels.sparse_term(x.reshape(-1, in_features), m_sa)
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+        return grad @ ctx.layer.series_weight().to(grad.dtype), None, None

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from .evaluation.rows import DEFAULT_MMLU_LIMIT, ROW_KINDS
-from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, ExpansionSettings
+from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, ROTATIONS, SERIES_RULES, ExpansionSettings
 
 DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
 
@@ -48,14 +48,15 @@ _PARSE: dict[str, dict[str, Any]] = {
     "tol": {"type": float},
     "series": {"choices": SERIES_RULES},
     "fit": {"choices": FIT_METHODS},
-}
+    "rotation": {"choices": [r for r in ROTATIONS if r]},
+}  # a bool field without an entry (symmetric, dual_scale) is a store_true flag; the act_* fields carry metadata["cli"]
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ExpansionSettings):
         default = getattr(DEFAULTS, f.name)
-        kw = dict(_PARSE.get(f.name) or f.metadata["cli"])
-        shown: Any = "none" if default is None and f.name == "group_size" else default
+        kw = dict(_PARSE.get(f.name) or f.metadata.get("cli") or {"action": "store_true"})
+        shown: Any = "none" if default is None else default
         if f.name == "terms":
             shown = f"{default}, or one per --bits width"
             default = None  # resolved in cli._config_from_args: len(--bits) for mixed widths

@@ -48,6 +48,7 @@ import torch
 from .fit import Grid, fit_grid, minmax_grid, relative_error, rtn, snr_db  # noqa: F401  (re-exported)
 from .saturation import LAPLACE_CLIP, SEARCH_GRID, clip_range, outlier_budget, saturate, sparse_matrix  # noqa: F401
 from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS  # noqa: F401
+from .transform import fit_input_transform, fold_weight
 
 FIT_MAX_BITS = 8  # the error-minimizing fit is used for series of at most this many bits in total
 
@@ -68,6 +69,8 @@ class Expansion:
     group_size: int
     series: str  # one of SERIES_RULES
     errors: tuple[float, ...] = ()  # ||M - approx_k||_F / ||M||_F after k = 1..terms_used terms (not stored)
+    col_scale: torch.Tensor | None = None  # float16 [in]: dual_scale's t; the series holds M/t (transform.py)
+    rot_signs: torch.Tensor | None = None  # int8 [in]: ±1 signs of the block Hadamard rotation (rotation.py)
 
     @property
     def terms(self) -> int:
@@ -193,12 +196,16 @@ def expand(
     series: str = DEFAULTS.series,
     fit: str = DEFAULTS.fit,
     importance: torch.Tensor | None = None,
+    dual_scale: bool = DEFAULTS.dual_scale,
+    rotation: str | None = DEFAULTS.rotation,
 ) -> Expansion:
     """Expand a 2-D weight into Eq. 1.  ``group_size`` must divide ``in_features`` (see
     ``resolve_group_size``); ``tol > 0`` stops once ``max |R_i| < tol``.  ``bits`` is one width for all
     terms or one width per term (``series="nested"`` only); ``fit`` chooses the first term of a nested
     series (``"optimized"``: ``fit.fit_grid``; ``"minmax"``: RTN's range).  ``importance`` (``[in]``, >= 0)
     weighs the fit's error by input column (a data-free estimate of ``E[x_j²]``; ``None``: all equal).
+    ``rotation``/``dual_scale`` first transform ``w`` (``transform.fit_input_transform``): the series then holds
+    the transformed matrix, ``reconstruct`` returns it and ``original_weight`` the weight in the input basis.
 
     With ``outlier_fraction == 0`` nothing is saturated (``M_sa = 0``).  In the legacy rule every value
     must then be representable, so the clip range is the group's min-max range whatever ``clip`` says.
@@ -223,6 +230,9 @@ def expand(
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf values")
     w = w.detach().float()
+    col_scale = rot_signs = None
+    if dual_scale or rotation is not None:
+        w, importance, col_scale, rot_signs = fit_input_transform(w, dual_scale, rotation, gs, importance)
 
     budget = outlier_budget(in_features, outlier_fraction)
     if budget:
@@ -241,7 +251,20 @@ def expand(
         a = None
         scale16, zero16 = legacy_first_term(_groups(wc, gs), term_bits[0], symmetric)
     codes, used, errors = _series_codes(w, wc, scale16, zero16, term_bits, gs, series, tol, a)
-    return Expansion(codes, scale16, zero16, idx, val, used, term_bits, gs, series, errors)
+    return Expansion(
+        codes,
+        scale16,
+        zero16,
+        idx,
+        val,
+        used,
+        term_bits,
+        gs,
+        series,
+        errors,
+        col_scale=col_scale,
+        rot_signs=rot_signs,
+    )
 
 
 def _column_weight(importance: torch.Tensor, in_features: int, gs: int, device: torch.device) -> torch.Tensor:
@@ -361,3 +384,9 @@ def reconstruct(e: Expansion, terms: int | None = None) -> torch.Tensor:
     for i in range(1, k):
         approx += dequantize_term(e.codes[i], steps[i], e.term_bits[i], e.group_size, offsets[i])
     return approx + sparse_matrix(e.outlier_idx, e.outlier_val, e.shape)
+
+
+def original_weight(e: Expansion, terms: int | None = None) -> torch.Tensor:
+    """``reconstruct`` folded back through the input transforms (``e.col_scale``, ``e.rot_signs``): float32
+    ``[out, in]`` in the layer's original input basis (the same as ``reconstruct`` without transforms)."""
+    return fold_weight(reconstruct(e, terms), e.col_scale, e.rot_signs)

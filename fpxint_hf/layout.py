@@ -39,8 +39,12 @@ def layer_tensors(
     symmetric: bool,
     outlier_budget: int,
     pieces: int = 1,
+    *,
+    dual_scale: bool = False,
+    rotation: str | None = None,
 ) -> dict[str, TensorSpec]:
-    """The tensors of a layer (``pieces`` fused layers in vLLM: one ``terms_used`` entry each), in order."""
+    """The tensors of a layer (``pieces`` fused layers in vLLM: one ``terms_used`` entry each, and one row of
+    each input transform: a saved layer stores ``[1, in]``), in order."""
     groups = in_features // group_size
     shape = series_shape(term_bits, out_features, in_features)
     uniform = len(shape) == 3
@@ -62,6 +66,12 @@ def layer_tensors(
         specs["outlier_val"] = TensorSpec((out_features, outlier_budget), torch.float16, "row", 0)
     # [pieces] number of terms actually computed (< terms when the residual fell below tol)
     specs["terms_used"] = TensorSpec((pieces,), torch.int32, "piece", None)
+    if dual_scale:
+        # [pieces, in] column scales t (transform.py): the series holds W/t, the input is multiplied by t
+        specs["col_scale"] = TensorSpec((pieces, in_features), torch.float16, "piece", None)
+    if rotation is not None:
+        # [pieces, in] ±1 signs D of the block Hadamard rotation of the inputs (rotation.py)
+        specs["rot_signs"] = TensorSpec((pieces, in_features), torch.int8, "piece", None)
     return specs
 
 
@@ -75,8 +85,9 @@ def check_tensors(
     series: str,
 ) -> list[str]:
     """What is impossible in a loaded layer ``name``'s tensors (``values``, any subset of ``layer_tensors``):
-    NaN/Inf, ``terms_used`` outside 1..``terms``, a step <= 0, a legacy residual code 0, an outlier column out
-    of range.  One problem per line, ``"<name>.<tensor> ..."``; empty when all is well."""
+    NaN/Inf, ``terms_used`` outside 1..``terms``, a step or column scale <= 0, a rotation sign not ±1, a legacy
+    residual code 0, an outlier column out of range.  One problem per line, ``"<name>.<tensor> ..."``; empty when
+    all is well."""
     problems = [
         f"{name}.{t_name} (holds NaN or Inf)"
         for t_name, t in values.items()
@@ -97,6 +108,12 @@ def check_tensors(
             problems.append(
                 f"{name}.codes holds residual code 0, outside the legacy range 1..{2 ** term_bits[-1] - 1}"
             )
+    t = values.get("col_scale")
+    if t is not None and t.numel() and not bool((t > 0).all()):
+        problems.append(f"{name}.col_scale holds values <= 0 (a column scale must be positive)")
+    signs = values.get("rot_signs")
+    if signs is not None and signs.numel() and not bool((signs.abs() == 1).all()):
+        problems.append(f"{name}.rot_signs holds values other than -1 and +1")
     idx = values.get("outlier_idx")
     if idx is not None and idx.numel() and (idx.min() < 0 or idx.max() >= in_features):
         problems.append(f"{name}.outlier_idx out of [0, {in_features})")

@@ -5,16 +5,15 @@ with stable names, so ``save_pretrained`` writes them as they are and ``from_pre
 them with a plain shape check.  The forward paths (``forward_mode``) give the same result:
 
 - ``reference``: dequantize the whole series into one matrix, then one matmul;
-- ``terms``: the "AbelianAdd" of the paper, all T integer-valued term matrices in one batched
-  matmul (per group), then the weighted reduce ``Σ_{i,g} scale_{i,g} · (Q_{i,g} x_g)``.  Integer
-  codes are exact in bf16/fp16 and the scales are applied in float32 after the matmul;
+- ``terms``: the "AbelianAdd" of the paper (``terms_forward.terms_linear``): T integer matmuls, one reduce;
 - ``int4`` / ``int8`` / ``dense``: the backends of ``backends.py`` (packed CPU kernels; the series dequantized
   once), prepared on first use and cached on the module (not in ``state_dict``), rebuilt when the active
   terms, dtype, device or buffers change;
 - ``auto`` (the default): the fastest path for the layer, device and dtype (``backends.choose_kernel``:
   ``int8``/``int4`` for bfloat16 activations on the CPU, else ``dense``); ``dense`` when x needs a gradient.
 
-``active_terms`` truncates the series at run time: one checkpoint, several precisions.
+``active_terms`` truncates the series at run time: one checkpoint, several precisions.  With an input transform
+(``rotation``, ``dual_scale``: ``transform.py``) every path multiplies ``input_transform(x)`` by the stored series.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from .expansion import (
     Expansion,
     expand,
     normalize_bits,
+    original_weight,
     outlier_budget,
     reconstruct,
     resolve_group_size,
@@ -40,8 +40,10 @@ from .layout import TensorSpec, layer_tensors
 from .offload import buffers_offloaded
 from .packing import pack_series, unpack_series
 from .settings import ACT_SETTINGS, DEFAULTS, ExpansionSettings
+from .terms_forward import terms_linear
+from .transform import transform_input
 
-MODULE_MODES = ("reference", "terms")  # computed by the module itself (``dequantize``, ``_forward_terms``)
+MODULE_MODES = ("reference", "terms")  # computed by the module itself (``series_weight``, ``terms_linear``)
 FORWARD_MODES = (*MODULE_MODES, *backends.KERNEL_MODES, "auto")  # the backends registry names the rest
 
 
@@ -60,6 +62,8 @@ class FPxINTLinear(nn.Module):
     outlier_idx: torch.Tensor
     outlier_val: torch.Tensor
     terms_used: torch.Tensor
+    col_scale: torch.Tensor  # with dual_scale
+    rot_signs: torch.Tensor  # with rotation
 
     def __init__(
         self,
@@ -78,6 +82,8 @@ class FPxINTLinear(nn.Module):
         act_terms: int = DEFAULTS.act_terms,
         act_tol: float = DEFAULTS.act_tol,
         act_outliers: int = DEFAULTS.act_outliers,
+        dual_scale: bool = DEFAULTS.dual_scale,
+        rotation: str | None = DEFAULTS.rotation,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -90,17 +96,13 @@ class FPxINTLinear(nn.Module):
         self.bits = self.term_bits[0] if len(set(self.term_bits)) == 1 else self.term_bits
         self.terms, self.group_size = terms, group_size
         self.symmetric, self.outlier_budget = symmetric, outlier_budget
-        self.series, self.fit = (
-            series,
-            fit,
-        )  # the series rule; how the first term is fitted (quantize time only)
-        # the activation series (act_kernels.py; act_bits None: A16, x stays float)
-        self.act_bits, self.act_terms, self.act_tol, self.act_outliers = (
+        self.series, self.fit = series, fit  # the series rule; the first-term fit (quantize time only)
+        self.dual_scale, self.rotation = dual_scale, rotation  # the input transforms (transform.py)
+        self.act_bits, self.act_terms = (
             act_bits,
             act_terms,
-            act_tol,
-            act_outliers,
-        )
+        )  # the activation series (act_kernels.py); None: A16
+        self.act_tol, self.act_outliers = act_tol, act_outliers
         self.active_terms: int | None = None  # run-time truncation; None = every stored term
         self.forward_mode = "auto"
         self._kernel_cache: tuple | None = None  # (key, buffers, prepared kernel weights or None)
@@ -120,6 +122,8 @@ class FPxINTLinear(nn.Module):
             self.group_size,
             self.symmetric,
             self.outlier_budget,
+            dual_scale=self.dual_scale,
+            rotation=self.rotation,
         )
 
     def _apply(self, fn, recurse=True):
@@ -168,6 +172,8 @@ class FPxINTLinear(nn.Module):
             series=settings.series,
             fit=settings.fit,
             **{k: getattr(settings, k) for k in ACT_SETTINGS},
+            dual_scale=settings.dual_scale,
+            rotation=settings.rotation,
             device=device,
             dtype=dtype,
         )
@@ -206,29 +212,20 @@ class FPxINTLinear(nn.Module):
         """Expand a full-precision ``[out, in]`` weight with this layer's bits, terms, group size and symmetry
         (``importance``: per-input-column fit weights, see ``expansion.expand``)."""
         return expand(
-            weight,
-            self.term_bits,
-            self.terms,
-            self.group_size,
-            self.symmetric,
-            clip,
-            outlier_fraction,
-            tol,
-            self.series,
-            self.fit,
-            importance,
-        )
+            weight, self.term_bits, self.terms, self.group_size, self.symmetric, clip, outlier_fraction, tol,
+            self.series, self.fit, importance, self.dual_scale, self.rotation,
+        )  # fmt: skip
 
     def expansion_state(self, e: Expansion) -> dict[str, torch.Tensor]:
         """The buffers of this module holding ``e``, keyed by buffer name (declared dtypes and shapes)."""
-        mine = (self.term_bits, self.terms, self.group_size, self.series)
-        if (
-            e.shape != (self.out_features, self.in_features)
-            or (e.term_bits, e.terms, e.group_size, e.series) != mine
-        ):
+        mine = (self.term_bits, self.terms, self.group_size, self.series, self.dual_scale)
+        theirs = (e.term_bits, e.terms, e.group_size, e.series, e.col_scale is not None)
+        rotated = {self.rotation is not None, e.rot_signs is not None}  # one element when they agree
+        if e.shape != (self.out_features, self.in_features) or theirs != mine or len(rotated) > 1:
             raise ValueError(
                 f"expansion (shape={e.shape}, bits={e.term_bits}, terms={e.terms}, group_size={e.group_size}, "
-                f"series={e.series}) does not match {self.extra_repr()}"
+                f"series={e.series}, col_scale={e.col_scale is not None}, rot_signs={e.rot_signs is not None}) "
+                f"does not match {self.extra_repr()}"
             )
         values = {
             "codes": pack_series(e.codes, self.term_bits),
@@ -237,6 +234,8 @@ class FPxINTLinear(nn.Module):
             "outlier_idx": e.outlier_idx,
             "outlier_val": e.outlier_val,
             "terms_used": torch.tensor([e.terms_used], device=e.scale.device),
+            "col_scale": None if e.col_scale is None else e.col_scale.reshape(1, -1),
+            "rot_signs": None if e.rot_signs is None else e.rot_signs.reshape(1, -1),
         }
         state = {}
         for name, spec in self.layout().items():
@@ -272,6 +271,8 @@ class FPxINTLinear(nn.Module):
             term_bits=self.term_bits,
             group_size=self.group_size,
             series=self.series,
+            col_scale=self.col_scale[0] if self.dual_scale else None,
+            rot_signs=self.rot_signs[0] if self.rotation is not None else None,
         )
 
     @property
@@ -286,8 +287,17 @@ class FPxINTLinear(nn.Module):
         return used if self.active_terms is None else min(self.active_terms, used)
 
     def dequantize(self) -> torch.Tensor:
-        """float32 ``[out, in]`` weight of the first ``num_terms()`` terms."""
+        """float32 ``[out, in]`` weight of the first ``num_terms()`` terms, in the original input basis."""
+        return original_weight(self.expansion(), self.num_terms())
+
+    def series_weight(self) -> torch.Tensor:
+        """float32 ``[out, in]`` matrix of the first ``num_terms()`` terms, which multiplies ``input_transform(x)``
+        (``dequantize()`` itself when the layer has no input transform)."""
         return reconstruct(self.expansion(), self.num_terms())
+
+    def input_transform(self, x: torch.Tensor) -> torch.Tensor:
+        """``t ⊙ Rᵀx`` of ``transform.transform_input`` (``x`` itself without ``dual_scale`` and ``rotation``)."""
+        return transform_input(x, self._buffers.get("col_scale"), self._buffers.get("rot_signs"))
 
     # ------------------------------------------------------------------ forward
 
@@ -296,6 +306,7 @@ class FPxINTLinear(nn.Module):
             raise ValueError(f"forward_mode={self.forward_mode!r} is not supported; allowed: {FORWARD_MODES}")
         quantized_x = self.act_bits is not None  # W·A: x expanded too (issue 16), through act_kernels
         prepared = None if self.forward_mode in MODULE_MODES and not quantized_x else self._kernel_weights(x)
+        x = self.input_transform(x)
         if prepared is not None:
             needs_grad = torch.is_grad_enabled() and x.requires_grad
             y = (
@@ -304,9 +315,9 @@ class FPxINTLinear(nn.Module):
                 else backends.kernel_linear(x, prepared)
             )
         elif self.forward_mode == "terms":
-            y = self._forward_terms(x)
+            y = terms_linear(x, self.expansion(), self.num_terms())
         else:
-            y = F.linear(x, self.dequantize().to(x.dtype))
+            y = F.linear(x, self.series_weight().to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _kernel_weights(self, x: torch.Tensor):
@@ -346,10 +357,6 @@ class FPxINTLinear(nn.Module):
         self._kernel_cache = None if buffers_offloaded(self) else (key, buffers, prepared)
         return prepared
 
-    def _forward_terms(self, x: torch.Tensor) -> torch.Tensor:
-        """Σ_{i,g} scale_{i,g}·(Q_{i,g} x_g) + bias_g·Σx_g + M_sa x: T integer matmuls, then the reduce."""
-        return backends.forward_terms(x, self.expansion(), self.num_terms())
-
     # ------------------------------------------------------------------ reporting
 
     @torch.no_grad()
@@ -380,7 +387,7 @@ class FPxINTLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={self.bits}, terms={self.terms}, group_size={self.group_size}, symmetric={self.symmetric}, "
-            f"series={self.series}, "
+            f"series={self.series}, dual_scale={self.dual_scale}, rotation={self.rotation}, "
             + ("" if self.act_bits is None else f"act_bits={self.act_bits}, act_terms={self.act_terms}, ")
             + f"outliers_per_row={self.outlier_budget}, bits_per_weight={self.bits_per_weight():.3f}"
         )

@@ -17,6 +17,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 CLIP_METHODS = ("laplace", "search", "minmax")
 SERIES_RULES = ("nested", "legacy")
 FIT_METHODS = ("optimized", "minmax")
+ROTATIONS = (None, "hadamard")
 MAX_TERMS = 8
 MAX_OUTLIER_FRACTION = 0.1
 ACT_BITS = (4, 8)  # widths of the activation series' terms (activations.ACT_BITS)
@@ -70,6 +71,12 @@ class ExpansionSettings:
     act_outliers: int = field(
         default=4,
         metadata={"help": "largest-|value| activations per token kept exactly (A_sa)", "cli": {"type": int}},
+    )
+    dual_scale: bool = field(
+        default=False, metadata={"help": "SINQ-style per-input-column scales (Sinkhorn) before the series"}
+    )
+    rotation: str | None = field(
+        default=None, metadata={"help": "hadamard: rotate the input channels first (block FWHT)"}
     )
 
     def __post_init__(self) -> None:
@@ -133,6 +140,8 @@ def check_settings(owner: str, values: dict[str, Any]) -> None:
     check(_is_real(act["act_tol"]) and act["act_tol"] >= 0, "act_tol", "a finite number >= 0")
     k = act["act_outliers"]
     check(_is_int(k) and 0 <= k <= MAX_ACT_OUTLIERS, "act_outliers", f"an int from 0 to {MAX_ACT_OUTLIERS}")
+    check(isinstance(values["dual_scale"], bool), "dual_scale", "True or False")
+    check(values["rotation"] in ROTATIONS, "rotation", f"one of {ROTATIONS}")
 
 
 ACT_SETTINGS = ("act_bits", "act_terms", "act_tol", "act_outliers")

@@ -103,6 +103,10 @@ CONFIGS = {
     "3bit_t1_g64": dict(bits=3, terms=1, group_size=64),
     # a symmetric 3-bit term (3.25 bpw) and 2-bit residuals in some layers: mixed widths and layer_terms
     "3+2_sym_budget_3.5_g64": dict(bits=[3, 2], terms=2, group_size=64, symmetric=True, bits_budget=3.5),
+    # fused q/k/v and gate/up pieces each fold their own t and signs into vLLM's dense weight
+    "input_transforms_dual_scale_hadamard": dict(
+        bits=4, terms=2, group_size=64, dual_scale=True, rotation="hadamard"
+    ),
 }
 
 
@@ -179,6 +183,22 @@ def test_bf16_matches_transformers_within_tolerance(forward, group_size, fp_dir,
     assert diff.mean() < 0.05 and diff.max() < 0.3, (forward, diff.mean().item(), diff.max().item())
 
 
+@pytest.mark.parametrize("forward", ["int4", "int8"])
+def test_input_transforms_on_the_kernels_match_transformers(forward, fp_dir, tmp_path, monkeypatch):
+    """With ``dual_scale`` and ``rotation`` the unfused layers on a packed kernel transform their input first
+    (``t ⊙ Rᵀx``); bf16 prompt log-probs agree with transformers' float32 forward as in the plain case."""
+    group_size = 64 if forward == "int4" else None
+    model = quantize(
+        fp_dir, tmp_path / "q", bits=4, terms=2, group_size=group_size, dual_scale=True, rotation="hadamard"
+    )
+    ref = hf_prompt_logprobs(model.to(torch.float32))
+    monkeypatch.setenv("FPXINT_VLLM_FORWARD", forward)
+    llm = vllm_llm(tmp_path / "q", dtype="bfloat16")
+    got = prompt_logprobs(llm)
+    diff = torch.cat([(a - b).abs() for a, b in zip(got, ref, strict=True)])
+    assert diff.mean() < 0.05 and diff.max() < 0.3, (forward, diff.mean().item(), diff.max().item())
+
+
 def test_tampered_checkpoint_fails_naming_the_tensor(fp_dir, tmp_path, capfd):
     quantize(fp_dir, tmp_path / "q", bits=4, terms=2, group_size=64)
     path = tmp_path / "q" / "model.safetensors"
@@ -193,7 +213,14 @@ def test_tampered_checkpoint_fails_naming_the_tensor(fp_dir, tmp_path, capfd):
 
 
 @pytest.mark.parametrize(
-    "saved", [{}, {"version": 2}, {"series": "nested", "bits": [4, 2]}, {"version": 2, "group_size": None}]
+    "saved",
+    [
+        {},
+        {"version": 2},
+        {"series": "nested", "bits": [4, 2]},
+        {"version": 2, "group_size": None},
+        {"version": 2, "dual_scale": True, "rotation": "hadamard"},  # input_transform keys; absent above: off
+    ],
 )
 def test_vllm_reads_the_config_as_transformers_does(saved):
     """Both read config.json with ``settings.read_quantization_config``: the same defaults per format version
@@ -210,6 +237,7 @@ def test_vllm_reads_the_config_as_transformers_does(saved):
         hf.outlier_fraction,
         hf.series,
     )
+    assert (v.dual_scale, v.rotation) == (hf.dual_scale, hf.rotation)
 
 
 def test_activation_series_checkpoint_is_refused_naming_the_field():

@@ -39,6 +39,8 @@ def budget_candidates(
                 outlier_budget=module.outlier_budget,
                 series=module.series,
                 fit=module.fit,
+                dual_scale=module.dual_scale,
+                rotation=module.rotation,
                 device="meta",
             )
             e = probe.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance)

@@ -62,6 +62,15 @@ class FPxINTConfig(QuantizationConfigMixin):
         fit (`str`, *optional*, defaults to `"optimized"`):
             First-term fit of a nested series: `"optimized"` (clip search + least squares, calibration-free) or
             `"minmax"` (round-to-nearest on the min-max range). A config.json without this key is `"minmax"`.
+        dual_scale (`bool`, *optional*, defaults to `False`):
+            Before the series, divide every input column of the weight by a scale `t` found data-free by SINQ's
+            Sinkhorn-like balancing of row and column standard deviations (per group of columns); `t` is stored
+            (float16, one per input) and the layer multiplies its input by it. A config.json without this key: off.
+        rotation (`str` or `None`, *optional*):
+            `"hadamard"`: rotate the input channels by a block Hadamard matrix with fixed random ±1 signs (blocks of
+            the largest power of two <= 256 dividing in-features) before the series; the signs are stored (int8,
+            one per input) and the layer applies the inverse rotation to its input with a fast Walsh-Hadamard
+            transform. `None` (default, and a config.json without this key): no rotation.
         bits_budget (`float`, *optional*):
             Average bits per weight to spend (codes, scales, zeros and outliers counted; the per-layer 32-bit
             `terms_used` counter is not, so `bits=[3, 2]`, `bits_budget=3.5` at group 64 is 3-bit in every
@@ -117,6 +126,8 @@ class FPxINTConfig(QuantizationConfigMixin):
         forward_mode: str = CONFIG_DEFAULTS["forward_mode"],
         series: str = CONFIG_DEFAULTS["series"],
         fit: str = CONFIG_DEFAULTS["fit"],
+        dual_scale: bool = CONFIG_DEFAULTS["dual_scale"],
+        rotation: str | None = CONFIG_DEFAULTS["rotation"],
         bits_budget: float | None = CONFIG_DEFAULTS["bits_budget"],
         layer_terms: dict[str, int] | None = CONFIG_DEFAULTS["layer_terms"],
         act_proxy: str | None = CONFIG_DEFAULTS["act_proxy"],
@@ -149,6 +160,8 @@ class FPxINTConfig(QuantizationConfigMixin):
         self.forward_mode = forward_mode
         self.series = series
         self.fit = fit
+        self.dual_scale = dual_scale
+        self.rotation = rotation
         self.bits_budget = bits_budget
         self.layer_terms = layer_terms
         self.act_proxy = act_proxy

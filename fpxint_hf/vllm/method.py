@@ -8,7 +8,9 @@ fuse them (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``) like any weig
 - ``terms_used``: one entry per fused piece.
 
 After loading, every piece is turned back into an ``Expansion`` with ``fpxint_hf``'s own code (the same group-size
-rule, the same series rule) and either dequantized once (``dense``) or re-packed for the int4 kernel.
+rule, the same series rule) and either dequantized once (``dense``; input transforms folded into the weight) or
+re-packed for the int4/int8 kernel (``col_scale``/``rot_signs`` then transform the input first, as in
+``FPxINTLinear.input_transform``).
 """
 
 from __future__ import annotations
@@ -37,10 +39,17 @@ from vllm.platforms import current_platform
 
 from .. import backends
 from ..budget import FUSED
-from ..expansion import Expansion, normalize_bits, outlier_budget, reconstruct, resolve_group_size
+from ..expansion import (
+    Expansion,
+    normalize_bits,
+    original_weight,
+    outlier_budget,
+    resolve_group_size,
+)
 from ..layout import TensorSpec, check_tensors, layer_tensors
 from ..packing import unpack_series
 from ..settings import read_quantization_config
+from ..transform import transform_input
 from . import ENV_ACTIVE_TERMS, ENV_FORWARD
 
 FORWARDS = backends.KERNEL_MODES  # dense runs on vLLM's own GEMM; the others on the backends registry
@@ -66,6 +75,7 @@ class FPxINTvLLMConfig(QuantizationConfig):
         self.symmetric = bool(fields["symmetric"])
         self.outlier_fraction = float(fields["outlier_fraction"])
         self.series = fields["series"]
+        self.dual_scale, self.rotation = bool(fields["dual_scale"]), fields["rotation"]  # absent: off
         self.layer_terms = fields["layer_terms"] or {}
         self.layer_group_size = fields["layer_group_size"] or {}
         names = fields["quantized_modules"]
@@ -160,13 +170,26 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
         out, n_in = sum(output_partition_sizes), input_size
         gs = resolve_group_size(n_in, self.group_size)
         k = outlier_budget(n_in, self.config.outlier_fraction)
-        specs = layer_tensors(
-            self.term_bits, out, n_in, gs, self.config.symmetric, k, len(output_partition_sizes)
-        )
+        specs = self.layout(out, n_in, gs, k, len(output_partition_sizes))
         for name, spec in specs.items():  # the tensors FPxINTLinear stores, as vLLM parameters of their kind
             data = torch.empty(spec.shape, dtype=spec.dtype)
             layer.register_parameter(name, _parameter(spec, data, loader))
         layer.fpxint_layout = (tuple(output_partition_sizes), n_in, gs, params_dtype)
+
+    def layout(self, out: int, n_in: int, gs: int, k: int, pieces: int) -> dict[str, TensorSpec]:
+        """The tensors of this (fused) layer: ``layout.layer_tensors`` with the config's input transforms."""
+        c = self.config
+        return layer_tensors(
+            self.term_bits,
+            out,
+            n_in,
+            gs,
+            c.symmetric,
+            k,
+            pieces,
+            dual_scale=c.dual_scale,
+            rotation=c.rotation,
+        )
 
     def expansions(self, layer: Any) -> list[Expansion]:
         """One ``Expansion`` per fused piece, rebuilt from the loaded tensors."""
@@ -191,6 +214,8 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
                     term_bits=self.term_bits,
                     group_size=gs,
                     series=self.config.series,
+                    col_scale=layer.col_scale.data[i] if self.config.dual_scale else None,
+                    rot_signs=layer.rot_signs.data[i] if self.config.rotation else None,
                 )
             )
             start += rows
@@ -199,7 +224,7 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: Any) -> None:
         sizes, n_in, gs, dtype = layer.fpxint_layout
         k = outlier_budget(n_in, self.config.outlier_fraction)
-        specs = layer_tensors(self.term_bits, sum(sizes), n_in, gs, self.config.symmetric, k, len(sizes))
+        specs = self.layout(sum(sizes), n_in, gs, k, len(sizes))
         tensors = {name: getattr(layer, name).data for name in specs}
         problems = check_tensors(
             self.prefix,
@@ -223,9 +248,10 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
             layer_info = dict(bits=e.term_bits[:k], group_size=e.group_size, in_features=e.shape[1], terms=k)
             if backends.supported(mode, **layer_info, series=e.series, device="cpu", dtype=torch.bfloat16):
                 layer.fpxint_prepared = backends.prepare(mode, e, k, torch.bfloat16)
+                layer.fpxint_transform = (e.col_scale, e.rot_signs)  # applied to x before the kernel
         if layer.fpxint_prepared is None:
-            weight = torch.cat([reconstruct(e, k) for e, k in zip(parts, ks, strict=True)])
-            for name in ("codes", "scale", "zero", "outlier_idx", "outlier_val"):
+            weight = torch.cat([original_weight(e, k) for e, k in zip(parts, ks, strict=True)])
+            for name in ("codes", "scale", "zero", "outlier_idx", "outlier_val", "col_scale", "rot_signs"):
                 if hasattr(layer, name):
                     delattr(layer, name)  # dense: the packed tensors are no longer needed
             # hand the dense weight to vLLM's own CPU GEMM (oneDNN, pre-packed), as for an unquantized layer
@@ -239,7 +265,8 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
     def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         prepared = layer.fpxint_prepared
         if not isinstance(prepared, str):  # a backend's prepared weights (bfloat16 kernels), not "dense"
-            y = backends.kernel_linear(x.to(torch.bfloat16), prepared).to(x.dtype)
+            x_t = transform_input(x.float(), *layer.fpxint_transform)
+            y = backends.kernel_linear(x_t.to(torch.bfloat16), prepared).to(x.dtype)
             return y if bias is None else y + bias
         return layer.cpu_linear(x, layer.weight, bias)
 
