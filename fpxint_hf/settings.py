@@ -174,6 +174,56 @@ CONFIG_DEFAULTS: dict[str, Any] = {
 }
 """Every field of ``FPxINTConfig`` with its default (the expansion settings first)."""
 
+ACT_PROXIES = ("norm", None)
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def check_quantization_config(owner: str, values: Mapping[str, Any]) -> None:
+    """The one check of a ``quantization_config``'s fields (``CONFIG_DEFAULTS``' keys but ``forward_mode``), used by
+    ``FPxINTConfig.post_init`` (transformers) and ``FPxINTvLLMConfig`` (vLLM): raise ``ValueError``
+    ``"<owner>.<field>=<value> is invalid; allowed: ..."`` for the first bad field."""
+
+    def check(ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"{owner}.{name}={values[name]!r} is invalid; allowed: {allowed}")
+
+    check_settings(owner, {name: values[name] for name in SETTING_NAMES})
+    check(values["act_proxy"] in ACT_PROXIES, "act_proxy", f"one of {ACT_PROXIES}")
+    dtype = values["compute_dtype"]
+    check(dtype is None or dtype in COMPUTE_DTYPES, "compute_dtype", f"None or one of {COMPUTE_DTYPES}")
+    budget, terms = values["bits_budget"], values["terms"]
+    check(
+        budget is None or (_is_real(budget) and 1 <= budget <= 64 and terms >= 2),
+        "bits_budget",
+        "None, or a number of bits per weight from 1 to 64 with terms >= 2",
+    )
+    layer_terms = values["layer_terms"]
+    check(
+        layer_terms is None
+        or (
+            isinstance(layer_terms, dict)
+            and all(isinstance(k, str) and _is_int(v) and 1 <= v <= terms for k, v in layer_terms.items())
+        ),
+        "layer_terms",
+        f"None or a dict of module name -> terms from 1 to {terms}",
+    )
+    for name in ("modules_to_not_convert", "quantized_modules"):
+        names = values[name]
+        ok = names is None or (isinstance(names, list) and all(isinstance(m, str) for m in names))
+        check(ok, name, "None or a list of module names")
+    groups = values["layer_group_size"]
+    check(
+        groups is None
+        or (
+            isinstance(groups, dict)
+            and all(isinstance(k, str) and _is_int(v) and v >= 1 for k, v in groups.items())
+        ),
+        "layer_group_size",
+        "None or a dict of module name -> group size >= 1",
+    )
+    check(values["version"] in CONFIG_VERSIONS, "version", f"one of {CONFIG_VERSIONS}")
+
+
 FORMAT_1_DEFAULTS: dict[str, Any] = {"series": "legacy", "fit": "minmax", "act_proxy": None}
 """What a format-1 config without these keys means: the rule of fpxint_hf 0.1."""
 

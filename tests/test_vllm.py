@@ -252,6 +252,23 @@ def test_activation_series_checkpoint_is_refused_naming_the_field():
         assert FPxINTvLLMConfig({"quant_method": "fpxint", **saved}).terms >= 1
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [{"bits": 5}, {"group_size": 7}, {"layer_terms": {"model.layers.0.mlp.up_proj": 9}}, {"act_proxy": "l2"}],
+)
+def test_vllm_checks_the_config_with_the_validator_transformers_uses(bad):
+    """``settings.check_quantization_config`` is the one check of both load paths: the same field, value and
+    allowed range in the message, ``quantization_config.`` instead of ``FPxINTConfig.``."""
+    from fpxint_hf import FPxINTConfig
+    from fpxint_hf.vllm.method import FPxINTvLLMConfig
+
+    with pytest.raises(ValueError, match=r"is invalid; allowed") as hf_err:
+        FPxINTConfig.from_dict({"quant_method": "fpxint", "version": 2, **bad})
+    with pytest.raises(ValueError) as vllm_err:
+        FPxINTvLLMConfig({"quant_method": "fpxint", "version": 2, **bad})
+    assert str(vllm_err.value) == str(hf_err.value).replace("FPxINTConfig.", "quantization_config.", 1)
+
+
 def test_tensor_parallel_shards_are_refused_with_the_layer_name():
     from fpxint_hf.vllm.method import FPxINTvLLMConfig, FPxINTvLLMLinearMethod
 

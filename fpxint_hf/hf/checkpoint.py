@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from .config import COMPUTE_DTYPES, FPxINTConfig
+from ..settings import COMPUTE_DTYPES
+from .config import FPxINTConfig
 
 _HEADER_LIMIT = 100 * 2**20  # safetensors' own limit on the JSON header
 

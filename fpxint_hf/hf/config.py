@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -10,16 +9,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..linear import FORWARD_MODES
 from ..settings import (
     CONFIG_DEFAULTS,
-    CONFIG_VERSIONS,
     SETTING_NAMES,
     ExpansionSettings,
-    check_settings,
+    check_quantization_config,
     read_quantization_config,
 )
 
 QUANT_METHOD = "fpxint"
-ACT_PROXIES = ("norm", None)
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 class FPxINTConfig(QuantizationConfigMixin):
@@ -211,51 +207,7 @@ class FPxINTConfig(QuantizationConfigMixin):
 
     def post_init(self):
         """Check every field; raise ``ValueError`` naming the field, the value and what is allowed."""
-        check_settings("FPxINTConfig", {name: getattr(self, name) for name in SETTING_NAMES})
-        _check(self.act_proxy in ACT_PROXIES, "act_proxy", self.act_proxy, f"one of {ACT_PROXIES}")
-        _check(
-            self.compute_dtype is None or self.compute_dtype in COMPUTE_DTYPES,
-            "compute_dtype",
-            self.compute_dtype,
-            f"None or one of {COMPUTE_DTYPES}",
-        )
-        _check(
-            self.bits_budget is None
-            or (_is_real(self.bits_budget) and 1 <= self.bits_budget <= 64 and self.terms >= 2),
-            "bits_budget",
-            self.bits_budget,
-            "None, or a number of bits per weight from 1 to 64 with terms >= 2",
-        )
-        _check(
-            self.layer_terms is None
-            or (
-                isinstance(self.layer_terms, dict)
-                and all(
-                    isinstance(k, str) and _is_int(v) and 1 <= v <= self.terms
-                    for k, v in self.layer_terms.items()
-                )
-            ),
-            "layer_terms",
-            self.layer_terms,
-            f"None or a dict of module name -> terms from 1 to {self.terms}",
-        )
-        for names in ("modules_to_not_convert", "quantized_modules"):
-            value = getattr(self, names)
-            ok = value is None or (isinstance(value, list) and all(isinstance(m, str) for m in value))
-            _check(ok, names, value, "None or a list of module names")
-        _check(
-            self.layer_group_size is None
-            or (
-                isinstance(self.layer_group_size, dict)
-                and all(
-                    isinstance(k, str) and _is_int(v) and v >= 1 for k, v in self.layer_group_size.items()
-                )
-            ),
-            "layer_group_size",
-            self.layer_group_size,
-            "None or a dict of module name -> group size >= 1",
-        )
-        _check(self.version in CONFIG_VERSIONS, "version", self.version, f"one of {CONFIG_VERSIONS}")
+        check_quantization_config("FPxINTConfig", {name: getattr(self, name) for name in CONFIG_DEFAULTS})
         _check(
             self.forward_mode in FORWARD_MODES, "forward_mode", self.forward_mode, f"one of {FORWARD_MODES}"
         )
@@ -263,14 +215,6 @@ class FPxINTConfig(QuantizationConfigMixin):
     def nominal_bits_per_weight(self) -> int:
         """``terms · bits``: code bits only; scales, biases and outliers come on top (see ``bits_per_weight``)."""
         return sum(self.term_bits)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check(ok: bool, field: str, value: Any, allowed: str) -> None:

@@ -48,7 +48,7 @@ from ..expansion import (
 )
 from ..layout import TensorSpec, check_tensors, layer_tensors
 from ..packing import unpack_series
-from ..settings import read_quantization_config
+from ..settings import check_quantization_config, read_quantization_config
 from ..transform import transform_input
 from . import ENV_ACTIVE_TERMS, ENV_FORWARD
 
@@ -63,6 +63,7 @@ class FPxINTvLLMConfig(QuantizationConfig):
         super().__init__()
         self.config = config
         fields = read_quantization_config(config)  # the same reader (and format defaults) as FPxINTConfig
+        check_quantization_config("quantization_config", fields)  # and the same check
         if fields["act_bits"] is not None:
             raise ValueError(
                 f"quantization_config.act_bits={fields['act_bits']!r} is not supported by the FP=xINT vLLM plugin: "
