@@ -66,6 +66,7 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     ("HIGGS 4-bit (Hadamard + Gaussian MSE grid)", "HIGGS", peer(peers.higgs, 4)),
     ours("FP=xINT T=1 (3)", bits=3, terms=1),
     ours("FP=xINT T=1 (3), symmetric", bits=3, terms=1, symmetric=True),
+    ours("FP=xINT T=1 (3), dual_scale", bits=3, terms=1, dual_scale=True),  # the product's SINQ-style option
     # (bits_budget=3.5 with asymmetric 3+2, or 3.25 with symmetric 3+2, is one 3-bit term in every layer: the
     # T=1 rows above, by construction; tests/test_budget_and_formats.py checks it)
     ours(
@@ -80,6 +81,7 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     ours("FP=xINT budget 3.5 (2+2+2)", "FP=xINT budget", bits=2, terms=3, bits_budget=3.5),
     ours("FP=xINT T=1 (4), symmetric", bits=4, terms=1, symmetric=True),
     ours("FP=xINT T=1 (4)", bits=4, terms=1),
+    ours("FP=xINT T=1 (4), dual_scale", bits=4, terms=1, dual_scale=True),
     ours("FP=xINT 2+2", bits=2, terms=2),
     ours("FP=xINT budget 5.0 (4+2+2)", "FP=xINT budget", bits=[4, 2, 2], terms=3, bits_budget=5.0),
     ours("FP=xINT 3+2", bits=[3, 2], terms=2),
