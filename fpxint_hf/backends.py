@@ -109,9 +109,10 @@ def prepare(
     return backend(mode).prepare(e, terms, dtype, device)
 
 
-ACT_METHOD_OF_MODE = {"reference": "reference", "int8": "int"}
-"""The activation product's method under a layer's ``forward_mode`` when ``act_bits`` is set; every other mode
-takes ``act_kernels.auto_method`` (float32 on the integer codes where exact on the CPU, else reference)."""
+ACT_METHOD_OF_MODE = {"reference": "reference", "int8": "int", "dense": "float32"}
+"""The activation product's method under a layer's ``forward_mode`` when ``act_bits`` is set (``dense``: float32
+matmuls on the integer codes); every other mode takes ``act_kernels.auto_method`` (``int`` on the CPU, else
+``reference``)."""
 
 
 def act_spec(

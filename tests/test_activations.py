@@ -99,17 +99,17 @@ def _layer(seed=0, **kw) -> FPxINTLinear:
 )
 @pytest.mark.parametrize("act", [(8, 1, 0), (4, 2, 4), (4, 3, 0)], ids=str)
 def test_integer_path_equals_the_reference_path_bit_for_bit(weights, act):
-    """``reference`` (float64 on the codes), ``int`` (torch._int_mm) and ``auto`` (float32 on the codes, exact
-    below 2^24) compute the same exact integer products, then the same float finishing: identical outputs.  All
-    equal the float product of the dequantized series to float32 rounding."""
+    """``reference`` (float64 on the codes), ``int8`` and ``auto`` (torch._int_mm) and ``dense`` (float32 on the
+    codes, exact below 2^24) compute the same exact integer products, then the same float finishing: identical
+    outputs.  All equal the float product of the dequantized series to float32 rounding."""
     m = _layer(**weights)
     m.act_bits, m.act_terms, m.act_outliers = act
     x = activations(n=10, seed=1).view(2, 5, 256)
     outs = {}
-    for mode in ("reference", "int8", "auto"):
+    for mode in ("reference", "int8", "dense", "auto"):  # float64, int (torch._int_mm), float32, auto (int)
         m.forward_mode = mode
         outs[mode] = m(x)
-    assert torch.equal(outs["reference"], outs["int8"]) and torch.equal(outs["reference"], outs["auto"])
+    assert all(torch.equal(outs["reference"], y) for y in outs.values())
     s = expand_activations(x.reshape(-1, 256), *act[:2], outliers=act[2])
     exact = dequantize_activations(s).double() @ m.dequantize().double().t() + m.bias.double()
     assert snr_db(exact.float(), outs["auto"].reshape(-1, 48)) > 110
@@ -129,10 +129,10 @@ def test_activation_series_expands_the_transformed_input(transform):
     m.act_bits, m.act_terms, m.act_outliers = 8, 2, 4
     x = activations(n=10, seed=1)
     outs = {}
-    for mode in ("reference", "int8", "auto"):
+    for mode in ("reference", "int8", "dense", "auto"):  # float64, int (torch._int_mm), float32, auto (int)
         m.forward_mode = mode
         outs[mode] = m(x)
-    assert torch.equal(outs["reference"], outs["int8"]) and torch.equal(outs["reference"], outs["auto"])
+    assert all(torch.equal(outs["reference"], y) for y in outs.values())
     s = expand_activations(m.input_transform(x), 8, 2, outliers=4)
     exact = dequantize_activations(s).double() @ m.series_weight().double().t() + m.bias.double()
     assert snr_db(exact.float(), outs["auto"]) > 110
@@ -142,18 +142,23 @@ def test_activation_series_expands_the_transformed_input(transform):
 
 def test_float32_products_are_used_only_where_exact():
     assert float32_exact(128, 128, 8) and float32_exact(1024, 128, 8) and not float32_exact(2048, 128, 8)
-    assert auto_method(128, 8, torch.device("cpu")) == "float32"
-    assert auto_method(2048, 8, torch.device("cpu")) == "reference"
-    assert auto_method(2048, 4, torch.device("cpu")) == "float32"  # 2048·128·8 = 2^21
+    assert float32_exact(2048, 128, 4)  # 2048·128·8 = 2^21
+    assert auto_method(2048, 8, torch.device("cpu")) == "int"  # torch._int_mm: exact for any group size
+    assert auto_method(128, 8, torch.device("meta")) == "reference"
     big = FPxINTLinear.from_linear(nn.Linear(2048, 16), group_size=None)  # one group of 2048 inputs
     with pytest.raises(ValueError, match="float32 products are not exact for group_size=2048"):
         prepare_act(big.expansion(), 2, ActSpec(8, 1, method="float32"), "cpu")
     assert prepare_act(big.expansion(), 2, ActSpec(4, 1, method="float32"), "cpu").max_code <= 128
     big.act_bits = 8
     x = torch.randn(3, 2048)
-    ref = big(x)  # auto: reference (float64), since float32 could round
-    big.forward_mode = "int8"
-    assert torch.equal(ref, big(x))
+    big.forward_mode = "reference"
+    ref = big(x)
+    for mode in ("int8", "auto"):  # torch._int_mm
+        big.forward_mode = mode
+        assert torch.equal(ref, big(x))
+    big.forward_mode = "dense"  # float32 on the codes: refused, it could round
+    with pytest.raises(ValueError, match="float32 products are not exact for group_size=2048"):
+        big(x)
 
 
 def test_activation_quantization_changes_the_output_and_more_terms_recover_it():
