@@ -7,7 +7,7 @@ from typing import Any
 
 T1_ROW = "FP=xINT W4A16 T=1 int4"
 T2_ROWS = ("FP=xINT W4A16 T=2 int4", "FP=xINT W4A16 T=2 dense")
-W4A8_ROW = "FP=xINT W4A8 T=1 int4"  # the lead adds it with the activation-quantization branch
+W4A8_ROW = "FP=xINT W4A8 T=1 int"  # torch._int_mm products (auto on the CPU), weight group 128/64
 LIMIT_SHARE, T2_VS_BF16, W4A8_PREFILL = 0.7, 1.0, 1.3
 STACKED_SLACK = 1.05  # "no slower than the wide matmul", with 5 % for timer noise
 
@@ -59,7 +59,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         v = d[W4A8_ROW]["prefill_vs_bf16"]
         add(name, v >= W4A8_PREFILL, f"{v:.3f}x bf16")
     else:
-        add(name, None, f"not run: no row {W4A8_ROW!r} yet")
+        add(name, None, f"no row {W4A8_ROW!r}")
     ratios = [t["median_ms"]["stacked"] / t["median_ms"]["wide"] for t in result["term_parallel"]]
     add(
         f"int4 T=2 (one stacked call) <= {STACKED_SLACK}x one int4 matmul of the same total size",
@@ -130,6 +130,24 @@ def to_markdown(result: dict[str, Any]) -> str:
         ms, wide = t["median_ms"], t["median_ms"]["wide"]
         cells = " | ".join(f"{ms[p]:.3g} ({ms[p] / wide:.2f}x)" for p in paths)
         lines.append(f"| {t['shape'][0]}x{t['shape'][1]} | {t['tokens']} | {cells} |")
+    if result.get("w4a8_kernels"):
+        paths = list(result["w4a8_kernels"][0]["median_ms"])
+        lines += [
+            "",
+            "## W4A8 products on one layer (bf16 activations in and out)",
+            "",
+            "Median ms (ratio to `bf16`: `F.linear` with the dequantized bf16 weight).  `W4A16 int4`: the packed int4 "
+            "kernel, T=1; `W4A8 float32-codes` / `W4A8 int`: `act_kernels.act_linear` with one 8-bit activation "
+            "term and 4 outliers per token (A_sa), products as float32 matmuls on the codes / `torch._int_mm` "
+            "(bit-identical outputs), one matmul per weight group.",
+            "",
+            "| shape (out x in) | tokens | " + " | ".join(paths) + " |",
+            "|---|---:|" + "---:|" * len(paths),
+        ]
+        for t in result["w4a8_kernels"]:
+            ms, ref = t["median_ms"], t["median_ms"]["bf16"]
+            cells = " | ".join(f"{ms[p]:.3g} ({ms[p] / ref:.2f}x)" for p in paths)
+            lines.append(f"| {t['shape'][0]}x{t['shape'][1]} | {t['tokens']} | {cells} |")
     lines += [
         "",
         "## Protocol",

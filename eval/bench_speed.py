@@ -5,7 +5,7 @@
 Model: the embedded SmolLM2-135M FP folder (``fpxint_hf.evaluation.assets.fp_model_dir()``), built per row as
 ``eval/bench.py`` builds it (``from_pretrained`` with an ``FPxINTConfig``; ``lm_head``, tied to the embedding, stays
 bf16).  Rows are ``SpeedRow``s in ``ROWS``: ``FPxINTConfig`` keyword arguments + a forward mode; a new row is one
-line (e.g. W4A8: ``SpeedRow("FP=xINT W4A8 T=1 int4", {**W4, "terms": 1, "act_bits": 8}, "int4")``).
+line (e.g. ``SpeedRow("FP=xINT W4A8 T=1 int", {**W4, "terms": 1, "act_bits": 8}, "auto")``).
 
 Measured, side by side (rows and repeats round-robin, medians of repeats):
 
@@ -21,7 +21,9 @@ Measured, side by side (rows and repeats round-robin, medians of repeats):
   context; memory-bound limit = bandwidth / bytes, and each row's decode as a fraction of it;
 - term parallelism: the ``int4`` backend's T=2 call (``kernels.int4_linear``: terms stacked along the input
   dimension, one kernel call) against one int4 matmul of the same total size (``[out, 2·in]``), against the
-  former T sequential calls and against stacking along the output dimension, on SmolLM2's layer shapes.
+  former T sequential calls and against stacking along the output dimension, on SmolLM2's layer shapes;
+- the W4A8 products on one layer (``_speed_act``): bf16 ``F.linear``, the int4 kernel, and ``act_linear`` with
+  float32 matmuls on the codes and with ``torch._int_mm``.
 
 Writes ``eval/results/speed.json`` and ``speed.md`` (``_speed_report.to_markdown``; the test re-renders it).
 Threads: torch's default unless ``--threads``; the copy bandwidth is measured with the same threads.
@@ -46,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "eval"))
 
+from _speed_act import w4a8_kernel_bench  # noqa: E402
 from _speed_report import targets, to_markdown  # noqa: E402
 from _speed_terms import term_parallel_bench  # noqa: E402
 
@@ -72,6 +75,12 @@ ROWS = [
     SpeedRow("FP=xINT W4A16 T=1 dense", {**W4, "terms": 1}, "dense"),
     SpeedRow("FP=xINT W4A16 T=2 int4", {**W4, "terms": 2}, "int4"),
     SpeedRow("FP=xINT W4A16 T=2 dense", {**W4, "terms": 2}, "dense"),
+    SpeedRow("FP=xINT W4A8 T=1 int", {**W4, "terms": 1, "act_bits": 8}, "auto"),  # torch._int_mm products
+    SpeedRow(
+        "FP=xINT W4A8 T=1 int, per channel",
+        {"bits": 4, "group_size": None, "terms": 1, "act_bits": 8},
+        "auto",
+    ),
 ]
 
 
@@ -253,10 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("[speed] term parallelism", flush=True)
     terms = term_parallel_bench(threads, rounds=1 if args.quick else 5)
+    print("[speed] W4A8 products", flush=True)
+    w4a8 = w4a8_kernel_bench(threads, rounds=1 if args.quick else 3)
     result = {
         "rows": out_rows,
         "copy_bandwidth_bytes_s": bandwidth,
         "term_parallel": terms,
+        "w4a8_kernels": w4a8,
         "settings": settings,
         "environment": {
             "torch": torch.__version__,
