@@ -60,9 +60,7 @@ class ActWeights:
     scale: torch.Tensor  # float32 [G, T', out]: s_w of each code matrix per group
     const: torch.Tensor | None  # float32 [out, G]: C (bias + mid-rise offsets - shift·s_w), or None when 0
     row_sum: torch.Tensor  # float32 [out]: W·1 (multiplies bias_A)
-    dense_t: (
-        torch.Tensor | None
-    )  # float32 [in, out]: W.T, kept only when the activations keep outliers (W·A_sa)
+    dense_t: torch.Tensor | None  # float32 [in, out]: W.T, only for W·A_sa when W has saturated values (M_sa)
     outliers: torch.Tensor | None  # M_sa as float32 sparse CSR [out, in], or None
     max_code: int  # max |Wq|
     spec: ActSpec
@@ -117,7 +115,7 @@ def prepare_act(e: Expansion, terms: int, spec: ActSpec, device: torch.device | 
         scale=scale.permute(2, 0, 1).to(device=device, dtype=torch.float32).contiguous(),
         const=const.to(device) if bool(const.abs().max() > 0) else None,
         row_sum=w.sum(1).to(device),
-        dense_t=w.t().contiguous().to(device) if spec.outliers else None,
+        dense_t=w.t().contiguous().to(device) if spec.outliers and e.outlier_idx.numel() else None,
         outliers=outlier_matrix(e.outlier_idx, e.outlier_val, width).to(device)
         if e.outlier_idx.numel()
         else None,
@@ -132,6 +130,17 @@ def integer_products(a: torch.Tensor, codes: torch.Tensor, method: str) -> torch
     if method == "int":
         return torch._int_mm(a, codes).float()
     return (a.to(codes.dtype) @ codes).float()
+
+
+def weight_columns(w: ActWeights, cols: torch.Tensor) -> torch.Tensor:
+    """``W[:, cols]ᵀ`` (float32 ``[len(cols), out]``) = ``Σ_t s_w·Wq + C`` at those inputs, read from the
+    integer codes: no dense copy of W is kept (``M_sa`` excluded: with it, ``prepare_act`` keeps ``dense_t``)."""
+    groups, gs, tout = w.codes.shape
+    t = w.scale.shape[1]
+    g = torch.div(cols, gs, rounding_mode="floor")
+    q = w.codes[g, cols - g * gs].float().view(-1, t, tout // t)  # [K, T', out]
+    out = (q * w.scale[g]).sum(1)
+    return out if w.const is None else out + w.const.t()[g]
 
 
 def act_linear(x2d: torch.Tensor, w: ActWeights) -> torch.Tensor:
@@ -163,13 +172,17 @@ def _product(s: ActivationSeries, w: ActWeights, groups: int, gs: int, t: int, o
         if w.outliers is not None:
             y += sparse_term(a_int, w.outliers)
     y += s.bias[:, None] * w.row_sum[None, :]
-    if w.dense_t is not None and s.outlier_idx.numel():  # W·A_sa: one sparse matmul
-        rows = torch.arange(n, device=y.device).repeat_interleave(s.outlier_idx.shape[1])
-        a_sa = torch.sparse_coo_tensor(
-            torch.stack([rows, s.outlier_idx.reshape(-1)]),
-            s.outlier_val.reshape(-1),
-            (n, width),
-            check_invariants=False,  # indices from topk: in range by construction
-        )
-        y += torch.sparse.mm(a_sa, w.dense_t)
+    if s.outlier_idx.numel():  # W·A_sa
+        if w.dense_t is None:  # the K columns of W each token needs, rebuilt from the codes
+            cols = weight_columns(w, s.outlier_idx.reshape(-1)).view(n, -1, out)
+            y += (s.outlier_val.unsqueeze(-1) * cols).sum(1)
+        else:  # W has saturated values too: one sparse matmul with the dense W.T
+            rows = torch.arange(n, device=y.device).repeat_interleave(s.outlier_idx.shape[1])
+            a_sa = torch.sparse_coo_tensor(
+                torch.stack([rows, s.outlier_idx.reshape(-1)]),
+                s.outlier_val.reshape(-1),
+                (n, width),
+                check_invariants=False,  # indices from topk: in range by construction
+            )
+            y += torch.sparse.mm(a_sa, w.dense_t)
     return y

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fpxint_hf import FPxINTConfig, FPxINTLinear
-from fpxint_hf.act_kernels import ActSpec, auto_method, float32_exact, prepare_act
+from fpxint_hf.act_kernels import ActSpec, auto_method, float32_exact, prepare_act, weight_columns
 from fpxint_hf.activations import dequantize_activations, expand_activations
 from fpxint_hf.cli import _config_from_args, build_parser
 from fpxint_hf.fit import snr_db
@@ -138,6 +138,20 @@ def test_activation_series_expands_the_transformed_input(transform):
     assert snr_db(exact.float(), outs["auto"]) > 110
     m.act_bits, m.forward_mode = None, "reference"
     assert snr_db(m(x), outs["auto"]) > 60  # two 8-bit activation terms: ~90 dB on the activations
+
+
+@pytest.mark.parametrize("weights", [{}, {"terms": 3}, {"bits": [4, 2]}, {"group_size": None}], ids=str)
+def test_weight_columns_for_a_sa_come_from_the_codes_without_a_dense_copy(weights):
+    """W·A_sa reads the K columns of W it needs from the integer codes: they equal the dequantized series'
+    columns, and no dense W is kept unless W has saturated values of its own (M_sa)."""
+    m = _layer(**weights)
+    w = prepare_act(m.expansion(), m.num_terms(), ActSpec(8, 1, outliers=4, method="int"))
+    assert w.dense_t is None
+    cols = torch.tensor([0, 5, 63, 64, 200, 255, 5])
+    want = m.series_weight()[:, cols].t()
+    assert snr_db(want, weight_columns(w, cols)) > 120
+    m_sa = _layer(outlier_fraction=0.02)
+    assert prepare_act(m_sa.expansion(), 2, ActSpec(8, 1, outliers=4, method="int")).dense_t is not None
 
 
 def test_float32_products_are_used_only_where_exact():
