@@ -24,6 +24,12 @@ _STEP_CLIP = (0.7, 2.0)  # one step's factor per row / column
 _LOG_CLIP = (-0.3, 10.0)  # accumulated log scale
 
 
+def _std(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.std(dim, keepdim=True)`` (unbiased), written out: 2-3x faster than ``Tensor.std`` on the CPU here."""
+    centred = x - x.mean(dim, keepdim=True)
+    return (centred.square().sum(dim, keepdim=True) / (x.shape[dim] - 1)).sqrt()
+
+
 def _imbalance(s_r: torch.Tensor, s_c: torch.Tensor) -> torch.Tensor:
     """``max / min`` of every row's and column's std (``[G, out, 1]``, ``[G, 1, gs]``), per tile: ``[G]``."""
     s_r, s_c = s_r.flatten(1), s_c.flatten(1)
@@ -46,11 +52,11 @@ def sinkhorn_column_scales(w: torch.Tensor, group_size: int, iters: int = SINKHO
     ).view(-1, 1, 1)
     log_c = m.new_zeros(m.shape[0], 1, group_size)
     log_r = m.new_zeros(m.shape[0], out_features, 1)
-    best_c, best_imb = log_c.clone(), _imbalance(m.std(dim=2, keepdim=True), m.std(dim=1, keepdim=True))
+    best_c, best_imb = log_c.clone(), _imbalance(_std(m, 2), _std(m, 1))
     stopped = torch.zeros_like(best_imb, dtype=torch.bool)
     for _ in range(iters):
         cur = m / log_c.exp() / log_r.exp()
-        s_r, s_c = cur.std(dim=2, keepdim=True), cur.std(dim=1, keepdim=True)
+        s_r, s_c = _std(cur, 2), _std(cur, 1)
         imb = _imbalance(s_r, s_c)
         better = (imb <= best_imb) & ~stopped
         best_c = torch.where(better.view(-1, 1, 1), log_c, best_c)
