@@ -92,14 +92,15 @@ def test_sinkhorn_scales_balance_each_group_and_ignore_the_magnitude():
 
 
 def test_proxy_follows_the_transforms():
-    """The fit weighs V's error by the transformed inputs' energy: block mean of E[x²] times t²."""
+    """The fit weighs V's error by the rotated inputs' energy (block mean of E[x²]), not by t² as well (measured
+    worse end to end: transform.py's docstring); without a proxy the fit is unweighted."""
     w, a = heavy_weight(), torch.rand(192) + 0.1
     v, a_v, t, s = fit_input_transform(w, True, "hadamard", 64, a)
     assert t is not None and s is not None and a_v is not None
-    assert torch.allclose(a_v, block_mean(a, 64) * t.float() ** 2)
+    assert torch.allclose(a_v, block_mean(a, 64))
     assert snr_db(fold_weight(v, t, s), w) >= 120
     _, a_t, t2, _ = fit_input_transform(w, True, None, 64, None)
-    assert a_t is not None and t2 is not None and torch.equal(a_t, t2.float() ** 2)  # no proxy: t² alone
+    assert a_t is None and t2 is not None
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
@@ -116,12 +117,14 @@ def test_series_error_never_rises_as_terms_are_added(bits, symmetric, option):
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_each_option_beats_none_on_a_heavy_tailed_weight(bits):
-    """Loud columns and heavy tails are what both transforms address: one term's weight error drops."""
+    """Loud columns and heavy tails are what both transforms address: one term's weight error drops by 10% or
+    more with the rotation, and does not rise with dual_scale alone (whose fit minimizes the error of the balanced
+    V, not of W: its gain shows end to end, eval/results/options.md)."""
     w = heavy_weight()
     none = relative_error(original_weight(expand(w, bits, 1, 64)), w)
     for option, kw in OPTIONS.items():
         err = relative_error(original_weight(expand(w, bits, 1, 64, **kw)), w)
-        assert err < 0.9 * none, (option, err, none)
+        assert err < (1.0 if option == "dual_scale" else 0.9) * none, (option, err, none)
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
