@@ -34,6 +34,11 @@ OPTIONS = {  # label -> settings
     "rotation": {"rotation": "hadamard"},
     "both": {"dual_scale": True, "rotation": "hadamard"},
 }
+ABLATIONS = {  # which part of the first-term fit dual_scale does not combine with (3 and 4 bits, asymmetric)
+    "dual_scale, fit=minmax": {"dual_scale": True, "fit": "minmax"},
+    "dual_scale, act_proxy=None": {"dual_scale": True, "act_proxy": None},
+    "dual_scale, fit=minmax, act_proxy=None": {"dual_scale": True, "fit": "minmax", "act_proxy": None},
+}
 PEERS = {  # the same transforms on RTN's min-max grid, no activation proxy: the methods they come from
     "RTN": {},
     "Hadamard+RTN": {"rotation": "hadamard"},
@@ -53,6 +58,12 @@ def configs() -> list[dict[str, Any]]:
         for peer, extra in PEERS.items():
             cfg = {"series": "nested", "fit": "minmax", "act_proxy": None, **extra}
             out.append({"bits": bits, "symmetric": False, "option": f"peer: {peer}", "cfg": cfg})
+    for bits in (3, 4):
+        for label, extra in ABLATIONS.items():
+            if bits == 3 and extra.get("fit") == "minmax" and "act_proxy" in extra:
+                continue  # = the 3-bit SINQ-style peer row above
+            cfg = {"series": "nested", "fit": "optimized", **extra}
+            out.append({"bits": bits, "symmetric": False, "option": label, "cfg": cfg})
     return out
 
 
@@ -85,7 +96,7 @@ def to_markdown(res: dict[str, Any]) -> str:
             group = [
                 r
                 for r in res["rows"]
-                if r["bits"] == bits and r["symmetric"] == sym and r["option"] in OPTIONS
+                if r["bits"] == bits and r["symmetric"] == sym and not r["option"].startswith("peer:")
             ]
             if not group:
                 continue
@@ -159,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def merge(out: Path, n: int) -> int:
     """One ``<out>.json`` / ``.md`` from the shards, rows in the order of ``configs()`` (wall time: the longest
-    shard; the shards ran side by side)."""
+    shard)."""
     parts = [json.loads(out.with_name(f"{out.name}.shard-{k}.json").read_text()) for k in range(n)]
     order = [(c["bits"], c["symmetric"], c["option"]) for c in configs()]
     unique = {(r["bits"], r["symmetric"], r["option"]): r for p in reversed(parts) for r in p["rows"]}
@@ -169,7 +180,7 @@ def merge(out: Path, n: int) -> int:
     )
     res = {**parts[0], "rows": rows_, "wall_s": max(p["wall_s"] for p in parts), "shards": n}
     res["command"] = (
-        f"python eval/bench_options.py --shard K/{n} [--rows ...] ({n} processes side by side), then --merge {n}"
+        f"python eval/bench_options.py --shard K/{n} [--rows ...] for K < {n}, then --merge {n}"
     )
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     out.with_suffix(".md").write_text(to_markdown(res))
