@@ -74,6 +74,7 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     q = res["quant_seconds"]
     pairs = [("FP=xINT T=1 (3)", "HQQ 3-bit"), ("FP=xINT 3+2", "HQQ 3-bit")]
     pairs += [("FP=xINT T=1 (4)", "HQQ 4-bit"), ("FP=xINT T=2 (4+4)", "HQQ 4-bit")]
+    pairs += [(a, "HQQ 4-bit") for a in ("FP=xINT T=1 (4), dual_scale",) if a in q]  # the opt-in option
     add(
         "quantization time of the whole model no more than 2x HQQ's (same weights, same process)",
         all(q[a] <= 2 * q[b] for a, b in pairs),

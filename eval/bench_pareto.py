@@ -84,9 +84,26 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     ours("FP=xINT T=1 (4), dual_scale", bits=4, terms=1, dual_scale=True),
     ours("FP=xINT 2+2", bits=2, terms=2),
     ours("FP=xINT budget 5.0 (4+2+2)", "FP=xINT budget", bits=[4, 2, 2], terms=3, bits_budget=5.0),
+    ours(
+        "FP=xINT budget 5.0 (4+2+2), dual_scale",
+        "FP=xINT budget",
+        bits=[4, 2, 2],
+        terms=3,
+        bits_budget=5.0,
+        dual_scale=True,
+    ),
+    ours(
+        "FP=xINT budget 6.5 (4+2+2), dual_scale",
+        "FP=xINT budget",
+        bits=[4, 2, 2],
+        terms=3,
+        bits_budget=6.5,
+        dual_scale=True,
+    ),
     ours("FP=xINT 3+2", bits=[3, 2], terms=2),
     ours("FP=xINT 2+2+2", bits=2, terms=3),
     ours("FP=xINT T=2 (4+4)", bits=4, terms=2),
+    ours("FP=xINT T=2 (4+4), dual_scale", bits=4, terms=2, dual_scale=True),
 ]
 
 ABLATIONS: list[tuple[str, str, Any]] = [  # with --ablations: more points, old rules, one-checkpoint reads
@@ -127,6 +144,10 @@ def quantization_times(fp_dir: Path) -> dict[str, float]:
         ("FP=xINT T=1 (3)", lambda w: expand(w, 3, 1, 64, series="nested", fit="optimized")),
         ("FP=xINT 3+2", lambda w: expand(w, (3, 2), 2, 64, series="nested", fit="optimized")),
         ("FP=xINT T=1 (4)", lambda w: expand(w, 4, 1, 64, series="nested", fit="optimized")),
+        (
+            "FP=xINT T=1 (4), dual_scale",
+            lambda w: expand(w, 4, 1, 64, series="nested", fit="optimized", dual_scale=True),
+        ),
         ("FP=xINT T=2 (4+4)", lambda w: expand(w, 4, 2, 64, series="nested", fit="optimized")),
         ("RTN W4", lambda w: rows.rtn(w, 4, 64)),
         ("Hadamard + RTN W4 (QuaRot)", lambda w: peers.rotated_rtn(w, 4, 0)),
@@ -149,7 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="eval/results/pareto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ablations", action="store_true", help="also the ABLATIONS rows (about 1.5x the time)")
+    ap.add_argument(
+        "--rerun",
+        metavar="TEXT",
+        help="measure only the rows whose label contains TEXT and replace them in <out>.json (same tokens; the "
+        "other rows and their command are kept; quantization times measured again)",
+    )
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    old = json.loads(out.with_suffix(".json").read_text()) if args.rerun else None
+    if old is not None and old["tokens"] != args.tokens:
+        ap.error(
+            f"--rerun: {out.with_suffix('.json')} was measured on {old['tokens']} tokens, not {args.tokens}"
+        )
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     fp_dir = fp_model_dir()
@@ -162,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     del fp
     results = [{"label": "FP", "family": "FP", "bits": 32.0, "ppl": fp_m.perplexity, "kl": 0.0, "top1": 1.0}]
     for label, family, build in ROWS + (ABLATIONS if args.ablations else []):
+        if args.rerun and args.rerun not in label:
+            continue
         built = build(fp_dir)
         m = evaluate_against(built.pop("model"), ref)
         results.append(
@@ -178,8 +213,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{label:45s} {results[-1]['bits']:7.3f} b/w  PPL {m.perplexity:8.3f}  KL {m.kl_vs_fp:.4f}",
             flush=True,
         )
+    command = "python eval/bench_pareto.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if old is not None:  # the old rows, in their order, with the re-measured ones in their places
+        new = {r["label"]: r for r in results[1:]}
+        results = [new.pop(r["label"], r) for r in old["rows"]] + list(new.values())
+        command = f"{old['command']}, then {command}"
     res = {
-        "command": "python eval/bench_pareto.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "model": "SmolLM2-135M-Instruct (FP = its GGUF Q4_1 weights dequantized to float32)",
         "tokens": windows.numel(),
         "group_size": rows.GROUP,
@@ -189,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "quant_seconds": quantization_times(fp_dir),
         "wall_s": None,
     }
-    res["wall_s"] = time.perf_counter() - start
-    out = Path(args.out)
+    res["wall_s"] = time.perf_counter() - start + (old["wall_s"] if old is not None else 0.0)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     out.with_suffix(".md").write_text(report.to_markdown(res))
