@@ -179,9 +179,7 @@ def merge(out: Path, n: int) -> int:
         key=lambda r: order.index((r["bits"], r["symmetric"], r["option"])),
     )
     res = {**parts[0], "rows": rows_, "wall_s": max(p["wall_s"] for p in parts), "shards": n}
-    res["command"] = (
-        f"python eval/bench_options.py --shard K/{n} [--rows ...] for K < {n}, then --merge {n}"
-    )
+    res["command"] = f"python eval/bench_options.py --shard K/{n} [--rows ...] for K < {n}, then --merge {n}"
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     out.with_suffix(".md").write_text(to_markdown(res))
     print(to_markdown(res))
