@@ -89,7 +89,10 @@ def checkpoint(workdir: Path):
     assert len(vocab) <= fp.config.vocab_size
     fp_dir, q_dir = workdir / "fp", workdir / "fpxint"
     fp.save_pretrained(fp_dir)
-    qcfg = fpxint_hf.FPxINTConfig(bits=4, terms=2, group_size=32)
+    # this round's options ride along (W4A8 activation series, both input transforms): lm_eval must reload them
+    qcfg = fpxint_hf.FPxINTConfig(
+        bits=4, terms=2, group_size=32, act_bits=8, act_terms=1, dual_scale=True, rotation="hadamard"
+    )
     model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=qcfg, dtype=torch.float32).eval()
     assert sum(isinstance(m, fpxint_hf.FPxINTLinear) for m in model.modules()) == 14
     model.save_pretrained(q_dir)
