@@ -18,7 +18,7 @@ def best_under(res: dict[str, Any], bits: float, families: tuple[str, ...]) -> d
     return min(cands, key=lambda r: r["kl"]) if cands else None
 
 
-OURS = ("FP=xINT", "FP=xINT budget")
+OURS = ("FP=xINT", "FP=xINT budget", "FP=xINT dual_scale")
 PEERS_3 = ("SINQ", "HQQ", "Hadamard+RTN", "HIGGS")  # the 3-bit peers of the issue (HQQ 3-bit among them)
 PEERS_4 = ("SINQ", "HQQ", "Hadamard+RTN", "HIGGS", "NF4")  # at 4 bits: HIGGS and NF4 too (stricter)
 

@@ -37,6 +37,7 @@ from fpxint_hf.expansion import expand  # noqa: E402
 
 NESTED = {"series": "nested", "fit": "optimized"}
 LEGACY = {"series": "legacy", "fit": "minmax"}
+DUAL = "FP=xINT dual_scale"  # the opt-in SINQ-style column scales: a curve of its own
 
 
 def ours(label: str, family: str = "FP=xINT", active: int | None = None, **cfg: Any) -> tuple[str, str, Any]:
@@ -66,7 +67,7 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     ("HIGGS 4-bit (Hadamard + Gaussian MSE grid)", "HIGGS", peer(peers.higgs, 4)),
     ours("FP=xINT T=1 (3)", bits=3, terms=1),
     ours("FP=xINT T=1 (3), symmetric", bits=3, terms=1, symmetric=True),
-    ours("FP=xINT T=1 (3), dual_scale", bits=3, terms=1, dual_scale=True),  # the product's SINQ-style option
+    ours("FP=xINT T=1 (3), dual_scale", DUAL, bits=3, terms=1, dual_scale=True),  # the SINQ-style option
     # (bits_budget=3.5 with asymmetric 3+2, or 3.25 with symmetric 3+2, is one 3-bit term in every layer: the
     # T=1 rows above, by construction; tests/test_budget_and_formats.py checks it)
     ours(
@@ -81,12 +82,12 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     ours("FP=xINT budget 3.5 (2+2+2)", "FP=xINT budget", bits=2, terms=3, bits_budget=3.5),
     ours("FP=xINT T=1 (4), symmetric", bits=4, terms=1, symmetric=True),
     ours("FP=xINT T=1 (4)", bits=4, terms=1),
-    ours("FP=xINT T=1 (4), dual_scale", bits=4, terms=1, dual_scale=True),
+    ours("FP=xINT T=1 (4), dual_scale", DUAL, bits=4, terms=1, dual_scale=True),
     ours("FP=xINT 2+2", bits=2, terms=2),
     ours("FP=xINT budget 5.0 (4+2+2)", "FP=xINT budget", bits=[4, 2, 2], terms=3, bits_budget=5.0),
     ours(
         "FP=xINT budget 5.0 (4+2+2), dual_scale",
-        "FP=xINT budget",
+        DUAL,
         bits=[4, 2, 2],
         terms=3,
         bits_budget=5.0,
@@ -94,7 +95,7 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     ),
     ours(
         "FP=xINT budget 6.5 (4+2+2), dual_scale",
-        "FP=xINT budget",
+        DUAL,
         bits=[4, 2, 2],
         terms=3,
         bits_budget=6.5,
@@ -103,7 +104,7 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     ours("FP=xINT 3+2", bits=[3, 2], terms=2),
     ours("FP=xINT 2+2+2", bits=2, terms=3),
     ours("FP=xINT T=2 (4+4)", bits=4, terms=2),
-    ours("FP=xINT T=2 (4+4), dual_scale", bits=4, terms=2, dual_scale=True),
+    ours("FP=xINT T=2 (4+4), dual_scale", DUAL, bits=4, terms=2, dual_scale=True),
 ]
 
 ABLATIONS: list[tuple[str, str, Any]] = [  # with --ablations: more points, old rules, one-checkpoint reads
