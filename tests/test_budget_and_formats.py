@@ -132,6 +132,26 @@ def test_low_bits_budgets_meet_the_budget_and_reload_bit_exact(
     assert torch.equal(logits_of(reloaded), before)
 
 
+@pytest.mark.parametrize(
+    "transform", [{"dual_scale": True}, {"rotation": "hadamard"}, {"dual_scale": True, "rotation": "hadamard"}]
+)
+def test_budget_with_input_transforms_counts_their_bits_and_reloads_bit_exact(
+    transform, make_fp_dir, load_fp, load_quantized, logits_of, tmp_path
+):
+    """A bits budget quantizes its candidates with the input transforms and counts their stored ``t`` and signs
+    (it raised KeyError('col_scale') before): the model stays under the budget and reloads bit-exact."""
+    fp_dir = make_fp_dir("llama_untied")
+    q = load_quantized(fp_dir, bits=[4, 2, 2], terms=3, group_size=32, bits_budget=7.5, **transform)
+    layers = fpxint_modules(q)
+    assert len({m.terms for m in layers.values()}) > 1 and _fused_terms_agree(q)
+    assert model_bits_per_weight(q) <= 7.5 + _counter_bits(q) + 1e-9
+    before = logits_of(q)
+    q.save_pretrained(tmp_path / "t")
+    reloaded = load_fp(tmp_path / "t")
+    assert {n: m.terms for n, m in fpxint_modules(reloaded).items()} == {n: m.terms for n, m in layers.items()}
+    assert torch.equal(logits_of(reloaded), before)
+
+
 def test_budget_below_one_term_names_the_way_out(make_fp_dir, load_quantized):
     with pytest.raises(ValueError, match=r"bits_budget=3.25 is below .*bits=\[2, 2, 2\]"):
         load_quantized(make_fp_dir("llama_untied"), bits=[3, 2], terms=2, group_size=64, bits_budget=3.25)

@@ -7,7 +7,6 @@ import logging
 import torch
 
 from ..budget import LayerCandidates, allocate_terms, fused_groups, merge_candidates
-from ..layout import layer_tensors
 from ..linear import FPxINTLinear
 from ..model_ops import model_bits_per_weight
 from .config import FPxINTConfig
@@ -20,7 +19,8 @@ def budget_candidates(
 ) -> dict:
     """``{k: (buffers, relative error, stored bits)}`` for k = 1..terms: each k fitted for exactly k terms.
 
-    The stored bits count every tensor that grows with the layer (codes, scales, zeros, outliers), not the
+    The stored bits count every tensor that grows with the layer (codes, scales, zeros, outliers, the input
+    transforms' column scales and signs), not the
     per-layer ``terms_used`` counter (32 bits a layer, the same for every k): so a budget equal to the bits of
     one term, e.g. ``bits=[3, 2]``, ``bits_budget=3.5`` at group 64, is met with one term in every layer."""
     cands = {}
@@ -45,15 +45,8 @@ def budget_candidates(
             )
             e = probe.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance)
             state = probe.expansion_state(e)
-        specs = layer_tensors(
-            module.term_bits[:k],
-            module.out_features,
-            module.in_features,
-            module.group_size,
-            module.symmetric,
-            module.outlier_budget,
-        )
-        stored = 8 * sum(t.numel() * t.element_size() for n, t in state.items() if specs[n].kind != "piece")
+        # every stored tensor but the per-layer terms_used counter (the input transforms' t and signs count)
+        stored = 8 * sum(t.numel() * t.element_size() for n, t in state.items() if n != "terms_used")
         cands[k] = (state, e.errors[-1] if e.errors else 0.0, stored)
     return cands
 
