@@ -17,8 +17,8 @@ products ``P``, all exactly, so they give bit-identical outputs (the same float 
 - ``"reference"``: float64 matmul on the integer codes (exact: ``|P| <= gs·2^7·2^7`` is far below 2^53), any
   device;
 - ``"int"``: ``torch._int_mm`` (int8 × int8 → int32; exact while ``gs·2^14 < 2^31``, i.e. every group size up
-  to 65536); the fastest CPU path (torch 2.13 on this 2-core AVX2 machine, one thread: a [512, 576] x
-  [576, 1536] product takes 6.4 ms, against 12.0 ms in bf16 and 27.9 ms in float32);
+  to 65536); the faster CPU path (eval/results/speed.md: 24.8 vs 35 ms for the float32 path on a 1536x576
+  layer at 512 tokens), though one matmul per weight group keeps both well behind one bf16 matmul;
 - ``"float32"``: float32 matmul on the integer codes, exact while ``gs·max|Wq|·max|Ã| <= 2^24`` (every
   partial sum is then an integer float32 holds exactly: ``float32_exact``).
 
