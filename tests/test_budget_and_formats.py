@@ -133,7 +133,8 @@ def test_low_bits_budgets_meet_the_budget_and_reload_bit_exact(
 
 
 @pytest.mark.parametrize(
-    "transform", [{"dual_scale": True}, {"rotation": "hadamard"}, {"dual_scale": True, "rotation": "hadamard"}]
+    "transform",
+    [{"dual_scale": True}, {"rotation": "hadamard"}, {"dual_scale": True, "rotation": "hadamard"}],
 )
 def test_budget_with_input_transforms_counts_their_bits_and_reloads_bit_exact(
     transform, make_fp_dir, load_fp, load_quantized, logits_of, tmp_path
@@ -148,7 +149,9 @@ def test_budget_with_input_transforms_counts_their_bits_and_reloads_bit_exact(
     before = logits_of(q)
     q.save_pretrained(tmp_path / "t")
     reloaded = load_fp(tmp_path / "t")
-    assert {n: m.terms for n, m in fpxint_modules(reloaded).items()} == {n: m.terms for n, m in layers.items()}
+    assert {n: m.terms for n, m in fpxint_modules(reloaded).items()} == {
+        n: m.terms for n, m in layers.items()
+    }
     assert torch.equal(logits_of(reloaded), before)
 
 
