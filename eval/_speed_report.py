@@ -73,6 +73,25 @@ def _verdict(met: bool | None) -> str:
     return "not measured" if met is None else "yes" if met else "**MISSED**"
 
 
+def _timing_table(title: str, note: str, records: list[dict[str, Any]], ref: str) -> list[str]:
+    """A section of one-layer timings: median ms of every path per (shape, tokens), with its ratio to ``ref``."""
+    paths = list(records[0]["median_ms"])
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        note,
+        "",
+        "| shape (out x in) | tokens | " + " | ".join(paths) + " |",
+        "|---|---:|" + "---:|" * len(paths),
+    ]
+    for t in records:
+        ms = t["median_ms"]
+        cells = " | ".join(f"{ms[p]:.3g} ({ms[p] / ms[ref]:.2f}x)" for p in paths)
+        lines.append(f"| {t['shape'][0]}x{t['shape'][1]} | {t['tokens']} | {cells} |")
+    return lines
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     s, env, d = result["settings"], result["environment"], derived(result)
     lines = [
@@ -113,41 +132,25 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {r['name']} | {b['quantized_linears']:.2f} | {b['dense_linears']:.2f} | {b['embedding_row']:.4f} | "
             f"{b['other_params']:.3f} | {b['kv_cache']:.2f} | {b['total']:.2f} |"
         )
-    paths = list(result["term_parallel"][0]["median_ms"])
-    lines += [
-        "",
-        "## Term parallelism (int4, T=2, bf16 activations)",
-        "",
+    lines += _timing_table(
+        "Term parallelism (int4, T=2, bf16 activations)",
         "Median ms (ratio to `wide`: one int4 matmul of `[out, 2·in]`, the same total size).  `stacked` is the "
         "backend's call (both terms in one kernel call, stacked along the input dimension); `sequential` one call "
         "per term plus a float32 add (the former path); `out-stacked` one call on `[2·out, in]` then a sum over "
         "terms; `T=1` one term.",
-        "",
-        "| shape (out x in) | tokens | " + " | ".join(paths) + " |",
-        "|---|---:|" + "---:|" * len(paths),
-    ]
-    for t in result["term_parallel"]:
-        ms, wide = t["median_ms"], t["median_ms"]["wide"]
-        cells = " | ".join(f"{ms[p]:.3g} ({ms[p] / wide:.2f}x)" for p in paths)
-        lines.append(f"| {t['shape'][0]}x{t['shape'][1]} | {t['tokens']} | {cells} |")
+        result["term_parallel"],
+        "wide",
+    )
     if result.get("w4a8_kernels"):
-        paths = list(result["w4a8_kernels"][0]["median_ms"])
-        lines += [
-            "",
-            "## W4A8 products on one layer (bf16 activations in and out)",
-            "",
+        lines += _timing_table(
+            "W4A8 products on one layer (bf16 activations in and out)",
             "Median ms (ratio to `bf16`: `F.linear` with the dequantized bf16 weight).  `W4A16 int4`: the packed int4 "
             "kernel, T=1; `W4A8 float32-codes` / `W4A8 int`: `act_kernels.act_linear` with one 8-bit activation "
             "term and 4 outliers per token (A_sa), products as float32 matmuls on the codes / `torch._int_mm` "
             "(bit-identical outputs), one matmul per weight group.",
-            "",
-            "| shape (out x in) | tokens | " + " | ".join(paths) + " |",
-            "|---|---:|" + "---:|" * len(paths),
-        ]
-        for t in result["w4a8_kernels"]:
-            ms, ref = t["median_ms"], t["median_ms"]["bf16"]
-            cells = " | ".join(f"{ms[p]:.3g} ({ms[p] / ref:.2f}x)" for p in paths)
-            lines.append(f"| {t['shape'][0]}x{t['shape'][1]} | {t['tokens']} | {cells} |")
+            result["w4a8_kernels"],
+            "bf16",
+        )
     lines += [
         "",
         "## Protocol",

@@ -85,22 +85,17 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     ours("FP=xINT T=1 (4), dual_scale", DUAL, bits=4, terms=1, dual_scale=True),
     ours("FP=xINT 2+2", bits=2, terms=2),
     ours("FP=xINT budget 5.0 (4+2+2)", "FP=xINT budget", bits=[4, 2, 2], terms=3, bits_budget=5.0),
-    ours(
-        "FP=xINT budget 5.0 (4+2+2), dual_scale",
-        DUAL,
-        bits=[4, 2, 2],
-        terms=3,
-        bits_budget=5.0,
-        dual_scale=True,
-    ),
-    ours(
-        "FP=xINT budget 6.5 (4+2+2), dual_scale",
-        DUAL,
-        bits=[4, 2, 2],
-        terms=3,
-        bits_budget=6.5,
-        dual_scale=True,
-    ),
+    *[
+        ours(
+            f"FP=xINT budget {b} (4+2+2), dual_scale",
+            DUAL,
+            bits=[4, 2, 2],
+            terms=3,
+            bits_budget=b,
+            dual_scale=True,
+        )
+        for b in (5.0, 6.5)
+    ],
     ours("FP=xINT 3+2", bits=[3, 2], terms=2),
     ours("FP=xINT 2+2+2", bits=2, terms=3),
     ours("FP=xINT T=2 (4+4)", bits=4, terms=2),
