@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,14 @@ import torch
 from torch import nn
 
 from fpxint_hf import FPxINTConfig
+from fpxint_hf.evaluation.assets import fp_model_dir
+from fpxint_hf.evaluation.metrics import (
+    FPReference,
+    QualityMetrics,
+    evaluate_against,
+    fp_reference,
+    pydoc_windows,
+)
 from fpxint_hf.evaluation.table import quantizable_linears
 from fpxint_hf.expansion import rtn
 from fpxint_hf.model_ops import model_bits_per_weight, set_active_terms
@@ -26,6 +35,27 @@ def load_fp(fp_dir: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).eval()
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What every row of the accuracy benches (pareto, options, act) is measured against."""
+
+    fp_dir: Path  # the embedded SmolLM2 FP folder
+    tokens: int  # pydoc tokens, in windows of 512
+    ref: FPReference  # the float32 FP model's next-token log-probs on them
+    fp: QualityMetrics  # the FP model's own scores (its perplexity)
+
+
+def fp_baseline(tokens: int) -> Baseline:
+    """Load the FP model once, keep its reference on ``tokens`` pydoc tokens and its own scores, free it."""
+    from transformers import AutoTokenizer
+
+    fp_dir = fp_model_dir()
+    fp = load_fp(fp_dir)
+    windows = pydoc_windows(AutoTokenizer.from_pretrained(fp_dir), tokens, 512)
+    ref = fp_reference(fp, windows)
+    return Baseline(fp_dir, windows.numel(), ref, evaluate_against(fp, ref))
 
 
 def fake_quant(fp_dir: Path, fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[nn.Module, float]:

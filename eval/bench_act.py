@@ -23,10 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _act_report as report  # noqa: E402
+from _pareto_rows import fp_baseline  # noqa: E402
 
 from fpxint_hf import FPxINTConfig  # noqa: E402
-from fpxint_hf.evaluation.assets import fp_model_dir  # noqa: E402
-from fpxint_hf.evaluation.metrics import evaluate_against, fp_reference, pydoc_windows  # noqa: E402
+from fpxint_hf.evaluation.metrics import evaluate_against  # noqa: E402
 from fpxint_hf.linear import FPxINTLinear  # noqa: E402
 from fpxint_hf.model_ops import model_bits_per_weight  # noqa: E402
 from fpxint_hf.settings import DEFAULTS  # noqa: E402
@@ -50,13 +50,13 @@ def set_activations(model: torch.nn.Module, bits: int | None, terms: int, outlie
     return len(layers)
 
 
-def write(args: argparse.Namespace, argv: list[str] | None, windows: torch.Tensor, rows: list, start: float):
+def write(args: argparse.Namespace, argv: list[str] | None, tokens: int, rows: list, start: float):
     """Write ``<out>.json`` and ``<out>.md`` with the rows measured so far; return the result dict."""
     res = {
         "command": "python eval/bench_act.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": "SmolLM2-135M-Instruct (FP = its GGUF Q4_1 weights dequantized to float32)",
         "weights": "FPxINTConfig defaults (bits=4, nested, fit=optimized, group_size=128, act_proxy=norm)",
-        "tokens": windows.numel(),
+        "tokens": tokens,
         "threads": args.threads,
         "torch": torch.__version__,
         "default_act_outliers": DEFAULTS.act_outliers,
@@ -79,14 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    fp_dir = fp_model_dir()
-    fp = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).eval()
-    windows = pydoc_windows(AutoTokenizer.from_pretrained(fp_dir), args.tokens, 512)
-    ref = fp_reference(fp, windows)
-    fp_m = evaluate_against(fp, ref)
-    del fp
+    base = fp_baseline(args.tokens)
+    fp_dir, ref, fp_m = base.fp_dir, base.ref, base.fp
     rows: list[dict[str, Any]] = [
         {"weights": "FP", "act_bits": None, "act_terms": 0, "act_outliers": 0, "bits": 32.0}
         | {"ppl": fp_m.perplexity, "kl": 0.0, "top1": 1.0, "eval_s": None}
@@ -106,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(report.row_line(row), flush=True)
         del model
-        write(args, argv, windows, rows, start)  # after each weight setting: a partial run leaves its rows
-    print(report.to_markdown(write(args, argv, windows, rows, start)))
+        write(
+            args, argv, base.tokens, rows, start
+        )  # after each weight setting: a partial run leaves its rows
+    print(report.to_markdown(write(args, argv, base.tokens, rows, start)))
     return 0
 
 

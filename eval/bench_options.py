@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _pareto_rows as rows  # noqa: E402
 
-from fpxint_hf.evaluation.assets import fp_model_dir  # noqa: E402
-from fpxint_hf.evaluation.metrics import evaluate_against, fp_reference, pydoc_windows  # noqa: E402
+from fpxint_hf.evaluation.metrics import evaluate_against  # noqa: E402
 
 OPTIONS = {  # label -> settings
     "none": {},
@@ -126,18 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     k, n = (int(v) for v in args.shard.split("/"))
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    fp_dir = fp_model_dir()
-    fp = rows.load_fp(fp_dir)
-    from transformers import AutoTokenizer
-
-    windows = pydoc_windows(AutoTokenizer.from_pretrained(fp_dir), args.tokens, 512)
-    ref = fp_reference(fp, windows)
-    fp_ppl = evaluate_against(fp, ref).perplexity
-    del fp
+    base = rows.fp_baseline(args.tokens)
+    fp_dir, ref, fp_ppl = base.fp_dir, base.ref, base.fp.perplexity
     res = {
         "command": "python eval/bench_options.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": "SmolLM2-135M-Instruct (FP = its GGUF Q4_1 weights dequantized to float32)",
-        "tokens": windows.numel(),
+        "tokens": base.tokens,
         "group_size": rows.GROUP,
         "threads": args.threads,
         "torch": torch.__version__,

@@ -30,8 +30,7 @@ import _pareto_peers as peers  # noqa: E402
 import _pareto_report as report  # noqa: E402
 import _pareto_rows as rows  # noqa: E402
 
-from fpxint_hf.evaluation.assets import fp_model_dir  # noqa: E402
-from fpxint_hf.evaluation.metrics import evaluate_against, fp_reference, pydoc_windows  # noqa: E402
+from fpxint_hf.evaluation.metrics import evaluate_against  # noqa: E402
 from fpxint_hf.evaluation.table import quantizable_linears  # noqa: E402
 from fpxint_hf.expansion import expand  # noqa: E402
 
@@ -181,14 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    fp_dir = fp_model_dir()
-    fp = rows.load_fp(fp_dir)
-    from transformers import AutoTokenizer
-
-    windows = pydoc_windows(AutoTokenizer.from_pretrained(fp_dir), args.tokens, 512)
-    ref = fp_reference(fp, windows)
-    fp_m = evaluate_against(fp, ref)
-    del fp
+    base = rows.fp_baseline(args.tokens)
+    fp_dir, ref, fp_m = base.fp_dir, base.ref, base.fp
     results = [{"label": "FP", "family": "FP", "bits": 32.0, "ppl": fp_m.perplexity, "kl": 0.0, "top1": 1.0}]
     for label, family, build in ROWS + (ABLATIONS if args.ablations else []):
         if args.rerun and args.rerun not in label:
@@ -217,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "command": command,
         "model": "SmolLM2-135M-Instruct (FP = its GGUF Q4_1 weights dequantized to float32)",
-        "tokens": windows.numel(),
+        "tokens": base.tokens,
         "group_size": rows.GROUP,
         "threads": args.threads,
         "torch": torch.__version__,
