@@ -6,9 +6,12 @@ take a fraction of a second on CPU, so the transformers integration can be teste
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -150,3 +153,21 @@ def transformers_log():
         yield handler
     finally:
         logger.removeHandler(handler)
+
+
+EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
+
+
+@pytest.fixture(scope="session")
+def eval_module() -> Callable[[str], ModuleType]:
+    """``eval_module(name)``: import a module of ``eval/`` (the benchmark scripts live outside the package, so
+    ``eval/`` is on ``sys.path`` only while it imports)."""
+
+    def load(name: str) -> ModuleType:
+        sys.path.insert(0, str(EVAL_DIR))
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(str(EVAL_DIR))
+
+    return load

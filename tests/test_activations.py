@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -259,12 +258,8 @@ def test_configs_without_the_act_keys_load_as_a16(fp_model_dir, load_fp, load_qu
     assert FPxINTConfig.from_dict({"quant_method": "fpxint"}).act_bits is None
 
 
-def test_committed_act_results_render_from_their_json():
-    sys.path.insert(0, str(ROOT / "eval"))
-    try:
-        import _act_report
-    finally:
-        sys.path.remove(str(ROOT / "eval"))
+def test_committed_act_results_render_from_their_json(eval_module):
+    _act_report = eval_module("_act_report")
     res = json.loads((ROOT / "eval" / "results" / "act.json").read_text())
     assert _act_report.to_markdown(res) == (ROOT / "eval" / "results" / "act.md").read_text()
     verdicts = {t["target"]: t["met"] for t in _act_report.targets(res)}

@@ -3,7 +3,6 @@ the markdown files re-render byte for byte, the benchmark's met / missed verdict
 rows, every row of the README's results table carries the committed numbers, and the series errors are recomputed."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,16 +15,9 @@ RESULTS = ROOT / "eval" / "results"
 
 
 @pytest.fixture(scope="module")
-def eval_scripts():
-    """Import the eval scripts' modules (they live outside the package, as scripts)."""
-    sys.path.insert(0, str(ROOT / "eval"))
-    try:
-        import _bench_report
-        import series_report
-
-        yield _bench_report, series_report
-    finally:
-        sys.path.remove(str(ROOT / "eval"))
+def eval_scripts(eval_module):
+    """The eval scripts' report modules."""
+    return eval_module("_bench_report"), eval_module("series_report")
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +95,10 @@ def test_committed_series_is_reproduced(eval_scripts):
     assert relative_error(rtn(w, 4, 128), w) == pytest.approx(result["errors"]["rtn"]["4-bit"], rel=1e-4)
 
 
-def test_pareto_results_re_render_and_the_readme_quotes_them():
+def test_pareto_results_re_render_and_the_readme_quotes_them(eval_module):
     """pareto.md is what _pareto_report makes of pareto.json (verdicts included), and every row of the README's
     quality-per-bit table carries the committed bits, PPL and KL."""
-    sys.path.insert(0, str(ROOT / "eval"))
-    try:
-        import _pareto_report
-    finally:
-        sys.path.remove(str(ROOT / "eval"))
+    _pareto_report = eval_module("_pareto_report")
     res = json.loads((RESULTS / "pareto.json").read_text())
     assert (RESULTS / "pareto.md").read_text() == _pareto_report.to_markdown(res)
     verdicts = {t["target"]: t["met"] for t in _pareto_report.targets(res)}

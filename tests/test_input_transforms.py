@@ -243,16 +243,11 @@ def test_reconstruct_is_the_transformed_series():
     assert snr_db(reconstruct(e), rotate_weight(w, e.rot_signs)) >= 40
 
 
-def test_committed_options_table_is_rendered_from_its_json_and_quoted_in_the_readme():
-    import sys
+def test_committed_options_table_is_rendered_from_its_json_and_quoted_in_the_readme(eval_module):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "eval"))
-    try:
-        from bench_options import to_markdown
-    finally:
-        sys.path.remove(str(root / "eval"))
+    to_markdown = eval_module("bench_options").to_markdown
     res = json.loads((root / "eval" / "results" / "options.json").read_text())
     table = to_markdown(res)
     assert (root / "eval" / "results" / "options.md").read_text() == table

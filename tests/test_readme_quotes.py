@@ -3,7 +3,6 @@ Pareto targets, the command / time of the committed table, and the peers bench's
 
 import json
 import re
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,12 +46,8 @@ def test_kernel_sentence_matches_bench_kernels():
     assert smallest > 1
 
 
-def test_pareto_targets_are_quoted_as_pareto_md_states_them():
-    sys.path.insert(0, str(ROOT / "eval"))
-    try:
-        import _pareto_report
-    finally:
-        sys.path.remove(str(ROOT / "eval"))
+def test_pareto_targets_are_quoted_as_pareto_md_states_them(eval_module):
+    _pareto_report = eval_module("_pareto_report")
     res = json.loads((RESULTS / "pareto.json").read_text())
     pareto_md = (RESULTS / "pareto.md").read_text()
     for t in _pareto_report.targets(res):

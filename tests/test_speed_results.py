@@ -3,7 +3,6 @@ the measured numbers, and the bytes it counts per decoded token are the bytes th
 
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,8 @@ RESULTS = ROOT / "eval" / "results"
 
 
 @pytest.fixture(scope="module")
-def speed_modules():
-    sys.path.insert(0, str(ROOT / "eval"))
-    try:
-        import _speed_report
-        import bench_speed
-
-        yield _speed_report, bench_speed
-    finally:
-        sys.path.remove(str(ROOT / "eval"))
+def speed_modules(eval_module):
+    return eval_module("_speed_report"), eval_module("bench_speed")
 
 
 @pytest.fixture(scope="module")

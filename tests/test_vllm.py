@@ -170,17 +170,22 @@ def hf_prompt_logprobs(model):
     return out
 
 
+def assert_bf16_logprobs_close(model, q_dir, forward: str, monkeypatch) -> None:
+    """vLLM serving ``q_dir`` in bf16 with ``forward`` gives prompt log-probs within a few hundredths of a nat of
+    transformers' float32 forward of ``model``."""
+    ref = hf_prompt_logprobs(model.to(torch.float32))
+    monkeypatch.setenv("FPXINT_VLLM_FORWARD", forward)
+    got = prompt_logprobs(vllm_llm(q_dir, dtype="bfloat16"))
+    diff = torch.cat([(a - b).abs() for a, b in zip(got, ref, strict=True)])
+    assert diff.mean() < 0.05 and diff.max() < 0.3, (forward, diff.mean().item(), diff.max().item())
+
+
 @pytest.mark.parametrize(("forward", "group_size"), [("dense", 64), ("int4", 64), ("int8", None)])
 def test_bf16_matches_transformers_within_tolerance(forward, group_size, fp_dir, tmp_path, monkeypatch):
     """bf16 rounds differently in each engine: the prompt log-probs agree to a few hundredths of a nat.
     Every backend of ``fpxint_hf.backends`` serves (``int8`` needs per-channel layers)."""
     model = quantize(fp_dir, tmp_path / "q", bits=4, terms=2, group_size=group_size)
-    ref = hf_prompt_logprobs(model.to(torch.float32))
-    monkeypatch.setenv("FPXINT_VLLM_FORWARD", forward)
-    llm = vllm_llm(tmp_path / "q", dtype="bfloat16")
-    got = prompt_logprobs(llm)
-    diff = torch.cat([(a - b).abs() for a, b in zip(got, ref, strict=True)])
-    assert diff.mean() < 0.05 and diff.max() < 0.3, (forward, diff.mean().item(), diff.max().item())
+    assert_bf16_logprobs_close(model, tmp_path / "q", forward, monkeypatch)
 
 
 @pytest.mark.parametrize("forward", ["int4", "int8"])
@@ -191,12 +196,7 @@ def test_input_transforms_on_the_kernels_match_transformers(forward, fp_dir, tmp
     model = quantize(
         fp_dir, tmp_path / "q", bits=4, terms=2, group_size=group_size, dual_scale=True, rotation="hadamard"
     )
-    ref = hf_prompt_logprobs(model.to(torch.float32))
-    monkeypatch.setenv("FPXINT_VLLM_FORWARD", forward)
-    llm = vllm_llm(tmp_path / "q", dtype="bfloat16")
-    got = prompt_logprobs(llm)
-    diff = torch.cat([(a - b).abs() for a, b in zip(got, ref, strict=True)])
-    assert diff.mean() < 0.05 and diff.max() < 0.3, (forward, diff.mean().item(), diff.max().item())
+    assert_bf16_logprobs_close(model, tmp_path / "q", forward, monkeypatch)
 
 
 def test_tampered_checkpoint_fails_naming_the_tensor(fp_dir, tmp_path, capfd):
