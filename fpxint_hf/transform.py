@@ -9,8 +9,9 @@ into the original basis (``FPxINTLinear.dequantize``, vLLM's dense path).
 The activation proxy (``importance``, an estimate of ``E[x_j²]``) follows the rotation, which averages it over
 each block (``rotation.block_mean``); the fit then weighs the error of ``V`` by it, *not* by ``t²·E[x²]`` (the
 error of ``W`` itself, what the output error would call for): measured on SmolLM2 at group 64 with T=1
-(``eval/bench_options.py``, 2,048 tokens), the ``t²`` weighting gave KL 1.32 at 3 bits and 0.145 at 4 bits, the
-proxy alone 0.82 and 0.109 (a plain min-max grid on ``V``: 1.02 and 0.19).  Sinkhorn's ``t`` has already evened
+(``eval/bench_options.py``, 2,048 tokens; the ``t²`` rule is this file before commit ae1797b), the ``t²``
+weighting gave KL 1.32 at 3 bits and 0.145 at 4 bits, the proxy alone 0.82 and 0.109 (a plain min-max grid on
+``V``: 1.02 and 0.19).  Sinkhorn's ``t`` has already evened
 out the columns; multiplying the fit weights by ``t²`` again undoes that balance and lets the fit clip the
 columns it shrank.
 Pure torch: no ``nn``, no transformers.
