@@ -212,7 +212,7 @@ def to_markdown(res: dict) -> str:
     lines += [
         "",
         'transformers rows use `forward_mode="auto"` (packed int8/int4 CPU kernels for bf16); vLLM `dense` dequantizes',
-        "once after loading, `int4` keeps the packed codes and runs one int4 kernel per term.",
+        "once after loading, `int4` keeps the packed codes and runs all of a layer's terms in one int4 kernel call.",
     ]
     return "\n".join(lines) + "\n"
 
