@@ -292,3 +292,23 @@ def test_fp_model_dir_matches_gguf_exactly():
     assert torch.equal(ids, gguf_tok(text, return_tensors="pt").input_ids)
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, gguf_model(ids).logits)
+
+
+def test_per_question_keeps_each_choice_log_likelihood(small_mmlu, no_network):
+    """``per_question``: the four choice log-likelihoods of each question, in doc order; lm-eval's 0/1 score is
+    their argmax against the gold answer (question i's answer is "ABCD"[i % 4] in these rows)."""
+    from fpxint_hf.evaluation.mmlu import run_mmlu
+    from fpxint_hf.evaluation.testing import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    result = run_mmlu(
+        tiny_llama(len(tok), seed=5), tok, 2, local_dir=small_mmlu, batch_size=4, per_question=True
+    )
+    assert set(result.choice_logliks) == set(result.correct) == set(result.subjects)
+    for subject, questions in result.choice_logliks.items():
+        assert len(questions) == len(result.correct[subject]) == 2
+        for i, (logliks, score) in enumerate(zip(questions, result.correct[subject], strict=True)):
+            assert len(logliks) == 4 and all(v < 0 for v in logliks)
+            assert score == int(max(range(4), key=logliks.__getitem__) == i % 4), (subject, i)
+    assert len({tuple(q) for qs in result.choice_logliks.values() for q in qs}) > 1  # not one repeated value
+    assert json.loads(json.dumps(result.to_json()))["choice_logliks"] == result.choice_logliks

@@ -12,7 +12,16 @@ from fpxint_hf.evaluation.assets import AssetMissing
 from fpxint_hf.evaluation.coder_assets import CODER_INSTALL, CODER_PARTS, coder_gguf_path, coder_parts
 from fpxint_hf.evaluation.metrics import QualityMetrics
 from fpxint_hf.evaluation.mmlu import MMLUResult
-from fpxint_hf.evaluation.mmlu_stats import comparisons, mean_se, paired_difference, to_markdown, verdict
+from fpxint_hf.evaluation.mmlu_stats import (
+    answer_comparisons,
+    answer_kl,
+    comparisons,
+    mean_se,
+    paired_difference,
+    to_markdown,
+    verdict,
+    vs_fp,
+)
 from fpxint_hf.evaluation.table import Row, TableResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,12 +61,62 @@ def test_mean_se_is_the_sample_standard_error():
         mean_se([1])
 
 
-def _row(name: str, correct: dict[str, list[int]]) -> Row:
+def _row(
+    name: str, correct: dict[str, list[int]], logliks: dict[str, list[list[float]]] | None = None
+) -> Row:
     flat = [c for v in correct.values() for c in v]
     mmlu = MMLUResult(
-        sum(flat) / len(flat), None, None, None, None, None, len(flat), 2, "test", 0.0, correct=correct
+        sum(flat) / len(flat),
+        *(None,) * 5,
+        len(flat),
+        2,
+        "test",
+        0.0,
+        correct=correct,
+        choice_logliks=logliks or {},
     )
     return Row(name, 4.25, QualityMetrics(10.0, 0.01, 0.9, 100), mmlu)
+
+
+def test_answer_kl_is_the_kl_of_the_choice_softmaxes():
+    p, q = [-1.0, -2.0, -3.0, -4.0], [-2.0, -1.0, -3.0, -5.0]
+    pp = [math.exp(v) / sum(math.exp(w) for w in p) for v in p]
+    qq = [math.exp(v) / sum(math.exp(w) for w in q) for v in q]
+    assert math.isclose(
+        answer_kl(p, q), sum(a * math.log(a / b) for a, b in zip(pp, qq, strict=True)), rel_tol=1e-12
+    )
+    assert answer_kl(p, p) == 0.0
+    assert math.isclose(answer_kl(p, [v - 7.0 for v in p]), 0.0, abs_tol=1e-12)  # a shared offset cancels
+
+
+def test_answers_against_fp_and_their_paired_difference():
+    fp_ll = {"x": [[-1.0, -3.0, -3.0, -3.0], [-3.0, -1.0, -3.0, -3.0], [-2.0, -2.5, -4.0, -4.0]]}
+    rtn_ll = {"x": [[-3.0, -1.0, -3.0, -3.0], [-3.0, -1.0, -3.0, -3.0], [-2.6, -2.5, -4.0, -4.0]]}
+    fx_ll = {"x": [[-1.0, -3.0, -3.0, -3.0], [-3.0, -1.0, -3.0, -3.0], [-2.1, -2.5, -4.0, -4.0]]}
+    fp = _row("FP", {"x": [1, 1, 0]}, fp_ll)
+    rtn = _row("RTN W4 (Normal)", {"x": [0, 1, 1]}, rtn_ll)
+    fx = _row("FP=xINT T=1 (1x4-bit)", {"x": [1, 1, 0]}, fx_ll)
+    same, kl = vs_fp(rtn, fp)
+    assert same == [0, 1, 0]
+    assert kl[1] == 0.0 and kl[0] > kl[2] > 0
+    assert vs_fp(fx, fp)[0] == [1, 1, 1]
+    ((a, b, d),) = answer_comparisons(TableResult([fp, rtn, fx], {}, {}, 0.0))
+    assert (a, b) == (fx.name, rtn.name)
+    diffs = [x - y for x, y in zip(vs_fp(fx, fp)[1], kl, strict=True)]
+    assert math.isclose(d.mean, sum(diffs) / 3) and d.mean < 0
+    with pytest.raises(ValueError, match="per-choice"):
+        vs_fp(_row("RTN W4 (Normal)", {"x": [0, 1, 1]}), fp)
+
+
+def test_markdown_shows_answer_columns_only_when_every_row_kept_them():
+    fp_ll = {"x": [[-1.0, -3.0, -3.0, -3.0], [-3.0, -1.0, -3.0, -3.0]]}
+    settings = {"model": "M", "bits": 4, "group_size": 128, "mmlu_limit": 2, "tokens": 100, "context": 50}
+    rows = [_row("FP", {"x": [1, 0]}, fp_ll), _row("RTN W4 (Normal)", {"x": [1, 0]}, fp_ll)]
+    with_answers = to_markdown(TableResult(rows, settings, {}, 60.0))
+    assert "| RTN W4 (Normal) | 4.250 | 50.0 ± 50.0 | 100.0 ± 0.0 | 0.0000 ± 0.0000 |" in with_answers
+    rows[1] = _row("RTN W4 (Normal)", {"x": [1, 0]})  # a run from before the log-likelihoods were kept
+    without = to_markdown(TableResult(rows, settings, {}, 60.0))
+    assert "same answer as FP" not in without and "answer KL" not in without
 
 
 def test_paired_difference_uses_only_the_pairs():

@@ -52,6 +52,9 @@ class MMLUResult:
     subjects: dict[str, float] = field(default_factory=dict)
     correct: dict[str, list[int]] = field(default_factory=dict)
     """With ``per_question``: 1/0 per evaluated question, by subject, in lm-eval's doc order (else empty)."""
+    choice_logliks: dict[str, list[list[float]]] = field(default_factory=dict)
+    """With ``per_question``: the log-likelihood lm-eval scored for each answer choice (A..D) of each question,
+    in the order of ``correct`` (else empty): what answer distributions and agreement with FP are computed from."""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     """``simple_evaluate``'s dict with the non-JSON-able parts stripped."""
 
@@ -65,10 +68,11 @@ class MMLUResult:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """All fields as a JSON-able dict (``correct`` only when scores were kept per question)."""
+        """All fields as a JSON-able dict (``correct`` and ``choice_logliks`` only when kept per question)."""
         out = asdict(self)
-        if not self.correct:
-            del out["correct"]
+        for name in ("correct", "choice_logliks"):
+            if not out[name]:
+                del out[name]
         return out
 
 
@@ -167,9 +171,12 @@ def run_mmlu(
     subjects = {
         name.removeprefix("mmlu_"): acc for name in n_samples if (acc := _acc(results, name)) is not None
     }
-    correct = {
-        task.removeprefix("mmlu_"): [int(d["acc"]) for d in sorted(docs, key=lambda d: d["doc_id"])]
-        for task, docs in sorted(out.pop("samples", {}).items())
+    samples = {task.removeprefix("mmlu_"): sorted(docs, key=lambda d: d["doc_id"]) for task, docs in
+               sorted(out.pop("samples", {}).items())}  # fmt: skip
+    correct = {task: [int(d["acc"]) for d in docs] for task, docs in samples.items()}
+    # filtered_resps: one (log-likelihood, is_greedy) pair per answer choice
+    logliks = {
+        task: [[float(r[0]) for r in d["filtered_resps"]] for d in docs] for task, docs in samples.items()
     }
     return MMLUResult(
         overall=overall,
@@ -181,5 +188,6 @@ def run_mmlu(
         wall_time_s=wall,
         subjects=dict(sorted(subjects.items())),
         correct=correct,
+        choice_logliks=logliks,
         raw=jsonable(out),
     )

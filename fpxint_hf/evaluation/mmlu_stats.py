@@ -12,6 +12,13 @@ Statistics (every row answers the same questions, so rows are compared *paired*)
 
 The questions are the first ``limit`` of each listed subject, treated as a sample of independent questions:
 the standard errors describe that subset, not the whole of MMLU.
+
+Answer distributions (rows scored with their per-choice log-likelihoods): a question's answer distribution is
+the softmax of the four choice log-likelihoods lm-eval scored (its accuracy is the argmax of the same numbers).
+Against FP, per question: *same answer* (1 when the row's argmax is FP's) and the *answer KL*
+``KL(p_FP || p_row)`` in nats. These are paired, continuous measures of how far a row moved from FP on MMLU
+itself; unlike accuracy they do not need the row to cross a right/wrong boundary to register damage, so they
+separate rows with far fewer questions.
 """
 
 from __future__ import annotations
@@ -63,6 +70,39 @@ def paired_difference(a: Row, b: Row) -> Estimate:
     return mean_se([x - y for x, y in zip(flat_correct(a), flat_correct(b), strict=True)])
 
 
+def flat_logliks(row: Row) -> list[list[float]]:
+    """The row's per-choice log-likelihoods, in the order of :func:`flat_correct`."""
+    if row.mmlu is None or not row.mmlu.choice_logliks:
+        raise ValueError(f"row {row.name!r} has no per-choice log-likelihoods")
+    return [q for subject in sorted(row.mmlu.choice_logliks) for q in row.mmlu.choice_logliks[subject]]
+
+
+def answer_kl(p_logliks: list[float], q_logliks: list[float]) -> float:
+    """``KL(softmax(p) || softmax(q))`` over the answer choices, in nats."""
+    p_log = _log_softmax(p_logliks)
+    q_log = _log_softmax(q_logliks)
+    return sum(math.exp(a) * (a - b) for a, b in zip(p_log, q_log, strict=True))
+
+
+def _log_softmax(x: list[float]) -> list[float]:
+    top = max(x)
+    norm = top + math.log(sum(math.exp(v - top) for v in x))
+    return [v - norm for v in x]
+
+
+def _argmax(x: list[float]) -> int:
+    return max(range(len(x)), key=x.__getitem__)
+
+
+def vs_fp(row: Row, fp: Row) -> tuple[list[int], list[float]]:
+    """Per question: 1 when ``row`` picks FP's answer, and the answer KL from FP (nats)."""
+    a, b = flat_logliks(fp), flat_logliks(row)
+    if len(a) != len(b):
+        raise ValueError(f"rows {row.name!r} and {fp.name!r} were not scored on the same questions")
+    pairs = list(zip(a, b, strict=True))
+    return [int(_argmax(x) == _argmax(y)) for x, y in pairs], [answer_kl(x, y) for x, y in pairs]
+
+
 def _find(rows: list[Row], prefix: str) -> Row | None:
     return next((r for r in rows if r.name.startswith(prefix)), None)
 
@@ -92,20 +132,57 @@ def comparisons(result: TableResult) -> list[tuple[str, str, Estimate]]:
     return out
 
 
+def has_answers(result: TableResult) -> bool:
+    """Whether every MMLU row, FP included, kept its per-choice log-likelihoods (runs before they were recorded
+    did not)."""
+    scored = [r.mmlu.choice_logliks for r in result.rows if r.mmlu is not None]
+    return _find([r for r in result.rows if r.mmlu is not None], "FP") is not None and all(scored)
+
+
+def answer_comparisons(result: TableResult) -> list[tuple[str, str, Estimate]]:
+    """Paired differences of the answer KL from FP: every FP=xINT row and HQQ against RTN W4."""
+    rows = [r for r in result.rows if r.mmlu is not None]
+    fp, rtn = _find(rows, "FP"), _find(rows, "RTN W4")
+    if fp is None or rtn is None:
+        return []
+    _, base = vs_fp(rtn, fp)
+    return [
+        (r.name, rtn.name, mean_se([a - b for a, b in zip(vs_fp(r, fp)[1], base, strict=True)]))
+        for r in rows
+        if r.name.startswith(("FP=xINT", "HQQ"))
+    ]
+
+
+def _answer_cells(row: Row, fp: Row) -> str:
+    same, kl = vs_fp(row, fp)
+    k = mean_se(kl)
+    return f" {mean_se(same).pct()} | {k.mean:.4f} ± {k.se:.4f} |"
+
+
 def to_markdown(result: TableResult) -> str:
     """The document ``eval/bench_mmlu.py`` writes: command, table with standard errors, paired differences."""
     s = result.settings
+    answers = has_answers(result)
+    fp_row = _find([r for r in result.rows if r.mmlu is not None], "FP")
     head = (
-        "| method | bits/weight | MMLU acc. % ± SE | PPL | KL vs FP (nats) | top-1 vs FP |\n"
-        "|---|---:|---:|---:|---:|---:|\n"
+        "| method | bits/weight | MMLU acc. % ± SE |"
+        + (" same answer as FP % ± SE | answer KL vs FP (nats) ± SE |" if answers else "")
+        + " PPL | KL vs FP (nats) | top-1 vs FP |\n"
+        + "|---|---:|---:|"
+        + ("---:|---:|" if answers else "")
+        + "---:|---:|---:|\n"
     )
     lines = []
     for r in result.rows:
         acc = mean_se(flat_correct(r)).pct() if r.mmlu is not None and r.mmlu.correct else "-"
         bpw = "32 (fp32)" if r.bits_per_weight is None else f"{r.bits_per_weight:.3f}"
         q = r.quality
+        extra = ""
+        if answers:
+            extra = " - | - |" if r.mmlu is None or fp_row is None else _answer_cells(r, fp_row)
         lines.append(
-            f"| {r.name} | {bpw} | {acc} | {q.perplexity:.3f} | {q.kl_vs_fp:.4f} | {100 * q.top1_agreement:.2f}% |"
+            f"| {r.name} | {bpw} | {acc} |{extra} {q.perplexity:.3f} | {q.kl_vs_fp:.4f} | "
+            f"{100 * q.top1_agreement:.2f}% |"
         )
     diffs = "\n".join(f"| {a} − {b} | {d.pct()} | {verdict(d)} |" for a, b, d in comparisons(result))
     subjects = s.get("mmlu_subjects") or []
@@ -124,6 +201,7 @@ def to_markdown(result: TableResult) -> str:
         + "\n\nPaired differences (same questions; accuracy points ± SE):\n\n"
         "| rows | difference % ± SE | verdict |\n|---|---:|---|\n"
         + diffs
+        + (_answer_section(result) if answers else "")
         + f"\n\nMMLU: 0-shot, lm-eval's stock per-subject tasks on {s.get('mmlu_source', '?')}; the first "
         f"{s['mmlu_limit']} questions of each of {len(subjects)} subjects ({s.get('mmlu_questions', '?')} "
         f"questions per row): {', '.join(subjects)}. Chance is 25 %. SE = sd/sqrt(n) over questions; a "
@@ -133,4 +211,18 @@ def to_markdown(result: TableResult) -> str:
         f"outliers) / their count.\nPaper (Table 6, MMLU Avg. %, for reference only): {paper}.\n"
         + "".join(f"\n- {n}" for n in result.notes)
         + "\n"
+    )
+
+
+def _answer_section(result: TableResult) -> str:
+    rows = "\n".join(
+        f"| {a} − {b} | {d.mean:+.4f} ± {d.se:.4f} | {verdict(d)} |" for a, b, d in answer_comparisons(result)
+    )
+    return (
+        "\n\nPaired differences of the answer KL from FP (same questions; nats ± SE; lower is closer to FP, so "
+        "a negative difference favours the first row):\n\n"
+        "| rows | difference ± SE | verdict |\n|---|---:|---|\n" + rows + "\n\n"
+        "Answer distribution of a question: softmax of the four choice log-likelihoods lm-eval scored (the "
+        "accuracy above is their argmax). *same answer as FP*: the row picks FP's choice; *answer KL vs FP*: "
+        "KL(p_FP || p_row) over the four choices, averaged over questions."
     )
