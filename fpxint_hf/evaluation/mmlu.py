@@ -171,8 +171,10 @@ def run_mmlu(
     subjects = {
         name.removeprefix("mmlu_"): acc for name in n_samples if (acc := _acc(results, name)) is not None
     }
-    samples = {task.removeprefix("mmlu_"): sorted(docs, key=lambda d: d["doc_id"]) for task, docs in
-               sorted(out.pop("samples", {}).items())}  # fmt: skip
+    samples = {
+        task.removeprefix("mmlu_"): sorted(docs, key=lambda d: d["doc_id"])
+        for task, docs in sorted(out.pop("samples", {}).items())
+    }
     correct = {task: [int(d["acc"]) for d in docs] for task, docs in samples.items()}
     # filtered_resps: one (log-likelihood, is_greedy) pair per answer choice
     logliks = {

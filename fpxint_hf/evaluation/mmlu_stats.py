@@ -132,11 +132,11 @@ def comparisons(result: TableResult) -> list[tuple[str, str, Estimate]]:
     return out
 
 
-def has_answers(result: TableResult) -> bool:
-    """Whether every MMLU row, FP included, kept its per-choice log-likelihoods (runs before they were recorded
-    did not)."""
-    scored = [r.mmlu.choice_logliks for r in result.rows if r.mmlu is not None]
-    return _find([r for r in result.rows if r.mmlu is not None], "FP") is not None and all(scored)
+def answer_reference(result: TableResult) -> Row | None:
+    """The FP row the answer columns compare against, or ``None`` when there is none or some MMLU row lacks its
+    per-choice log-likelihoods (runs before they were recorded)."""
+    rows = [r for r in result.rows if r.mmlu is not None]
+    return _find(rows, "FP") if all(r.mmlu.choice_logliks for r in rows if r.mmlu is not None) else None
 
 
 def answer_comparisons(result: TableResult) -> list[tuple[str, str, Estimate]]:
@@ -162,8 +162,8 @@ def _answer_cells(row: Row, fp: Row) -> str:
 def to_markdown(result: TableResult) -> str:
     """The document ``eval/bench_mmlu.py`` writes: command, table with standard errors, paired differences."""
     s = result.settings
-    answers = has_answers(result)
-    fp_row = _find([r for r in result.rows if r.mmlu is not None], "FP")
+    fp_row = answer_reference(result)
+    answers = fp_row is not None
     head = (
         "| method | bits/weight | MMLU acc. % ± SE |"
         + (" same answer as FP % ± SE | answer KL vs FP (nats) ± SE |" if answers else "")
@@ -178,8 +178,8 @@ def to_markdown(result: TableResult) -> str:
         bpw = "32 (fp32)" if r.bits_per_weight is None else f"{r.bits_per_weight:.3f}"
         q = r.quality
         extra = ""
-        if answers:
-            extra = " - | - |" if r.mmlu is None or fp_row is None else _answer_cells(r, fp_row)
+        if fp_row is not None:
+            extra = " - | - |" if r.mmlu is None else _answer_cells(r, fp_row)
         lines.append(
             f"| {r.name} | {bpw} | {acc} |{extra} {q.perplexity:.3f} | {q.kl_vs_fp:.4f} | "
             f"{100 * q.top1_agreement:.2f}% |"
