@@ -37,6 +37,7 @@ from fpxint_hf.expansion import expand  # noqa: E402
 NESTED = {"series": "nested", "fit": "optimized"}
 LEGACY = {"series": "legacy", "fit": "minmax"}
 DUAL = "FP=xINT dual_scale"  # the opt-in SINQ-style column scales: a curve of its own
+INT8 = "FP=xINT int8 bias"  # zero_bits=8 (with or without dual_scale): a curve of its own
 
 
 def ours(label: str, family: str = "FP=xINT", active: int | None = None, **cfg: Any) -> tuple[str, str, Any]:
@@ -67,6 +68,18 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     ours("FP=xINT T=1 (3)", bits=3, terms=1),
     ours("FP=xINT T=1 (3), symmetric", bits=3, terms=1, symmetric=True),
     ours("FP=xINT T=1 (3), dual_scale", DUAL, bits=3, terms=1, dual_scale=True),  # the SINQ-style option
+    # zero_bits=8: the bias as an int8 code, 8 bits a group fewer (0.125 bits per weight at group 64)
+    ours("FP=xINT T=1 (3), int8 bias", INT8, bits=3, terms=1, zero_bits=8),
+    ours("FP=xINT T=1 (3), dual_scale, int8 bias", INT8, bits=3, terms=1, dual_scale=True, zero_bits=8),
+    ours(
+        "FP=xINT budget 3.5 (3+2), dual_scale, int8 bias",
+        INT8,
+        bits=[3, 2],
+        terms=2,
+        bits_budget=3.5,
+        dual_scale=True,
+        zero_bits=8,
+    ),
     # (bits_budget=3.5 with asymmetric 3+2, or 3.25 with symmetric 3+2, is one 3-bit term in every layer: the
     # T=1 rows above, by construction; tests/test_budget_and_formats.py checks it)
     ours(
@@ -82,6 +95,17 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     ours("FP=xINT T=1 (4), symmetric", bits=4, terms=1, symmetric=True),
     ours("FP=xINT T=1 (4)", bits=4, terms=1),
     ours("FP=xINT T=1 (4), dual_scale", DUAL, bits=4, terms=1, dual_scale=True),
+    ours("FP=xINT T=1 (4), int8 bias", INT8, bits=4, terms=1, zero_bits=8),
+    ours("FP=xINT T=1 (4), dual_scale, int8 bias", INT8, bits=4, terms=1, dual_scale=True, zero_bits=8),
+    ours(
+        "FP=xINT budget 4.5 (4+2), dual_scale, int8 bias",
+        INT8,
+        bits=[4, 2],
+        terms=2,
+        bits_budget=4.5,
+        dual_scale=True,
+        zero_bits=8,
+    ),
     ours("FP=xINT 2+2", bits=2, terms=2),
     ours("FP=xINT budget 5.0 (4+2+2)", "FP=xINT budget", bits=[4, 2, 2], terms=3, bits_budget=5.0),
     *[
@@ -99,6 +123,10 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     ours("FP=xINT 2+2+2", bits=2, terms=3),
     ours("FP=xINT T=2 (4+4)", bits=4, terms=2),
     ours("FP=xINT T=2 (4+4), dual_scale", DUAL, bits=4, terms=2, dual_scale=True),
+    ours("FP=xINT T=2 (4+4), int8 bias", INT8, bits=4, terms=2, zero_bits=8),
+    ours(
+        "FP=xINT budget 8.5 (4+4+2), int8 bias", INT8, bits=[4, 4, 2], terms=3, bits_budget=8.5, zero_bits=8
+    ),
 ]
 
 ABLATIONS: list[tuple[str, str, Any]] = [  # with --ablations: more points, old rules, one-checkpoint reads
@@ -142,6 +170,10 @@ def quantization_times(fp_dir: Path) -> dict[str, float]:
         (
             "FP=xINT T=1 (4), dual_scale",
             lambda w: expand(w, 4, 1, 64, series="nested", fit="optimized", dual_scale=True),
+        ),
+        (
+            "FP=xINT T=1 (4), dual_scale, int8 bias",
+            lambda w: expand(w, 4, 1, 64, series="nested", fit="optimized", dual_scale=True, zero_bits=8),
         ),
         ("FP=xINT T=2 (4+4)", lambda w: expand(w, 4, 2, 64, series="nested", fit="optimized")),
         ("RTN W4", lambda w: rows.rtn(w, 4, 64)),

@@ -10,8 +10,8 @@ Theorem 1 of the paper writes every weight tensor, group by group, as
 - ``M_sa`` holds the few values cut off by saturation (the part outside the clip range), kept as a
   sparse tensor with a fixed budget per output row.
 
-Only ``scale_1`` and ``bias`` are stored (float16, per group); the residual scales follow from them by a
-fixed ratio, and every code is computed from the *stored* values, so their rounding is absorbed by the
+Only ``scale_1`` and ``bias`` are stored (float16, per group; the bias as an int8 code with ``zero_bits=8``,
+``bias.py``); the residual scales follow from them by a fixed ratio, and every code is computed from the *stored* values, so their rounding is absorbed by the
 later terms.
 
 Every code is stored unsigned with the offset ``2^(X-1)``: ``value = (q - 2^(X-1)) · scale (+ bias)``,
@@ -38,16 +38,16 @@ This module is pure torch math: no ``nn``, no transformers.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .bias import ceil_fp16, int8_bias
 from .fit import Grid, fit_grid, minmax_grid, relative_error, rtn, snr_db  # noqa: F401  (re-exported)
 from .saturation import LAPLACE_CLIP, SEARCH_GRID, clip_range, outlier_budget, saturate, sparse_matrix  # noqa: F401
-from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS  # noqa: F401
+from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS, ZERO_BITS  # noqa: F401
 from .transform import fit_input_transform, fold_weight
 
 FIT_MAX_BITS = 8  # the error-minimizing fit is used for series of at most this many bits in total
@@ -71,6 +71,7 @@ class Expansion:
     errors: tuple[float, ...] = ()  # ||M - approx_k||_F / ||M||_F after k = 1..terms_used terms (not stored)
     col_scale: torch.Tensor | None = None  # float16 [in]: dual_scale's t; the series holds M/t (transform.py)
     rot_signs: torch.Tensor | None = None  # int8 [in]: ±1 signs of the block Hadamard rotation (rotation.py)
+    zero_bits: int = 16  # how ``zero`` is stored: float16, or 8 (int8 code, bias.py; ``zero`` is its value)
 
     @property
     def terms(self) -> int:
@@ -148,12 +149,6 @@ def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(w.shape[0], -1, group_size)
 
 
-def _ceil_fp16(x: torch.Tensor) -> torch.Tensor:
-    """Smallest float16 >= x (so a stored scale never shrinks the range it must cover)."""
-    y = x.clamp(min=2.0**-24).to(torch.float16)
-    return torch.where(y.float() < x, torch.nextafter(y, torch.full_like(y, math.inf)), y)
-
-
 def legacy_first_term(
     wc: torch.Tensor, bits: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -173,7 +168,7 @@ def legacy_first_term(
         need = torch.maximum((zero - lo) / half, (hi - zero) / (half - 1))
     if need.numel() and need.max() > _FP16_MAX:
         raise ValueError(f"weight range {need.max().item():.3g} per step exceeds the float16 scale range")
-    return _ceil_fp16(need), zero16
+    return ceil_fp16(need), zero16
 
 
 def dequantize_term(
@@ -198,6 +193,7 @@ def expand(
     importance: torch.Tensor | None = None,
     dual_scale: bool = DEFAULTS.dual_scale,
     rotation: str | None = DEFAULTS.rotation,
+    zero_bits: int = DEFAULTS.zero_bits,
 ) -> Expansion:
     """Expand a 2-D weight into Eq. 1.  ``group_size`` must divide ``in_features`` (see
     ``resolve_group_size``); ``tol > 0`` stops once ``max |R_i| < tol``.  ``bits`` is one width for all
@@ -206,6 +202,7 @@ def expand(
     weighs the fit's error by input column (a data-free estimate of ``E[x_j²]``; ``None``: all equal).
     ``rotation``/``dual_scale`` first transform ``w`` (``transform.fit_input_transform``): the series then holds
     the transformed matrix, ``reconstruct`` returns it and ``original_weight`` the weight in the input basis.
+    ``zero_bits=8`` stores the bias as an int8 code (``bias.int8_bias``; nested series only).
 
     With ``outlier_fraction == 0`` nothing is saturated (``M_sa = 0``).  In the legacy rule every value
     must then be representable, so the clip range is the group's min-max range whatever ``clip`` says.
@@ -223,6 +220,10 @@ def expand(
         raise ValueError(f"fit={fit!r} is not supported; allowed: {tuple(FIRST_TERM_FITS)}")
     if clip not in CLIP_METHODS:
         raise ValueError(f"clip={clip!r} is not supported; allowed: {CLIP_METHODS}")
+    if type(zero_bits) is not int or zero_bits not in ZERO_BITS or (zero_bits != 16 and series != "nested"):
+        raise ValueError(
+            f"zero_bits={zero_bits!r} is not supported; allowed: {ZERO_BITS} (8: nested series only)"
+        )
     out_features, in_features = w.shape
     gs = in_features if group_size is None else group_size
     if in_features % gs:
@@ -247,6 +248,8 @@ def expand(
     if series == "nested":
         a = None if importance is None else _column_weight(importance, in_features, gs, w.device)
         scale16, zero16 = nested_first_term(_groups(wc, gs), term_bits, symmetric, fit, a)
+        if zero16 is not None and zero_bits == 8:
+            scale16, zero16 = int8_bias(scale16, zero16, term_bits[0])
     else:
         a = None
         scale16, zero16 = legacy_first_term(_groups(wc, gs), term_bits[0], symmetric)
@@ -264,6 +267,7 @@ def expand(
         errors,
         col_scale=col_scale,
         rot_signs=rot_signs,
+        zero_bits=zero_bits if zero16 is not None else 16,
     )
 
 
@@ -332,7 +336,7 @@ def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
     """float16 scale rounded up, so the stored grid never shrinks the range it must cover."""
     if scale.numel() and scale.max() > _FP16_MAX:
         raise ValueError(f"weight range {scale.max().item():.3g} per step exceeds the float16 scale range")
-    return _ceil_fp16(scale)
+    return ceil_fp16(scale)
 
 
 def _series_codes(

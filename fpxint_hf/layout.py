@@ -42,6 +42,7 @@ def layer_tensors(
     *,
     dual_scale: bool = False,
     rotation: str | None = None,
+    zero_bits: int = 16,
 ) -> dict[str, TensorSpec]:
     """The tensors of a layer (``pieces`` fused layers in vLLM: one ``terms_used`` entry each, and one row of
     each input transform: a saved layer stores ``[1, in]``), in order."""
@@ -55,8 +56,9 @@ def layer_tensors(
         "scale": TensorSpec((out_features, groups), torch.float16, "group", 0, 1),
     }
     if not symmetric:
-        # [out, G] bias (zero point) per group
-        specs["zero"] = TensorSpec((out_features, groups), torch.float16, "group", 0, 1)
+        # [out, G] bias (zero point) per group: float16, or with zero_bits=8 its int8 code (bias.py, Eq. Z)
+        zero_dtype = torch.float16 if zero_bits == 16 else torch.int8
+        specs["zero"] = TensorSpec((out_features, groups), zero_dtype, "group", 0, 1)
     if outlier_budget:
         # [out, K] column of each saturated value kept in M_sa
         specs["outlier_idx"] = TensorSpec(

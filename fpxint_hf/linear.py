@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
+from .bias import bias_code, bias_value
 from .expansion import (
     Expansion,
     expand,
@@ -84,6 +85,7 @@ class FPxINTLinear(nn.Module):
         act_outliers: int = DEFAULTS.act_outliers,
         dual_scale: bool = DEFAULTS.dual_scale,
         rotation: str | None = DEFAULTS.rotation,
+        zero_bits: int = DEFAULTS.zero_bits,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -98,10 +100,8 @@ class FPxINTLinear(nn.Module):
         self.symmetric, self.outlier_budget = symmetric, outlier_budget
         self.series, self.fit = series, fit  # the series rule; the first-term fit (quantize time only)
         self.dual_scale, self.rotation = dual_scale, rotation  # the input transforms (transform.py)
-        self.act_bits, self.act_terms = (
-            act_bits,
-            act_terms,
-        )  # the activation series (act_kernels.py); None: A16
+        self.zero_bits = 16 if symmetric else zero_bits  # the bias: float16 (16) or int8 code (8, bias.py)
+        self.act_bits, self.act_terms = act_bits, act_terms  # activation series (act_kernels.py)
         self.act_tol, self.act_outliers = act_tol, act_outliers
         self.active_terms: int | None = None  # run-time truncation; None = every stored term
         self.forward_mode = "auto"
@@ -124,6 +124,7 @@ class FPxINTLinear(nn.Module):
             self.outlier_budget,
             dual_scale=self.dual_scale,
             rotation=self.rotation,
+            zero_bits=self.zero_bits,
         )
 
     def _apply(self, fn, recurse=True):
@@ -174,6 +175,7 @@ class FPxINTLinear(nn.Module):
             **{k: getattr(settings, k) for k in ACT_SETTINGS},
             dual_scale=settings.dual_scale,
             rotation=settings.rotation,
+            zero_bits=settings.zero_bits,
             device=device,
             dtype=dtype,
         )
@@ -213,24 +215,25 @@ class FPxINTLinear(nn.Module):
         (``importance``: per-input-column fit weights, see ``expansion.expand``)."""
         return expand(
             weight, self.term_bits, self.terms, self.group_size, self.symmetric, clip, outlier_fraction, tol,
-            self.series, self.fit, importance, self.dual_scale, self.rotation,
+            self.series, self.fit, importance, self.dual_scale, self.rotation, self.zero_bits,
         )  # fmt: skip
 
     def expansion_state(self, e: Expansion) -> dict[str, torch.Tensor]:
         """The buffers of this module holding ``e``, keyed by buffer name (declared dtypes and shapes)."""
-        mine = (self.term_bits, self.terms, self.group_size, self.series, self.dual_scale)
-        theirs = (e.term_bits, e.terms, e.group_size, e.series, e.col_scale is not None)
+        mine = (self.term_bits, self.terms, self.group_size, self.series, self.dual_scale, self.zero_bits)
+        theirs = (e.term_bits, e.terms, e.group_size, e.series, e.col_scale is not None, e.zero_bits)
         rotated = {self.rotation is not None, e.rot_signs is not None}  # one element when they agree
         if e.shape != (self.out_features, self.in_features) or theirs != mine or len(rotated) > 1:
             raise ValueError(
                 f"expansion (shape={e.shape}, bits={e.term_bits}, terms={e.terms}, group_size={e.group_size}, "
-                f"series={e.series}, col_scale={e.col_scale is not None}, rot_signs={e.rot_signs is not None}) "
+                f"series={e.series}, col_scale={e.col_scale is not None}, rot_signs={e.rot_signs is not None}, "
+                f"zero_bits={e.zero_bits}) "
                 f"does not match {self.extra_repr()}"
             )
         values = {
             "codes": pack_series(e.codes, self.term_bits),
             "scale": e.scale,
-            "zero": e.zero,
+            "zero": e.zero if e.zero_bits == 16 or e.zero is None else bias_code(e.zero, e.scale, e.bits),
             "outlier_idx": e.outlier_idx,
             "outlier_val": e.outlier_val,
             "terms_used": torch.tensor([e.terms_used], device=e.scale.device),
@@ -262,7 +265,7 @@ class FPxINTLinear(nn.Module):
         return Expansion(
             codes=unpack_series(self.codes, self.term_bits, self.in_features),
             scale=self.scale,
-            zero=None if self.symmetric else self.zero,
+            zero=self.bias_values(),
             outlier_idx=self.outlier_idx
             if self.outlier_budget
             else self.scale.new_zeros(n_out, 0, dtype=torch.int32),
@@ -273,7 +276,14 @@ class FPxINTLinear(nn.Module):
             series=self.series,
             col_scale=self.col_scale[0] if self.dual_scale else None,
             rot_signs=self.rot_signs[0] if self.rotation is not None else None,
+            zero_bits=self.zero_bits,
         )
+
+    def bias_values(self) -> torch.Tensor | None:
+        """float16 ``[out, G]`` bias of Eq. 1 (the int8 codes' values with ``zero_bits=8``); None when symmetric."""
+        if self.symmetric:
+            return None
+        return self.zero if self.zero_bits == 16 else bias_value(self.zero, self.scale, self.term_bits[0])
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -336,13 +346,8 @@ class FPxINTLinear(nn.Module):
             if all(map(operator.is_, cache[1], self._buffers.values())):  # same buffer objects: still valid
                 return cache[2]
         k, buffers = self.num_terms(), tuple(self._buffers.values())
-        kw: dict = {
-            "bits": self.term_bits[:k],
-            "group_size": self.group_size,
-            "in_features": self.in_features,
-            "terms": k,
-            "series": self.series,
-        }
+        kw: dict = dict(bits=self.term_bits[:k], group_size=self.group_size, in_features=self.in_features)
+        kw.update(terms=k, series=self.series)
         if act is not None:
             mode = "act"
         elif mode == "auto":
@@ -388,6 +393,7 @@ class FPxINTLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={self.bits}, terms={self.terms}, group_size={self.group_size}, symmetric={self.symmetric}, "
             f"series={self.series}, dual_scale={self.dual_scale}, rotation={self.rotation}, "
+            + ("" if self.zero_bits == 16 else f"zero_bits={self.zero_bits}, ")
             + ("" if self.act_bits is None else f"act_bits={self.act_bits}, act_terms={self.act_terms}, ")
             + f"outliers_per_row={self.outlier_budget}, bits_per_weight={self.bits_per_weight():.3f}"
         )

@@ -18,6 +18,7 @@ CLIP_METHODS = ("laplace", "search", "minmax")
 SERIES_RULES = ("nested", "legacy")
 FIT_METHODS = ("optimized", "minmax")
 ROTATIONS = (None, "hadamard")
+ZERO_BITS = (16, 8)  # how a group's bias is stored: float16, or an int8 code in steps of scale_1·2^(X_1-8)
 MAX_TERMS = 8
 MAX_OUTLIER_FRACTION = 0.1
 ACT_BITS = (4, 8)  # widths of the activation series' terms (activations.ACT_BITS)
@@ -77,6 +78,13 @@ class ExpansionSettings:
     )
     rotation: str | None = field(
         default=None, metadata={"help": "hadamard: rotate the input channels first (block FWHT)"}
+    )
+    zero_bits: int = field(
+        default=16,
+        metadata={
+            "help": "bits of each group's stored bias: 16 (float16) or 8 (int8 code, steps of scale_1/2^(8-X))",
+            "cli": {"type": int, "choices": ZERO_BITS},
+        },
     )
 
     def __post_init__(self) -> None:
@@ -142,6 +150,13 @@ def check_settings(owner: str, values: dict[str, Any]) -> None:
     check(_is_int(k) and 0 <= k <= MAX_ACT_OUTLIERS, "act_outliers", f"an int from 0 to {MAX_ACT_OUTLIERS}")
     check(isinstance(values["dual_scale"], bool), "dual_scale", "True or False")
     check(values["rotation"] in ROTATIONS, "rotation", f"one of {ROTATIONS}")
+    zb = values["zero_bits"]
+    check(_is_int(zb) and zb in ZERO_BITS, "zero_bits", f"one of {ZERO_BITS}")
+    check(
+        zb == 16 or values["series"] == "nested",
+        "zero_bits",
+        "16 with series='legacy' (an int8 bias needs series='nested')",
+    )
 
 
 ACT_SETTINGS = ("act_bits", "act_terms", "act_tol", "act_outliers")

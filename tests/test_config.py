@@ -14,6 +14,7 @@ import fpxint_hf
 from fpxint_hf import FPxINTConfig, FPxINTHfQuantizer, FPxINTLinear
 from fpxint_hf.expansion import resolve_group_size
 from fpxint_hf.hf.replace import make_fpxint_linear
+from fpxint_hf.settings import CONFIG_DEFAULTS
 
 # field -> (bad values, words of the allowed range that the message must show)
 INVALID = {
@@ -108,17 +109,25 @@ NON_DEFAULT = dict(
     act_terms=3,
     act_tol=1e-4,
     act_outliers=0,
-)
+)  # every field but zero_bits, whose 8 needs series="nested" (the "int8 bias" case below)
+INT8_BIAS = dict(bits=[3, 2], terms=2, zero_bits=8, bits_budget=3.5)
+
+
+def test_non_default_covers_every_field():
+    assert {*NON_DEFAULT, *INT8_BIAS} == set(CONFIG_DEFAULTS)
+    assert all(CONFIG_DEFAULTS[k] != v for k, v in {**NON_DEFAULT, **INT8_BIAS}.items() if k != "terms")
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{}, NON_DEFAULT, dict(bits=8, terms=1, group_size=64)], ids=["default", "all", "some"]
+    "kwargs",
+    [{}, NON_DEFAULT, dict(bits=8, terms=1, group_size=64), INT8_BIAS],
+    ids=["default", "all", "some", "int8 bias"],
 )
 def test_dict_round_trip(kwargs):
     cfg = FPxINTConfig(**kwargs)
     d = cfg.to_dict()
     assert d["quant_method"] == "fpxint"
-    assert set(d) == {"quant_method", *NON_DEFAULT}
+    assert set(d) == {"quant_method", *CONFIG_DEFAULTS}
     again = FPxINTConfig.from_dict(d)
     assert isinstance(again, FPxINTConfig)
     assert again.to_dict() == d

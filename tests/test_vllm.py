@@ -103,6 +103,8 @@ CONFIGS = {
     "3bit_t1_g64": dict(bits=3, terms=1, group_size=64),
     # a symmetric 3-bit term (3.25 bpw) and 2-bit residuals in some layers: mixed widths and layer_terms
     "3+2_sym_budget_3.5_g64": dict(bits=[3, 2], terms=2, group_size=64, symmetric=True, bits_budget=3.5),
+    # the bias as an int8 code (zero_bits=8) with dual_scale: the 3.4-bit configuration of the Pareto bench
+    "3bit_t1_dual_scale_int8_bias_g64": dict(bits=3, terms=1, group_size=64, dual_scale=True, zero_bits=8),
     # fused q/k/v and gate/up pieces each fold their own t and signs into vLLM's dense weight
     "input_transforms_dual_scale_hadamard": dict(
         bits=4, terms=2, group_size=64, dual_scale=True, rotation="hadamard"
@@ -191,10 +193,18 @@ def test_bf16_matches_transformers_within_tolerance(forward, group_size, fp_dir,
 @pytest.mark.parametrize("forward", ["int4", "int8"])
 def test_input_transforms_on_the_kernels_match_transformers(forward, fp_dir, tmp_path, monkeypatch):
     """With ``dual_scale`` and ``rotation`` the unfused layers on a packed kernel transform their input first
-    (``t ⊙ Rᵀx``); bf16 prompt log-probs agree with transformers' float32 forward as in the plain case."""
+    (``t ⊙ Rᵀx``); bf16 prompt log-probs agree with transformers' float32 forward as in the plain case.  The bias
+    is stored as an int8 code (``zero_bits=8``): both kernels read its value."""
     group_size = 64 if forward == "int4" else None
     model = quantize(
-        fp_dir, tmp_path / "q", bits=4, terms=2, group_size=group_size, dual_scale=True, rotation="hadamard"
+        fp_dir,
+        tmp_path / "q",
+        bits=4,
+        terms=2,
+        group_size=group_size,
+        dual_scale=True,
+        rotation="hadamard",
+        zero_bits=8,
     )
     assert_bf16_logprobs_close(model, tmp_path / "q", forward, monkeypatch)
 

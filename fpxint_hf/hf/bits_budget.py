@@ -41,6 +41,7 @@ def budget_candidates(
                 fit=module.fit,
                 dual_scale=module.dual_scale,
                 rotation=module.rotation,
+                zero_bits=module.zero_bits,
                 device="meta",
             )
             e = probe.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance)

@@ -67,6 +67,11 @@ class FPxINTConfig(QuantizationConfigMixin):
             the largest power of two <= 256 dividing in-features) before the series; the signs are stored (int8,
             one per input) and the layer applies the inverse rotation to its input with a fast Walsh-Hadamard
             transform. `None` (default, and a config.json without this key): no rotation.
+        zero_bits (`int`, *optional*, defaults to 16):
+            How each group's bias is stored: `16` (float16) or `8` (an int8 code `b`, bias = `b·scale_1·2^(X-8)`,
+            a grid 16x finer than the first term's at 4 bits; 8 bits per group fewer, 0.125 bits per weight at
+            group size 64; `series="nested"` only; no effect with `symmetric=True`). A config.json without this
+            key: 16.
         bits_budget (`float`, *optional*):
             Average bits per weight to spend (codes, scales, zeros and outliers counted; the per-layer 32-bit
             `terms_used` counter is not, so `bits=[3, 2]`, `bits_budget=3.5` at group 64 is 3-bit in every
@@ -124,6 +129,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         fit: str = CONFIG_DEFAULTS["fit"],
         dual_scale: bool = CONFIG_DEFAULTS["dual_scale"],
         rotation: str | None = CONFIG_DEFAULTS["rotation"],
+        zero_bits: int = CONFIG_DEFAULTS["zero_bits"],
         bits_budget: float | None = CONFIG_DEFAULTS["bits_budget"],
         layer_terms: dict[str, int] | None = CONFIG_DEFAULTS["layer_terms"],
         act_proxy: str | None = CONFIG_DEFAULTS["act_proxy"],
@@ -158,6 +164,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         self.fit = fit
         self.dual_scale = dual_scale
         self.rotation = rotation
+        self.zero_bits = zero_bits
         self.bits_budget = bits_budget
         self.layer_terms = layer_terms
         self.act_proxy = act_proxy

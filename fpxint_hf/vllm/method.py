@@ -38,6 +38,7 @@ from vllm.model_executor.parameter import (
 from vllm.platforms import current_platform
 
 from .. import backends
+from ..bias import bias_value
 from ..budget import FUSED
 from ..expansion import (
     Expansion,
@@ -77,6 +78,7 @@ class FPxINTvLLMConfig(QuantizationConfig):
         self.outlier_fraction = float(fields["outlier_fraction"])
         self.series = fields["series"]
         self.dual_scale, self.rotation = bool(fields["dual_scale"]), fields["rotation"]  # absent: off
+        self.zero_bits = int(fields["zero_bits"])  # absent: 16 (a float16 bias)
         self.layer_terms = fields["layer_terms"] or {}
         self.layer_group_size = fields["layer_group_size"] or {}
         names = fields["quantized_modules"]
@@ -190,7 +192,13 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
             pieces,
             dual_scale=c.dual_scale,
             rotation=c.rotation,
+            zero_bits=c.zero_bits,
         )
+
+    def bias(self, layer: Any, rows: slice) -> torch.Tensor:
+        """float16 bias ``[rows, G]`` of an asymmetric layer (the value of its int8 codes with ``zero_bits=8``)."""
+        zero, scale = layer.zero.data[rows], layer.scale.data[rows]
+        return zero if self.config.zero_bits == 16 else bias_value(zero, scale, self.term_bits[0])
 
     def expansions(self, layer: Any) -> list[Expansion]:
         """One ``Expansion`` per fused piece, rebuilt from the loaded tensors."""
@@ -206,7 +214,7 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
                 Expansion(
                     codes=codes[:, sl],
                     scale=layer.scale.data[sl],
-                    zero=None if self.config.symmetric else layer.zero.data[sl],
+                    zero=None if self.config.symmetric else self.bias(layer, sl),
                     outlier_idx=torch.zeros(rows, 0, dtype=torch.int32)
                     if idx is None
                     else idx.data[sl].int(),
@@ -217,6 +225,7 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
                     series=self.config.series,
                     col_scale=layer.col_scale.data[i] if self.config.dual_scale else None,
                     rot_signs=layer.rot_signs.data[i] if self.config.rotation else None,
+                    zero_bits=16 if self.config.symmetric else self.config.zero_bits,
                 )
             )
             start += rows
