@@ -17,12 +17,19 @@ what sets the cost. PPL / KL / top-1: ``--tokens`` pydoc tokens in windows of ``
 those tokens are kept in memory (tokens x 151,936 x 4 bytes: 311 MB for 512).
 
 Writes ``eval/results/mmlu_coder.json`` and ``.md`` (``--out``); ``--rerender`` rewrites the markdown from the
-JSON without running anything.
+JSON without running anything; ``--merge`` measures only ``--rows`` and merges them into the existing JSON (same
+subjects, questions and tokens; rows of the same name replaced, new ones appended; the FP reference of KL is
+recomputed in the new process, and the paired MMLU differences read the FP row already there).
+
+Beyond the paper's rows, ``opt`` is the best opt-in configuration of the Pareto bench at RTN W4's bits: FP=xINT
+with ``dual_scale`` and ``zero_bits=8``, ``bits=[4, 2]`` and ``bits_budget=4.25`` (2-bit residuals where they pay
+most, within RTN W4's 4.25 bits per weight at group 128).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import shlex
@@ -50,7 +57,15 @@ from fpxint_hf.evaluation.mmlu_stats import to_markdown  # noqa: E402
 from fpxint_hf.evaluation.table import TableResult, run_table  # noqa: E402
 
 OUT = ROOT / "eval" / "results" / "mmlu_coder"
-ROWS = ("fp", "rtn", "t1", "t2", "rtn2x", "hqq")  # the paper's comparison first: a cut-short run keeps it
+ROWS = (
+    "fp",
+    "rtn",
+    "t1",
+    "t2",
+    "rtn2x",
+    "hqq",
+    "opt",
+)  # the paper's comparison first: a cut-short run keeps it
 GROUP = 128
 PROMPT = "The following are multiple choice questions (with answers) about {}.\n\n{}\nA. {}\nB. {}\nC. {}\nD. {}\nAnswer:"
 
@@ -84,6 +99,46 @@ def hqq_row(fp_dir: str) -> tuple[str, nn.Module, float]:
     return "HQQ 4-bit (default optimizer)", model.float().eval(), bpw
 
 
+OPTIONS = {"bits": [4, 2], "terms": 2, "bits_budget": 4.25, "dual_scale": True, "zero_bits": 8}
+
+
+def options_row(fp_dir: str) -> tuple[str, nn.Module, float]:
+    """FP=xINT with the opt-in options (``OPTIONS``) at group 128, dense float32 forward as the other rows."""
+    from transformers import AutoModelForCausalLM
+
+    from fpxint_hf import FPxINTConfig, set_forward_mode
+    from fpxint_hf.model_ops import model_bits_per_weight
+
+    cfg = FPxINTConfig(group_size=GROUP, forward_mode="dense", **OPTIONS)
+    model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=cfg, dtype=torch.float32)
+    model = set_forward_mode(model.eval(), "dense")
+    return "FP=xINT dual_scale + int8 bias, 4+2 budget 4.25", model, model_bits_per_weight(model)
+
+
+def merged(old: dict, new: TableResult) -> TableResult:
+    """``new``'s rows merged into the committed result ``old`` (same name: replaced; else appended)."""
+    keep = ("mmlu_subjects", "mmlu_limit", "tokens", "context", "group_size")
+    if diff := [k for k in keep if old["settings"].get(k) != new.settings.get(k)]:
+        raise SystemExit(f"--merge: {diff} differ from the committed run; run the whole table instead")
+    result = TableResult.from_json(copy.deepcopy(old))  # old stays as it was
+    names = [r.name for r in result.rows]
+    for row in new.rows:
+        if row.name in names:
+            result.rows[names.index(row.name)] = row
+        else:
+            result.rows.append(row)
+    result.settings["rows"] = [
+        *result.settings["rows"],
+        *[k for k in new.settings["rows"] if k not in result.settings["rows"]],
+    ]
+    result.settings["command"] = f"{old['settings']['command']}, then {new.settings['command']}"
+    result.wall_time_s = old["wall_time_s"] + new.wall_time_s
+    # a note both runs wrote (e.g. with its own FP load time) is kept once
+    seen = {note[:60] for note in result.notes}
+    result.notes += [note for note in new.notes if note[:60] not in seen]
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=2, help="questions per subject (default 2)")
@@ -93,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=256, help="window length for PPL/KL/top-1 (default 256)")
     ap.add_argument("--out", default=str(OUT), help="output prefix (.json, .md)")
     ap.add_argument("--rerender", action="store_true", help="rewrite PREFIX.md from PREFIX.json and stop")
+    ap.add_argument("--merge", action="store_true", help="merge the --rows measured into PREFIX.json")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.rerender:
@@ -140,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         context=args.context,
         model_dir=fp_dir,
         mmlu_local=True,
-        extra_rows={"hqq": hqq_row},
+        extra_rows={"hqq": hqq_row, "opt": options_row},
         mmlu_options={"local_dir": local, "per_question": True},
         on_row=save_partial,
     )
@@ -156,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         "Every row runs the same dense float32 forward: RTN and HQQ weights are dequantized once into the model, "
         "FP=xINT layers use their dense forward; bits/weight counts what each method stores.",
         "HQQ: hqq 0.2.8.post1 HQQLinear, 4-bit, group 128, bf16 scale and zero (32 bits per group, as the others).",
+        f"dual_scale + int8 bias: FPxINTConfig(group_size={GROUP}, **{OPTIONS}); its bits/weight count the int8 "
+        "biases, the float16 column scales and the 2-bit residual terms the budget placed.",
     ]
+    if args.merge:
+        result = merged(json.loads(out.with_suffix(".json").read_text()), result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
     out.with_suffix(".md").write_text(to_markdown(result))

@@ -211,3 +211,31 @@ def test_real_gguf_holds_q4_k_m_blocks():
     from fpxint_hf.evaluation.coder_assets import gguf_tensor_types
 
     assert set(gguf_tensor_types(gguf)) == {"F32", "Q4_K", "Q6_K"}
+
+
+def test_merge_replaces_rows_by_name_appends_new_ones_and_refuses_other_settings(eval_module):
+    bench = eval_module("bench_mmlu")
+    old = json.loads(COMMITTED.read_text())
+    new = TableResult.from_json(json.loads(COMMITTED.read_text()))
+    new.rows = [new.rows[1], Row("new row", *[getattr(new.rows[1], f) for f in ("bits_per_weight", "quality")],
+                                 new.rows[1].mmlu, 1.0)]  # fmt: skip
+    new.rows[0] = Row(new.rows[0].name, 9.0, new.rows[0].quality, new.rows[0].mmlu, 2.0)
+    new.settings = {
+        **new.settings,
+        "rows": ["rtn", "x"],
+        "command": "python eval/bench_mmlu.py --rows rtn,x",
+    }
+    new.wall_time_s = 60.0
+    out = bench.merged(old, new)
+    assert [r.name for r in out.rows] == [r["name"] for r in old["rows"]] + ["new row"]
+    assert (
+        out.rows[1].bits_per_weight == 9.0
+        and out.rows[0].bits_per_weight == old["rows"][0]["bits_per_weight"]
+    )
+    assert out.settings["rows"] == [*old["settings"]["rows"], "x"]
+    assert out.settings["command"].endswith(", then python eval/bench_mmlu.py --rows rtn,x")
+    assert out.notes == old["notes"]  # the same notes are not repeated
+    assert out.wall_time_s == pytest.approx(old["wall_time_s"] + 60.0)
+    new.settings["mmlu_limit"] = 3
+    with pytest.raises(SystemExit, match="mmlu_limit"):
+        bench.merged(old, new)
