@@ -17,7 +17,7 @@ products ``P``, all exactly, so they give bit-identical outputs (the same float 
 - ``"reference"``: float64 matmul on the integer codes (exact: ``|P| <= gs·2^7·2^7`` is far below 2^53), any
   device;
 - ``"int"``: ``torch._int_mm`` (int8 × int8 → int32; exact while ``gs·2^14 < 2^31``, i.e. every group size up
-  to 65536); the faster CPU path (eval/results/speed.md: 24.8 vs 35 ms for the float32 path on a 1536x576
+  to 65536); the faster CPU path (eval/results/speed.md: 14.3 vs 19.3 ms for the float32 path on a 1536x576
   layer at 512 tokens), though one matmul per weight group keeps both well behind one bf16 matmul;
 - ``"float32"``: float32 matmul on the integer codes, exact while ``gs·max|Wq|·max|Ã| <= 2^24`` (every
   partial sum is then an integer float32 holds exactly: ``float32_exact``).
@@ -154,35 +154,53 @@ def act_linear(x2d: torch.Tensor, w: ActWeights) -> torch.Tensor:
 
 def _product(s: ActivationSeries, w: ActWeights, groups: int, gs: int, t: int, out: int) -> torch.Tensor:
     """The sum of the module docstring.  ``s_A`` does not depend on the group, so the integer products are
-    reduced as ``Σ_j s_A[j] · (Σ_g Σ_t s_w[t,g] · P[t,j,g])``: one matmul and one fused multiply-add per group."""
+    reduced as ``Σ_j s_A[j] · (Σ_g Σ_t s_w[t,g] · P[t,j,g])``: one matmul and one fused multiply-add per group
+    (per channel: one matmul, scaled in place)."""
     j, n, width = s.codes.shape
     a = s.codes.reshape(j * n, width)
-    acc = torch.zeros(j * n, out, dtype=torch.float32, device=s.codes.device)  # Σ_g Σ_t s_w·P, per act term
-    for g in range(groups):
-        p = integer_products(a[:, g * gs : (g + 1) * gs].contiguous(), w.codes[g], w.spec.method)
-        if t == 1:
-            acc.addcmul_(p, w.scale[g])
-        else:
-            acc += (p.view(j * n, t, out) * w.scale[g]).sum(1)
-    y = (acc.view(j, n, out) * s.scale.view(j, n, 1)).sum(0)
-    if w.const is not None or w.outliers is not None:
-        a_int = series_part(s)
-        if w.const is not None:
-            y += a_int.view(n, groups, gs).sum(-1) @ w.const.t()
-        if w.outliers is not None:
-            y += sparse_term(a_int, w.outliers)
-    y += s.bias[:, None] * w.row_sum[None, :]
+    if groups == 1:
+        p = integer_products(a, w.codes[0], w.spec.method)
+        acc = p.mul_(w.scale[0].reshape(-1)) if t == 1 else (p.view(j * n, t, out) * w.scale[0]).sum(1)
+    else:
+        # Σ_g Σ_t s_w·P, per act term
+        acc = torch.zeros(j * n, out, dtype=torch.float32, device=s.codes.device)
+        for g in range(groups):
+            p = integer_products(a[:, g * gs : (g + 1) * gs].contiguous(), w.codes[g], w.spec.method)
+            if t == 1:
+                acc.addcmul_(p, w.scale[g])
+            else:
+                acc += (p.view(j * n, t, out) * w.scale[g]).sum(1)
+    y = (
+        acc.view(n, out).mul_(s.scale.view(n, 1))
+        if j == 1
+        else (acc.view(j, n, out) * s.scale.view(j, n, 1)).sum(0)
+    )
+    if w.const is not None:  # C_g · Σ_{c∈g} A_int, from the integer group sums of each term
+        sums = s.codes.view(j, n, groups, gs).sum(-1, dtype=torch.float32)
+        y.addmm_(torch.einsum("jn,jng->ng", s.scale, sums), w.const.t())
+    if w.outliers is not None:
+        y += sparse_term(series_part(s), w.outliers)
+    y.addr_(s.bias, w.row_sum)  # bias_A · (W·1)
     if s.outlier_idx.numel():  # W·A_sa
-        if w.dense_t is None:  # the K columns of W each token needs, rebuilt from the codes
-            cols = weight_columns(w, s.outlier_idx.reshape(-1)).view(n, -1, out)
-            y += (s.outlier_val.unsqueeze(-1) * cols).sum(1)
-        else:  # W has saturated values too: one sparse matmul with the dense W.T
-            rows = torch.arange(n, device=y.device).repeat_interleave(s.outlier_idx.shape[1])
-            a_sa = torch.sparse_coo_tensor(
-                torch.stack([rows, s.outlier_idx.reshape(-1)]),
-                s.outlier_val.reshape(-1),
-                (n, width),
-                check_invariants=False,  # indices from topk: in range by construction
-            )
-            y += torch.sparse.mm(a_sa, w.dense_t)
+        y += _outlier_product(s, w, n, width, out)
     return y
+
+
+def _outlier_product(s: ActivationSeries, w: ActWeights, n: int, width: int, out: int) -> torch.Tensor:
+    """``W·A_sa`` (float32 ``[n, out]``).  The ``U`` distinct columns the tokens' outliers sit in are read once
+    from the codes and multiplied as one small matmul ``[n, U] × [U, out]``: activation outliers gather in few
+    channels (SmolLM2 at 512 tokens: a median 28-56 distinct columns of 576 for q/k/v and gate/up), and even when
+    they do not (``U = in``) the cost is one float32 matmul of the layer.  When W has saturated values of its own
+    (``M_sa``), one sparse matmul with the dense ``W.T`` instead."""
+    if w.dense_t is not None:
+        rows = torch.arange(n, device=s.outlier_val.device).repeat_interleave(s.outlier_idx.shape[1])
+        a_sa = torch.sparse_coo_tensor(
+            torch.stack([rows, s.outlier_idx.reshape(-1)]),
+            s.outlier_val.reshape(-1),
+            (n, width),
+            check_invariants=False,  # indices from topk: in range by construction
+        )
+        return torch.sparse.mm(a_sa, w.dense_t)
+    cols, inverse = torch.unique(s.outlier_idx, return_inverse=True)
+    a_sa = s.outlier_val.new_zeros(n, cols.numel()).scatter_add_(1, inverse, s.outlier_val)
+    return a_sa @ weight_columns(w, cols)

@@ -68,7 +68,7 @@ def expand_activations(
         raise ValueError(
             f"act_terms={terms} (>= 1), act_tol={tol} (>= 0), outliers={outliers} (< in) invalid"
         )
-    r = x.detach().float().clone()
+    r = x.detach().to(torch.float32, copy=True)
     n, width = r.shape
     idx = r.new_zeros(n, outliers, dtype=torch.int64)
     val = r.new_zeros(n, outliers)
@@ -77,12 +77,12 @@ def expand_activations(
         val = r.gather(1, idx)
         r.scatter_(1, idx, 0.0)
     half = 2 ** (bits - 1)
-    lo = r.amin(-1) if width and n else r.new_zeros(n)
-    hi = r.amax(-1) if width and n else r.new_zeros(n)
+    lo, hi = torch.aminmax(r, dim=-1) if width and n else (r.new_zeros(n), r.new_zeros(n))
     s1 = (hi - lo) / (2**bits - 1)
     bias = lo + half * s1
-    c = torch.round((r - bias[:, None]) / _safe(s1)[:, None]).clamp_(-half, half - 1)
-    r -= bias[:, None] + s1[:, None] * c
+    c = r.sub(bias[:, None]).div_(_safe(s1)[:, None]).round_().clamp_(-half, half - 1)
+    if terms > 1:  # the residual feeds the later terms only
+        r -= bias[:, None] + s1[:, None] * c
     codes, scales = [c.to(torch.int8)], [s1]
     for _ in range(1, terms):
         peak = r.abs().amax(-1) if width else r.new_zeros(n)
@@ -94,6 +94,8 @@ def expand_activations(
         r -= s[:, None] * c
         codes.append(c.to(torch.int8))
         scales.append(s)
+    if len(codes) == 1:  # one term: no copy
+        return ActivationSeries(codes[0].unsqueeze(0), s1.unsqueeze(0), bias, idx, val, bits)
     return ActivationSeries(torch.stack(codes), torch.stack(scales), bias, idx, val, bits)
 
 

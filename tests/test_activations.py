@@ -115,6 +115,24 @@ def test_integer_path_equals_the_reference_path_bit_for_bit(weights, act):
 
 
 @pytest.mark.parametrize(
+    ("tokens", "spread"), [(10, False), (300, True)], ids=["few columns", "many columns"]
+)
+@pytest.mark.parametrize("weights", [{}, {"group_size": None}, {"outlier_fraction": 0.02}], ids=str)
+def test_outlier_activations_multiply_the_right_weight_columns(tokens, spread, weights):
+    """``W·A_sa`` is one matmul over the distinct outlier columns, whether they are few or many (over half the
+    inputs), or a sparse matmul when W keeps saturated values: each equals the exact product."""
+    m = _layer(**weights)
+    m.act_bits, m.act_terms, m.act_outliers = 8, 1, 4
+    x = activations(n=tokens, seed=2)
+    if spread:  # every token's loudest values in different columns
+        x[torch.arange(tokens), torch.arange(tokens) % 256] += 500
+    s = expand_activations(x, 8, 1, outliers=4)
+    assert (torch.unique(s.outlier_idx).numel() > 128) == spread
+    exact = dequantize_activations(s).double() @ m.dequantize().double().t() + m.bias.double()
+    assert snr_db(exact.float(), m(x)) > 110
+
+
+@pytest.mark.parametrize(
     "transform",
     [{"dual_scale": True}, {"rotation": "hadamard"}, {"dual_scale": True, "rotation": "hadamard"}],
     ids=str,
