@@ -194,6 +194,12 @@ def variant_model(fp_dir: Path, group: int, variant: str) -> tuple[torch.nn.Modu
 
 
 VARIANTS = ("rtn", "minmax", "none", "floor:0.0", "product")
+VARIANT_LEGEND = (
+    "rtn: min-max round-to-nearest W4; minmax: FP=xINT T=1 with fit='minmax' (the series' grid on the min-max "
+    "range, no clip search); none: the optimized fit (clip search + least squares) without the activation proxy; "
+    "floor:c: the optimized fit weighted by the norm proxy with gain floor c; product: FPxINTConfig(bits=4, "
+    "terms=1) through quantize-on-load (the optimized fit, proxy floor 1.0: today's default T=1)."
+)
 
 
 def kl(fp_dir: Path, group: int, work: Path, variants: list[str]) -> dict[str, Any]:
@@ -224,9 +230,8 @@ def kind_table(rows: dict[str, dict[str, dict[str, float]]], metric: str) -> dic
 
 
 def report(work: Path, out: Path) -> None:
-    """eval/results/qwen_diagnosis.{json,md} from the work files of both models."""
+    """eval/results/qwen_diagnosis.{json,md} from the work files of both models (a model without them is empty)."""
     data: dict[str, Any] = {}
-    lines = ["# Why FP=xINT T=1 lost to RTN W4 on Qwen2.5-Coder-1.5B", ""]
     for model in MODELS:
         rows: dict[str, Any] = {}
         for f in sorted((work / model).glob("layers_*.json")):
@@ -234,6 +239,15 @@ def report(work: Path, out: Path) -> None:
         klp = work / model / "kl.json"
         data[model] = {"group_size": MODELS[model][1], "layers": rows,
                        "kl": json.loads(klp.read_text()) if klp.exists() else {}}  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(data))
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    """The markdown of ``report``'s JSON: per-layer SNR tables (where measured) and the whole-model KL table."""
+    lines = ["# Why FP=xINT T=1 lost to RTN W4 on Qwen2.5-Coder-1.5B", ""]
+    for model, d in data.items():
+        rows, group = d["layers"], d["group_size"]
         blocks = sorted({int(n.split(".")[2]) for n in rows})
         for metric, what in (
             ("act_snr", "error weighted by the true E[x_j²]"),
@@ -244,21 +258,20 @@ def report(work: Path, out: Path) -> None:
                 continue
             variants = list(next(iter(table.values())))
             shown = blocks if metric == "act_snr" else [b for b in blocks if b in BLOCKS]
-            lines += [f"## {model}, g{MODELS[model][1]}: {what}, dB (higher is better), mean over blocks {shown}", "",
+            lines += [f"## {model}, g{group}: {what}, dB (higher is better), mean over blocks {shown}", "",
                       "| layer | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]  # fmt: skip
             for kind, vs in table.items():
                 best = max(vs.values())
                 cells = [f"**{x:.2f}**" if x == best else f"{x:.2f}" for x in vs.values()]
                 lines.append(f"| {kind} | " + " | ".join(cells) + " |")
             lines.append("")
-        if data[model]["kl"]:
-            lines += [f"## {model}: whole model, T=1 g{MODELS[model][1]} (float32)", "",
+        if d["kl"]:
+            lines += [f"## {model}: whole model, T=1 g{group} (float32)", "",
                       "| variant | KL vs FP (nats) | PPL | top-1 vs FP | tokens |", "|---|---:|---:|---:|---:|"]  # fmt: skip
-            for v, r in data[model]["kl"].items():
+            for v, r in d["kl"].items():
                 lines.append(f"| {v} | {r['kl']:.4f} | {r['ppl']:.3f} | {100 * r['top1']:.2f}% | {r['n']} |")
-            lines.append("")
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+            lines += ["", VARIANT_LEGEND, ""]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

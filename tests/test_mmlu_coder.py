@@ -239,3 +239,12 @@ def test_merge_replaces_rows_by_name_appends_new_ones_and_refuses_other_settings
     new.settings["mmlu_limit"] = 3
     with pytest.raises(SystemExit, match="mmlu_limit"):
         bench.merged(old, new)
+
+
+def test_committed_qwen_diagnosis_re_renders_from_its_json(eval_module):
+    diagnosis = eval_module("qwen_diagnosis")
+    data = json.loads((ROOT / "eval" / "results" / "qwen_diagnosis.json").read_text())
+    assert diagnosis.to_markdown(data) == (ROOT / "eval" / "results" / "qwen_diagnosis.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for variant in ("rtn", "minmax", "none", "product"):  # the README quotes every whole-model KL
+        assert f"{data['qwen']['kl'][variant]['kl']:.4f}" in readme, variant
