@@ -121,12 +121,8 @@ def merged(old: dict, new: TableResult) -> TableResult:
     if diff := [k for k in keep if old["settings"].get(k) != new.settings.get(k)]:
         raise SystemExit(f"--merge: {diff} differ from the committed run; run the whole table instead")
     result = TableResult.from_json(copy.deepcopy(old))  # old stays as it was
-    names = [r.name for r in result.rows]
-    for row in new.rows:
-        if row.name in names:
-            result.rows[names.index(row.name)] = row
-        else:
-            result.rows.append(row)
+    fresh = {r.name: r for r in new.rows}
+    result.rows = [fresh.pop(r.name, r) for r in result.rows] + list(fresh.values())
     result.settings["rows"] = [
         *result.settings["rows"],
         *[k for k in new.settings["rows"] if k not in result.settings["rows"]],

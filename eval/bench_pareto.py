@@ -46,6 +46,12 @@ def ours(label: str, family: str = "FP=xINT", active: int | None = None, **cfg: 
     return (label, family, lambda d: rows.fpxint_row(d, active=active, **cfg))
 
 
+def int8_budget(bits: int, budget: float) -> tuple[str, str, Any]:
+    """``bits=[bits, 2]`` with ``bits_budget``, ``dual_scale`` and ``zero_bits=8``: the opt-in row of each bracket."""
+    label = f"FP=xINT budget {budget} ({bits}+2), dual_scale, int8 bias"
+    return ours(label, INT8, bits=[bits, 2], terms=2, bits_budget=budget, dual_scale=True, zero_bits=8)
+
+
 def peer(fn: Any, bits: int) -> Any:
     """A builder for an ``_pareto_peers`` quantizer ``fn(w, bits, seed)`` (seed: the layer index)."""
     return lambda d: rows.counted_row(d, lambda w, i: fn(w, bits, i))
@@ -71,15 +77,7 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     # zero_bits=8: the bias as an int8 code, 8 bits a group fewer (0.125 bits per weight at group 64)
     ours("FP=xINT T=1 (3), int8 bias", INT8, bits=3, terms=1, zero_bits=8),
     ours("FP=xINT T=1 (3), dual_scale, int8 bias", INT8, bits=3, terms=1, dual_scale=True, zero_bits=8),
-    ours(
-        "FP=xINT budget 3.5 (3+2), dual_scale, int8 bias",
-        INT8,
-        bits=[3, 2],
-        terms=2,
-        bits_budget=3.5,
-        dual_scale=True,
-        zero_bits=8,
-    ),
+    int8_budget(3, 3.5),
     # (bits_budget=3.5 with asymmetric 3+2, or 3.25 with symmetric 3+2, is one 3-bit term in every layer: the
     # T=1 rows above, by construction; tests/test_budget_and_formats.py checks it)
     ours(
@@ -97,15 +95,7 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     ours("FP=xINT T=1 (4), dual_scale", DUAL, bits=4, terms=1, dual_scale=True),
     ours("FP=xINT T=1 (4), int8 bias", INT8, bits=4, terms=1, zero_bits=8),
     ours("FP=xINT T=1 (4), dual_scale, int8 bias", INT8, bits=4, terms=1, dual_scale=True, zero_bits=8),
-    ours(
-        "FP=xINT budget 4.5 (4+2), dual_scale, int8 bias",
-        INT8,
-        bits=[4, 2],
-        terms=2,
-        bits_budget=4.5,
-        dual_scale=True,
-        zero_bits=8,
-    ),
+    int8_budget(4, 4.5),
     ours("FP=xINT 2+2", bits=2, terms=2),
     ours("FP=xINT budget 5.0 (4+2+2)", "FP=xINT budget", bits=[4, 2, 2], terms=3, bits_budget=5.0),
     *[

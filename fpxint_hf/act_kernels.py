@@ -182,11 +182,11 @@ def _product(s: ActivationSeries, w: ActWeights, groups: int, gs: int, t: int, o
         y += sparse_term(series_part(s), w.outliers)
     y.addr_(s.bias, w.row_sum)  # bias_A · (W·1)
     if s.outlier_idx.numel():  # W·A_sa
-        y += _outlier_product(s, w, n, width, out)
+        y += _outlier_product(s, w, n, width)
     return y
 
 
-def _outlier_product(s: ActivationSeries, w: ActWeights, n: int, width: int, out: int) -> torch.Tensor:
+def _outlier_product(s: ActivationSeries, w: ActWeights, n: int, width: int) -> torch.Tensor:
     """``W·A_sa`` (float32 ``[n, out]``).  The ``U`` distinct columns the tokens' outliers sit in are read once
     from the codes and multiplied as one small matmul ``[n, U] × [U, out]``: activation outliers gather in few
     channels (SmolLM2 at 512 tokens: a median 28-56 distinct columns of 576 for q/k/v and gate/up), and even when

@@ -50,6 +50,16 @@ def bias_code(zero16: torch.Tensor, scale16: torch.Tensor, bits1: int) -> torch.
     return zero16.float().div(u).round_().clamp_(CODE_MIN, CODE_MAX).to(torch.int8)
 
 
+def stored_bias(zero16: torch.Tensor, scale16: torch.Tensor, bits1: int, zero_bits: int) -> torch.Tensor:
+    """What a layer stores for the float16 bias ``zero16``: the bias itself (``zero_bits=16``) or its int8 code."""
+    return zero16 if zero_bits == 16 else bias_code(zero16, scale16, bits1)
+
+
+def bias_of(stored: torch.Tensor, scale16: torch.Tensor, bits1: int, zero_bits: int) -> torch.Tensor:
+    """float16 bias of what ``stored_bias`` stored (the inverse: exact for both widths)."""
+    return stored if zero_bits == 16 else bias_value(stored, scale16, bits1)
+
+
 def int8_bias(scale16: torch.Tensor, zero16: torch.Tensor, bits1: int) -> tuple[torch.Tensor, torch.Tensor]:
     """float16 ``scale_1`` and bias ``[out, G]`` that Eq. Z can store: ``scale_1`` raised where the bias needs
     more than 127 units (or where ``u`` would fall below ``MIN_UNIT``), the bias moved to its nearest level."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
-from .bias import bias_code, bias_value
+from .bias import bias_of, stored_bias
 from .expansion import (
     Expansion,
     expand,
@@ -233,7 +233,7 @@ class FPxINTLinear(nn.Module):
         values = {
             "codes": pack_series(e.codes, self.term_bits),
             "scale": e.scale,
-            "zero": e.zero if e.zero_bits == 16 or e.zero is None else bias_code(e.zero, e.scale, e.bits),
+            "zero": None if e.zero is None else stored_bias(e.zero, e.scale, e.bits, e.zero_bits),
             "outlier_idx": e.outlier_idx,
             "outlier_val": e.outlier_val,
             "terms_used": torch.tensor([e.terms_used], device=e.scale.device),
@@ -283,7 +283,7 @@ class FPxINTLinear(nn.Module):
         """float16 ``[out, G]`` bias of Eq. 1 (the int8 codes' values with ``zero_bits=8``); None when symmetric."""
         if self.symmetric:
             return None
-        return self.zero if self.zero_bits == 16 else bias_value(self.zero, self.scale, self.term_bits[0])
+        return bias_of(self.zero, self.scale, self.term_bits[0], self.zero_bits)
 
     @property
     def qweight(self) -> torch.Tensor:

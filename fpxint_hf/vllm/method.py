@@ -38,7 +38,7 @@ from vllm.model_executor.parameter import (
 from vllm.platforms import current_platform
 
 from .. import backends
-from ..bias import bias_value
+from ..bias import bias_of
 from ..budget import FUSED
 from ..expansion import (
     Expansion,
@@ -197,8 +197,9 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
 
     def bias(self, layer: Any, rows: slice) -> torch.Tensor:
         """float16 bias ``[rows, G]`` of an asymmetric layer (the value of its int8 codes with ``zero_bits=8``)."""
-        zero, scale = layer.zero.data[rows], layer.scale.data[rows]
-        return zero if self.config.zero_bits == 16 else bias_value(zero, scale, self.term_bits[0])
+        return bias_of(
+            layer.zero.data[rows], layer.scale.data[rows], self.term_bits[0], self.config.zero_bits
+        )
 
     def expansions(self, layer: Any) -> list[Expansion]:
         """One ``Expansion`` per fused piece, rebuilt from the loaded tensors."""
