@@ -77,7 +77,8 @@ def expand_activations(
         val = r.gather(1, idx)
         r.scatter_(1, idx, 0.0)
     half = 2 ** (bits - 1)
-    lo, hi = torch.aminmax(r, dim=-1) if width and n else (r.new_zeros(n), r.new_zeros(n))
+    # two reductions: torch.aminmax(dim=) is ~10x slower than amin + amax on the CPU (torch 2.13)
+    lo, hi = (r.amin(-1), r.amax(-1)) if width and n else (r.new_zeros(n), r.new_zeros(n))
     s1 = (hi - lo) / (2**bits - 1)
     bias = lo + half * s1
     c = r.sub(bias[:, None]).div_(_safe(s1)[:, None]).round_().clamp_(-half, half - 1)
