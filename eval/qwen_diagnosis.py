@@ -178,7 +178,8 @@ def variant_model(fp_dir: Path, group: int, variant: str) -> tuple[torch.nn.Modu
     files = sorted(str(p) for p in fp_dir.glob("*.safetensors"))
     kv = getattr(model.config, "num_key_value_heads", None)
     kind, _, arg = variant.partition(":")
-    proxy = ActivationProxy(files, kv, gain_floor=float(arg)) if kind == "floor" else None
+    proxy = ActivationProxy(files, kv, gain_floor=float(arg)) if kind in PROXY_KINDS else None
+    leaves = PROXY_KINDS.get(kind, ())
     with torch.no_grad():
         for name, lin in quantizable_linears(model):
             w = lin.weight.float()
@@ -186,18 +187,25 @@ def variant_model(fp_dir: Path, group: int, variant: str) -> tuple[torch.nn.Modu
                 wq = rtn(w, 4, group)
             elif kind == "minmax":
                 wq = reconstruct(expand(w, bits=4, terms=1, group_size=group, fit="minmax"))
-            else:  # "none" (act_proxy=None) or "floor:<c>" (the norm proxy with that gain floor)
-                a = None if proxy is None else proxy.importance(name)
+            else:  # "none" (act_proxy=None), or the proxy (gain floor c) on the layers PROXY_KINDS names
+                use = proxy is not None and name.rpartition(".")[2] in leaves
+                a = proxy.importance(name) if use else None
                 wq = reconstruct(expand(w, bits=4, terms=1, group_size=group, importance=a))
             lin.weight.copy_(wq)
     return model, time.perf_counter() - start
 
 
-VARIANTS = ("rtn", "minmax", "none", "floor:0.0", "product")
+PROXY_KINDS = {
+    "floor": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "normfed": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),  # the proxy where it is a norm gain
+    "outproj": ("o_proj", "down_proj"),  # the proxy where it is built from the neighbouring weights
+}
+VARIANTS = ("rtn", "minmax", "none", "floor:0.0", "product", "normfed:1.0", "outproj:1.0")
 VARIANT_LEGEND = (
     "rtn: min-max round-to-nearest W4; minmax: FP=xINT T=1 with fit='minmax' (the series' grid on the min-max "
     "range, no clip search); none: the optimized fit (clip search + least squares) without the activation proxy; "
-    "floor:c: the optimized fit weighted by the norm proxy with gain floor c; product: FPxINTConfig(bits=4, "
+    "floor:c: the optimized fit weighted by the norm proxy with gain floor c (normfed:c: on q/k/v/gate/up only, "
+    "the layers that read a norm's output; outproj:c: on o_proj/down_proj only); product: FPxINTConfig(bits=4, "
     "terms=1) through quantize-on-load (the optimized fit, proxy floor 1.0: today's default T=1)."
 )
 

@@ -119,8 +119,9 @@ def test_integer_path_equals_the_reference_path_bit_for_bit(weights, act):
 )
 @pytest.mark.parametrize("weights", [{}, {"group_size": None}, {"outlier_fraction": 0.02}], ids=str)
 def test_outlier_activations_multiply_the_right_weight_columns(tokens, spread, weights):
-    """``W·A_sa`` is one matmul over the distinct outlier columns, whether they are few or many (over half the
-    inputs), or a sparse matmul when W keeps saturated values: each equals the exact product."""
+    """``W·A_sa`` is one weighted gather of each token's outlier columns of W (read from the codes once per
+    distinct column, or from the dense ``W.T`` when W keeps saturated values), whether the columns are few or
+    many (over half the inputs): each equals the exact product."""
     m = _layer(**weights)
     m.act_bits, m.act_terms, m.act_outliers = 8, 1, 4
     x = activations(n=tokens, seed=2)
