@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import resource
@@ -60,6 +59,7 @@ from _bench_rows import (  # noqa: E402
 
 from fpxint_hf.evaluation.assets import fp_model_dir  # noqa: E402
 from fpxint_hf.evaluation.metrics import evaluate_against, fp_reference, pydoc_windows  # noqa: E402
+from fpxint_hf.evaluation.results import write_results  # noqa: E402
 
 OUT_DIR = ROOT / "eval" / "results"
 
@@ -278,12 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_time_s": time.perf_counter() - start,
         "command": "python eval/bench.py" + (" --quick" if args.quick else ""),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = to_markdown(result)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    print(write_results(args.out, result, to_markdown, indent=2))
     return 0
 
 

@@ -12,7 +12,6 @@ them).  Writes ``<out>.json`` and ``<out>.md`` (table + targets met/missed, rend
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from _pareto_rows import fp_baseline  # noqa: E402
 
 from fpxint_hf import FPxINTConfig  # noqa: E402
 from fpxint_hf.evaluation.metrics import evaluate_against  # noqa: E402
+from fpxint_hf.evaluation.results import write_results  # noqa: E402
 from fpxint_hf.linear import FPxINTLinear  # noqa: E402
 from fpxint_hf.model_ops import model_bits_per_weight  # noqa: E402
 from fpxint_hf.settings import DEFAULTS  # noqa: E402
@@ -63,10 +63,7 @@ def write(args: argparse.Namespace, argv: list[str] | None, tokens: int, rows: l
         "rows": rows,
         "wall_s": time.perf_counter() - start,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text(report.to_markdown(res))
+    write_results(args.out, res, report.to_markdown)
     return res
 
 

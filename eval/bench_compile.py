@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT / "eval"))
 
 import bench_speed  # noqa: E402
 
+from fpxint_hf.evaluation.results import write_results  # noqa: E402
+
 OUT = ROOT / "eval" / "results" / "compile"
 ROWS = ("bf16", "FP=xINT W4A16 T=1 int4")
 WARMUP = 5
@@ -115,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python eval/bench_compile.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res = dict(command=command.strip(), steps=args.steps, threads=args.threads, torch=torch.__version__, rows=rows,
                wall_s=time.perf_counter() - start)  # fmt: skip
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(res))
-    print(to_markdown(res))
+    print(write_results(out, res, to_markdown))
     return 0
 
 

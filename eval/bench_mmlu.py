@@ -54,6 +54,7 @@ from fpxint_hf.evaluation.coder_assets import (  # noqa: E402
 )
 from fpxint_hf.evaluation.mmlu_data import build_local_mmlu, mmlu_rows  # noqa: E402
 from fpxint_hf.evaluation.mmlu_stats import to_markdown  # noqa: E402
+from fpxint_hf.evaluation.results import write_results  # noqa: E402
 from fpxint_hf.evaluation.table import TableResult, run_table  # noqa: E402
 
 OUT = ROOT / "eval" / "results" / "mmlu_coder"
@@ -213,11 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.merge:
         result = merged(json.loads(out.with_suffix(".json").read_text()), result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(result))
+    md = write_results(out, result.to_json(), lambda _: to_markdown(result))
     partial.unlink(missing_ok=True)
-    print(to_markdown(result))
+    print(md)
     return 0
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _pareto_rows as rows  # noqa: E402
 
 from fpxint_hf.evaluation.metrics import evaluate_against  # noqa: E402
+from fpxint_hf.evaluation.results import write_results  # noqa: E402
 
 OPTIONS = {  # label -> settings
     "none": {},
@@ -173,9 +174,7 @@ def merge(out: Path, n: int) -> int:
     )
     res = {**parts[0], "rows": rows_, "wall_s": max(p["wall_s"] for p in parts), "shards": n}
     res["command"] = f"python eval/bench_options.py --shard K/{n} [--rows ...] for K < {n}, then --merge {n}"
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(res))
-    print(to_markdown(res))
+    print(write_results(out, res, to_markdown))
     return 0
 
 

@@ -31,6 +31,7 @@ import _pareto_report as report  # noqa: E402
 import _pareto_rows as rows  # noqa: E402
 
 from fpxint_hf.evaluation.metrics import evaluate_against  # noqa: E402
+from fpxint_hf.evaluation.results import write_results  # noqa: E402
 from fpxint_hf.evaluation.table import quantizable_linears  # noqa: E402
 from fpxint_hf.expansion import expand  # noqa: E402
 
@@ -241,11 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": None,
     }
     res["wall_s"] = time.perf_counter() - start + (old["wall_s"] if old is not None else 0.0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text(report.to_markdown(res))
+    md = write_results(out, res, report.to_markdown)
     report.plot(res, out.with_suffix(".png"))
-    print(report.to_markdown(res))
+    print(md)
     return 0
 
 

@@ -32,7 +32,6 @@ Threads: torch's default unless ``--threads``; the copy bandwidth is measured wi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -53,6 +52,7 @@ from _speed_report import targets, to_markdown  # noqa: E402
 from _speed_terms import term_parallel_bench  # noqa: E402
 
 from fpxint_hf.evaluation.assets import fp_model_dir  # noqa: E402
+from fpxint_hf.evaluation.results import write_results  # noqa: E402
 from fpxint_hf.linear import FPxINTLinear  # noqa: E402
 
 OUT = ROOT / "eval" / "results" / "speed"
@@ -283,12 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" --threads {args.threads}" if args.threads else ""),
     }
     result["targets"] = targets(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    md = to_markdown(result)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    print(write_results(args.out, result, to_markdown))
     return 0
 
 

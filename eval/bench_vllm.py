@@ -185,10 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "wall_s": time.perf_counter() - start,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(res))
-    print(to_markdown(res))
+    from fpxint_hf.evaluation.results import write_results
+
+    print(write_results(out, res, to_markdown))
     return 0
 
 
