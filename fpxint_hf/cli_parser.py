@@ -65,7 +65,10 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{f.name.replace('_', '-')}", help=f"{f.metadata['help']} (default {shown})", **kw)
     p.add_argument("--bits-budget", type=float, default=None, help="average bits per weight to spend")
     p.add_argument(
-        "--act-proxy", choices=("norm", "none"), default="norm", help="data-free activation weighting"
+        "--act-proxy",
+        choices=("norm", "probe", "none"),
+        default="norm",
+        help="data-free activation weighting",
     )
     p.add_argument(
         "--skip", action="append", default=[], help="module name to keep in full precision (repeat)"

@@ -189,7 +189,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
 }
 """Every field of ``FPxINTConfig`` with its default (the expansion settings first)."""
 
-ACT_PROXIES = ("norm", None)
+ACT_PROXIES = ("norm", "probe", None)
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 

@@ -79,8 +79,10 @@ class FPxINTConfig(QuantizationConfigMixin):
             the choice is written to `layer_terms`. Needs `terms >= 2`.
         act_proxy (`str` or `None`, *optional*, defaults to `"norm"`):
             Weigh the first-term fit by a data-free estimate of each input column's activation energy read from
-            the neighbouring norm and projection weights (LLaMA/Qwen2 blocks; see `fpxint_hf.hf.proxy`). `None`:
-            plain weight error. Used when quantizing with `series="nested"`, `fit="optimized"`.
+            the neighbouring norm and projection weights (LLaMA/Qwen2 blocks; see `fpxint_hf.hf.proxy`).
+            `"probe"`: by each input column's energy measured on the FP model itself fed 128 random token ids (no
+            data; the FP model is built once more before the quantized one loads: see `fpxint_hf.hf.probe`).
+            `None`: plain weight error. Used when quantizing with `series="nested"`, `fit="optimized"`.
         compute_dtype (`str`, *optional*):
             The dtype a saved checkpoint runs in when reloaded without `dtype=` (`"bfloat16"`, `"float16"` or
             `"float32"`; written as config.json's `dtype`). `None` (default): decided when quantizing, `"float16"`

@@ -19,6 +19,7 @@ from .checks import check_checkpoint_keys, check_loaded
 from .config import FPxINTConfig
 from .convert import FPxINTQuantize
 from .offloaded import warn_resident_offloaded_buffers
+from .probe import ProbeProxy, probe_second_moments
 from .proxy import ActivationProxy
 from .replace import modules_to_not_convert, record_layers, replace_with_fpxint_linear
 from .saving import install_atomic_save
@@ -36,7 +37,10 @@ class FPxINTHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list[str] = []
         self._progress = None
-        self.proxy: ActivationProxy | None = None
+        self.proxy: ActivationProxy | ProbeProxy | None = None
+        self.load_dtype = (
+            torch.float32
+        )  # the dtype from_pretrained loads in (the probe's FP model runs in it)
         self.budget_candidates: dict[str, dict] = {}  # module name -> budget_candidates (with a bits budget)
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -47,6 +51,7 @@ class FPxINTHfQuantizer(HfQuantizer):
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if not self.pre_quantized:
             resolve_compute_dtype(self.quantization_config, dtype)  # the dtype a reload runs in
+            self.load_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
         return dtype
 
     def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
@@ -84,9 +89,12 @@ class FPxINTHfQuantizer(HfQuantizer):
             from tqdm.auto import tqdm
 
             cfg = self.quantization_config
-            if cfg.act_proxy == "norm" and cfg.series == "nested" and cfg.fit == "optimized":
+            files = kwargs.get("checkpoint_files") or []
+            if cfg.series == "nested" and cfg.fit == "optimized" and cfg.act_proxy == "norm":
                 kv = getattr(getattr(model, "config", None), "num_key_value_heads", None)
-                self.proxy = ActivationProxy(kwargs.get("checkpoint_files") or [], kv)
+                self.proxy = ActivationProxy(files, kv)
+            elif cfg.series == "nested" and cfg.fit == "optimized" and cfg.act_proxy == "probe":
+                self.proxy = ProbeProxy(probe_second_moments(model.config, files, self.load_dtype))
 
             self._progress = tqdm(
                 total=len(replaced), desc="FP=xINT quantizing", unit="layer", leave=False, disable=None
