@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from fpxint_hf.evaluation.assets import fp_model_dir  # noqa: E402
 from fpxint_hf.evaluation.coder_assets import coder_fp_dir  # noqa: E402
 from fpxint_hf.evaluation.metrics import FPReference, evaluate_against, fp_reference, pydoc_windows  # noqa: E402
+from fpxint_hf.evaluation.results import write_results  # noqa: E402
 from fpxint_hf.evaluation.table import quantizable_linears  # noqa: E402
 from fpxint_hf.expansion import expand, reconstruct, rtn  # noqa: E402
 from fpxint_hf.hf.proxy import ActivationProxy  # noqa: E402
@@ -163,7 +164,7 @@ def layers(fp_dir: Path, group: int, work: Path, blocks: list[int], floors: list
     return rows
 
 
-def variant_model(fp_dir: Path, group: int, variant: str) -> tuple[torch.nn.Module, float]:
+def variant_model(fp_dir: Path, group: int, variant: str, work: Path) -> tuple[torch.nn.Module, float]:
     """The float32 model of one whole-model variant (see ``VARIANTS``) and its quantization seconds."""
     from transformers import AutoModelForCausalLM
 
@@ -171,7 +172,9 @@ def variant_model(fp_dir: Path, group: int, variant: str) -> tuple[torch.nn.Modu
 
     start = time.perf_counter()
     if variant.startswith("product"):  # the quantize-on-load path, FPxINTLinear's dense forward
-        cfg = FPxINTConfig(bits=4, terms=1, group_size=group)
+        proxy = variant.partition(":")[2]  # product:<act_proxy>; bare "product": the default
+        extra = {"act_proxy": None if proxy == "none" else proxy} if proxy else {}
+        cfg = FPxINTConfig(bits=4, terms=1, group_size=group, **extra)
         model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=cfg, dtype=torch.float32)
         return model.eval(), time.perf_counter() - start
     model = load_fp(fp_dir)
@@ -180,6 +183,7 @@ def variant_model(fp_dir: Path, group: int, variant: str) -> tuple[torch.nn.Modu
     kind, _, arg = variant.partition(":")
     proxy = ActivationProxy(files, kv, gain_floor=float(arg)) if kind in PROXY_KINDS else None
     leaves = PROXY_KINDS.get(kind, ())
+    oracle = torch.load(work / "act_second_moment.pt", weights_only=True) if kind == "oracle" else {}
     with torch.no_grad():
         for name, lin in quantizable_linears(model):
             w = lin.weight.float()
@@ -187,9 +191,9 @@ def variant_model(fp_dir: Path, group: int, variant: str) -> tuple[torch.nn.Modu
                 wq = rtn(w, 4, group)
             elif kind == "minmax":
                 wq = reconstruct(expand(w, bits=4, terms=1, group_size=group, fit="minmax"))
-            else:  # "none" (act_proxy=None), or the proxy (gain floor c) on the layers PROXY_KINDS names
+            else:  # "none", the proxy (gain floor c) on the layers PROXY_KINDS names, or the oracle E[x²]
                 use = proxy is not None and name.rpartition(".")[2] in leaves
-                a = proxy.importance(name) if use else None
+                a = proxy.importance(name) if use else oracle.get(name)
                 wq = reconstruct(expand(w, bits=4, terms=1, group_size=group, importance=a))
             lin.weight.copy_(wq)
     return model, time.perf_counter() - start
@@ -200,13 +204,26 @@ PROXY_KINDS = {
     "normfed": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),  # the proxy where it is a norm gain
     "outproj": ("o_proj", "down_proj"),  # the proxy where it is built from the neighbouring weights
 }
-VARIANTS = ("rtn", "minmax", "none", "floor:0.0", "product", "normfed:1.0", "outproj:1.0")
+VARIANTS = (
+    "rtn",
+    "minmax",
+    "none",
+    "floor:0.0",
+    "product",
+    "normfed:1.0",
+    "outproj:1.0",
+    "oracle",
+    "product:probe",
+)
 VARIANT_LEGEND = (
     "rtn: min-max round-to-nearest W4; minmax: FP=xINT T=1 with fit='minmax' (the series' grid on the min-max "
     "range, no clip search); none: the optimized fit (clip search + least squares) without the activation proxy; "
     "floor:c: the optimized fit weighted by the norm proxy with gain floor c (normfed:c: on q/k/v/gate/up only, "
-    "the layers that read a norm's output; outproj:c: on o_proj/down_proj only); product: FPxINTConfig(bits=4, "
-    "terms=1) through quantize-on-load (the optimized fit, proxy floor 1.0: today's default T=1)."
+    "the layers that read a norm's output; outproj:c: on o_proj/down_proj only); oracle: the optimized fit "
+    "weighted by the true E[x_j^2] of each layer's input, measured on the same tokens the KL is scored on (a "
+    "ceiling for any data-free proxy, optimistic: in-sample); product: FPxINTConfig(bits=4, "
+    "terms=1) through quantize-on-load (the optimized fit, proxy floor 1.0: today's default T=1); product:probe: "
+    "the same with act_proxy='probe' (the FP model's input energies on 128 random token ids, no data)."
 )
 
 
@@ -215,7 +232,7 @@ def kl(fp_dir: Path, group: int, work: Path, variants: list[str]) -> dict[str, A
     path = work / "kl.json"
     out = json.loads(path.read_text()) if path.exists() else {}
     for v in variants:
-        model, secs = variant_model(fp_dir, group, v)
+        model, secs = variant_model(fp_dir, group, v, work)
         q = evaluate_against(model, ref)
         out[v] = {"kl": q.kl_vs_fp, "ppl": q.perplexity, "top1": q.top1_agreement, "n": q.n_tokens,
                   "quantize_s": secs}  # fmt: skip
@@ -247,8 +264,7 @@ def report(work: Path, out: Path) -> None:
         klp = work / model / "kl.json"
         data[model] = {"group_size": MODELS[model][1], "layers": rows,
                        "kl": json.loads(klp.read_text()) if klp.exists() else {}}  # fmt: skip
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(data))
+    write_results(out, data, to_markdown)
 
 
 def to_markdown(data: dict[str, Any]) -> str:
