@@ -18,7 +18,7 @@ def best_under(res: dict[str, Any], bits: float, families: tuple[str, ...]) -> d
     return min(cands, key=lambda r: r["kl"]) if cands else None
 
 
-OURS = ("FP=xINT", "FP=xINT budget", "FP=xINT dual_scale", "FP=xINT int8 bias")
+OURS = ("FP=xINT", "FP=xINT budget", "FP=xINT dual_scale", "FP=xINT int8 bias", "FP=xINT probe")
 PEERS_3 = ("SINQ", "HQQ", "Hadamard+RTN", "HIGGS")  # the 3-bit peers of the issue (HQQ 3-bit among them)
 PEERS_4 = ("SINQ", "HQQ", "Hadamard+RTN", "HIGGS", "NF4")  # at 4 bits: HIGGS and NF4 too (stricter)
 
@@ -74,7 +74,11 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     q = res["quant_seconds"]
     pairs = [("FP=xINT T=1 (3)", "HQQ 3-bit"), ("FP=xINT 3+2", "HQQ 3-bit")]
     pairs += [("FP=xINT T=1 (4)", "HQQ 4-bit"), ("FP=xINT T=2 (4+4)", "HQQ 4-bit")]
-    opt_in = ("FP=xINT T=1 (4), dual_scale", "FP=xINT T=1 (4), dual_scale, int8 bias")
+    opt_in = (
+        "FP=xINT T=1 (4), dual_scale",
+        "FP=xINT T=1 (4), dual_scale, int8 bias",
+        "FP=xINT T=1 (4), probe",
+    )
     pairs += [(a, "HQQ 4-bit") for a in opt_in if a in q]  # the opt-in options
     add(
         "quantization time of the whole model no more than 2x HQQ's (same weights, same process)",

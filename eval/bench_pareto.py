@@ -34,11 +34,13 @@ from fpxint_hf.evaluation.metrics import evaluate_against  # noqa: E402
 from fpxint_hf.evaluation.results import write_results  # noqa: E402
 from fpxint_hf.evaluation.table import quantizable_linears  # noqa: E402
 from fpxint_hf.expansion import expand  # noqa: E402
+from fpxint_hf.hf.probe import probe_second_moments  # noqa: E402
 
 NESTED = {"series": "nested", "fit": "optimized"}
 LEGACY = {"series": "legacy", "fit": "minmax"}
 DUAL = "FP=xINT dual_scale"  # the opt-in SINQ-style column scales: a curve of its own
 INT8 = "FP=xINT int8 bias"  # zero_bits=8 (with or without dual_scale): a curve of its own
+PROBE = "FP=xINT probe"  # act_proxy="probe": the fit weighted by the FP model's input energies on random ids
 
 
 def ours(label: str, family: str = "FP=xINT", active: int | None = None, **cfg: Any) -> tuple[str, str, Any]:
@@ -47,10 +49,20 @@ def ours(label: str, family: str = "FP=xINT", active: int | None = None, **cfg: 
     return (label, family, lambda d: rows.fpxint_row(d, active=active, **cfg))
 
 
-def int8_budget(bits: int, budget: float) -> tuple[str, str, Any]:
-    """``bits=[bits, 2]`` with ``bits_budget``, ``dual_scale`` and ``zero_bits=8``: the opt-in row of each bracket."""
-    label = f"FP=xINT budget {budget} ({bits}+2), dual_scale, int8 bias"
-    return ours(label, INT8, bits=[bits, 2], terms=2, bits_budget=budget, dual_scale=True, zero_bits=8)
+def int8_budget(bits: int, budget: float, **extra: Any) -> tuple[str, str, Any]:
+    """``bits=[bits, 2]`` with ``bits_budget``, ``dual_scale`` and ``zero_bits=8``: the opt-in row of each bracket
+    (``act_proxy="probe"`` in ``extra``: the same row in the probe family)."""
+    probe = extra.get("act_proxy") == "probe"
+    label = f"FP=xINT budget {budget} ({bits}+2), dual_scale, int8 bias" + (", probe" if probe else "")
+    family = PROBE if probe else INT8
+    return ours(
+        label, family, bits=[bits, 2], terms=2, bits_budget=budget, dual_scale=True, zero_bits=8, **extra
+    )
+
+
+def probed(label: str, **cfg: Any) -> tuple[str, str, Any]:
+    """A row of the probe family: ``label + ", probe"`` quantized with ``act_proxy="probe"``."""
+    return ours(f"{label}, probe", PROBE, act_proxy="probe", **cfg)
 
 
 def peer(fn: Any, bits: int) -> Any:
@@ -118,6 +130,20 @@ ROWS: list[tuple[str, str, Any]] = [  # (label, family, builder): the curve and 
     ours(
         "FP=xINT budget 8.5 (4+4+2), int8 bias", INT8, bits=[4, 4, 2], terms=3, bits_budget=8.5, zero_bits=8
     ),
+    # act_proxy="probe" (run alone with --rerun probe): the opt-in rows above, weighted by measured energies
+    probed("FP=xINT T=1 (3)", bits=3, terms=1),
+    probed("FP=xINT T=1 (3), dual_scale, int8 bias", bits=3, terms=1, dual_scale=True, zero_bits=8),
+    int8_budget(3, 3.5, act_proxy="probe"),
+    probed("FP=xINT T=1 (4)", bits=4, terms=1),
+    probed("FP=xINT T=1 (4), dual_scale, int8 bias", bits=4, terms=1, dual_scale=True, zero_bits=8),
+    int8_budget(4, 4.5, act_proxy="probe"),
+    *[
+        probed(
+            f"FP=xINT budget {b} (4+2+2), dual_scale", bits=[4, 2, 2], terms=3, bits_budget=b, dual_scale=True
+        )
+        for b in (5.0, 6.5)
+    ],  # fmt: skip
+    probed("FP=xINT T=2 (4+4)", bits=4, terms=2),
 ]
 
 ABLATIONS: list[tuple[str, str, Any]] = [  # with --ablations: more points, old rules, one-checkpoint reads
@@ -144,7 +170,9 @@ def quantization_times(fp_dir: Path) -> dict[str, float]:
     """Seconds to quantize every linear weight of the model (weights already in memory), same process."""
     from hqq.core.quantize import Quantizer
 
-    weights = [lin.weight.detach().float() for _, lin in quantizable_linears(rows.load_fp(fp_dir))]
+    fp = rows.load_fp(fp_dir)
+    named = {name: lin.weight.detach().float() for name, lin in quantizable_linears(fp)}
+    weights = list(named.values())
     out = {}
 
     def hqq(nbits: int) -> Any:
@@ -175,6 +203,13 @@ def quantization_times(fp_dir: Path) -> dict[str, float]:
         for w in weights:
             fn(w)
         out[label] = time.perf_counter() - start
+    start = (
+        time.perf_counter()
+    )  # act_proxy="probe": the FP model rebuilt from its files and run, then the fit
+    m2 = probe_second_moments(fp.config, [str(p) for p in Path(fp_dir).glob("*.safetensors")])
+    for name, w in named.items():
+        expand(w, 4, 1, 64, series="nested", fit="optimized", importance=m2[name])
+    out["FP=xINT T=1 (4), probe"] = time.perf_counter() - start
     big = torch.randn(4096, 4096) * 0.02
     start = time.perf_counter()
     expand(big, 4, 2, 64, series="nested", fit="optimized")
