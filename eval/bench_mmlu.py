@@ -66,6 +66,7 @@ ROWS = (
     "rtn2x",
     "hqq",
     "opt",
+    "probe",
 )  # the paper's comparison first: a cut-short run keeps it
 GROUP = 128
 PROMPT = "The following are multiple choice questions (with answers) about {}.\n\n{}\nA. {}\nB. {}\nC. {}\nD. {}\nAnswer:"
@@ -114,6 +115,19 @@ def options_row(fp_dir: str) -> tuple[str, nn.Module, float]:
     model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=cfg, dtype=torch.float32)
     model = set_forward_mode(model.eval(), "dense")
     return "FP=xINT dual_scale + int8 bias, 4+2 budget 4.25", model, model_bits_per_weight(model)
+
+
+def probe_row(fp_dir: str) -> tuple[str, nn.Module, float]:
+    """FP=xINT T=1 with ``act_proxy="probe"`` (energies measured on 128 random token ids) at group 128."""
+    from transformers import AutoModelForCausalLM
+
+    from fpxint_hf import FPxINTConfig, set_forward_mode
+    from fpxint_hf.model_ops import model_bits_per_weight
+
+    cfg = FPxINTConfig(bits=4, terms=1, group_size=GROUP, forward_mode="dense", act_proxy="probe")
+    model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=cfg, dtype=torch.float32)
+    model = set_forward_mode(model.eval(), "dense")
+    return "FP=xINT T=1, act_proxy=probe", model, model_bits_per_weight(model)
 
 
 def merged(old: dict, new: TableResult) -> TableResult:
@@ -193,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         context=args.context,
         model_dir=fp_dir,
         mmlu_local=True,
-        extra_rows={"hqq": hqq_row, "opt": options_row},
+        extra_rows={"hqq": hqq_row, "opt": options_row, "probe": probe_row},
         mmlu_options={"local_dir": local, "per_question": True},
         on_row=save_partial,
     )
