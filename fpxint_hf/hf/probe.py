@@ -38,9 +38,8 @@ def _fp_model(config, checkpoint_files: list[str], dtype: torch.dtype) -> torch.
     cfg = copy.deepcopy(config)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    with init_empty_weights(
-        include_buffers=False
-    ):  # parameters on meta (the file fills them), buffers computed
+    # parameters on meta (the files fill them), buffers (rotary inv_freq) computed
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     state: dict[str, torch.Tensor] = {}
     for path in checkpoint_files:
@@ -85,6 +84,7 @@ def probe_second_moments(
 
 
 def _probe(config, files: list[str], dtype: torch.dtype, tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    logger.info("act_proxy='probe': building the FP model (%s) from %d file(s)", dtype, len(files))
     model = _fp_model(config, files, dtype)
     sums: dict[str, torch.Tensor] = {}
 

@@ -38,9 +38,8 @@ class FPxINTHfQuantizer(HfQuantizer):
         self.modules_to_not_convert: list[str] = []
         self._progress = None
         self.proxy: ActivationProxy | ProbeProxy | None = None
-        self.load_dtype = (
-            torch.float32
-        )  # the dtype from_pretrained loads in (the probe's FP model runs in it)
+        # the dtype from_pretrained loads in (the probe's FP model runs in it)
+        self.load_dtype = torch.float32
         self.budget_candidates: dict[str, dict] = {}  # module name -> budget_candidates (with a bits budget)
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -90,10 +89,11 @@ class FPxINTHfQuantizer(HfQuantizer):
 
             cfg = self.quantization_config
             files = kwargs.get("checkpoint_files") or []
-            if cfg.series == "nested" and cfg.fit == "optimized" and cfg.act_proxy == "norm":
+            weighted = cfg.series == "nested" and cfg.fit == "optimized"  # the fits that take an importance
+            if weighted and cfg.act_proxy == "norm":
                 kv = getattr(getattr(model, "config", None), "num_key_value_heads", None)
                 self.proxy = ActivationProxy(files, kv)
-            elif cfg.series == "nested" and cfg.fit == "optimized" and cfg.act_proxy == "probe":
+            elif weighted and cfg.act_proxy == "probe":
                 self.proxy = ProbeProxy(probe_second_moments(model.config, files, self.load_dtype))
 
             self._progress = tqdm(
