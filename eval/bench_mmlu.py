@@ -37,6 +37,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,30 +105,28 @@ def hqq_row(fp_dir: str) -> tuple[str, nn.Module, float]:
 OPTIONS = {"bits": [4, 2], "terms": 2, "bits_budget": 4.25, "dual_scale": True, "zero_bits": 8}
 
 
-def options_row(fp_dir: str) -> tuple[str, nn.Module, float]:
-    """FP=xINT with the opt-in options (``OPTIONS``) at group 128, dense float32 forward as the other rows."""
+def _fpxint_row(fp_dir: str, label: str, **config: Any) -> tuple[str, nn.Module, float]:
+    """FP=xINT quantized on load with ``FPxINTConfig(group_size=GROUP, **config)``, dense float32 forward as the
+    other rows."""
     from transformers import AutoModelForCausalLM
 
     from fpxint_hf import FPxINTConfig, set_forward_mode
     from fpxint_hf.model_ops import model_bits_per_weight
 
-    cfg = FPxINTConfig(group_size=GROUP, forward_mode="dense", **OPTIONS)
+    cfg = FPxINTConfig(group_size=GROUP, forward_mode="dense", **config)
     model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=cfg, dtype=torch.float32)
     model = set_forward_mode(model.eval(), "dense")
-    return "FP=xINT dual_scale + int8 bias, 4+2 budget 4.25", model, model_bits_per_weight(model)
+    return label, model, model_bits_per_weight(model)
+
+
+def options_row(fp_dir: str) -> tuple[str, nn.Module, float]:
+    """FP=xINT with the opt-in options (``OPTIONS``) at group 128."""
+    return _fpxint_row(fp_dir, "FP=xINT dual_scale + int8 bias, 4+2 budget 4.25", **OPTIONS)
 
 
 def probe_row(fp_dir: str) -> tuple[str, nn.Module, float]:
     """FP=xINT T=1 with ``act_proxy="probe"`` (energies measured on 128 random token ids) at group 128."""
-    from transformers import AutoModelForCausalLM
-
-    from fpxint_hf import FPxINTConfig, set_forward_mode
-    from fpxint_hf.model_ops import model_bits_per_weight
-
-    cfg = FPxINTConfig(bits=4, terms=1, group_size=GROUP, forward_mode="dense", act_proxy="probe")
-    model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=cfg, dtype=torch.float32)
-    model = set_forward_mode(model.eval(), "dense")
-    return "FP=xINT T=1, act_proxy=probe", model, model_bits_per_weight(model)
+    return _fpxint_row(fp_dir, "FP=xINT T=1, act_proxy=probe", bits=4, terms=1, act_proxy="probe")
 
 
 def merged(old: dict, new: TableResult) -> TableResult:

@@ -203,9 +203,8 @@ def quantization_times(fp_dir: Path) -> dict[str, float]:
         for w in weights:
             fn(w)
         out[label] = time.perf_counter() - start
-    start = (
-        time.perf_counter()
-    )  # act_proxy="probe": the FP model rebuilt from its files and run, then the fit
+    # act_proxy="probe": the FP model rebuilt from its files and run, then the fit
+    start = time.perf_counter()
     m2 = probe_second_moments(fp.config, [str(p) for p in Path(fp_dir).glob("*.safetensors")])
     for name, w in named.items():
         expand(w, 4, 1, 64, series="nested", fit="optimized", importance=m2[name])
