@@ -46,9 +46,10 @@ import torch
 
 from .bias import ceil_fp16, int8_bias
 from .fit import Grid, fit_grid, minmax_grid, relative_error, rtn, snr_db  # noqa: F401  (re-exported)
+from .gptq import second_order_levels
 from .saturation import LAPLACE_CLIP, SEARCH_GRID, clip_range, outlier_budget, saturate, sparse_matrix  # noqa: F401
 from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS, ZERO_BITS  # noqa: F401
-from .transform import fit_input_transform, fold_weight
+from .transform import fit_input_transform, fold_weight, transform_hessian
 
 FIT_MAX_BITS = 8  # the error-minimizing fit is used for series of at most this many bits in total
 
@@ -194,6 +195,9 @@ def expand(
     dual_scale: bool = DEFAULTS.dual_scale,
     rotation: str | None = DEFAULTS.rotation,
     zero_bits: int = DEFAULTS.zero_bits,
+    *,
+    hessian: torch.Tensor | None = None,
+    hessian_span: int | None = None,
 ) -> Expansion:
     """Expand a 2-D weight into Eq. 1.  ``group_size`` must divide ``in_features`` (see
     ``resolve_group_size``); ``tol > 0`` stops once ``max |R_i| < tol``.  ``bits`` is one width for all
@@ -203,6 +207,9 @@ def expand(
     ``rotation``/``dual_scale`` first transform ``w`` (``transform.fit_input_transform``): the series then holds
     the transformed matrix, ``reconstruct`` returns it and ``original_weight`` the weight in the input basis.
     ``zero_bits=8`` stores the bias as an int8 code (``bias.int8_bias``; nested series only).
+    ``hessian`` (``[in, in]``, the layer's input covariance ``E[x xᵀ]``; nested series only): the codes of the
+    fitted grid are chosen with GPTQ's error feedback where that lowers the output error (``gptq.py``;
+    ``hessian_span``: compensate within spans of that many columns only).
 
     With ``outlier_fraction == 0`` nothing is saturated (``M_sa = 0``).  In the legacy rule every value
     must then be representable, so the clip range is the group's min-max range whatever ``clip`` says.
@@ -232,8 +239,14 @@ def expand(
         raise ValueError("weight contains NaN or Inf values")
     w = w.detach().float()
     col_scale = rot_signs = None
+    if hessian is not None and series != "nested":
+        raise ValueError("a hessian (second-order fit) needs series='nested'")
+    if hessian is not None and tuple(hessian.shape) != (in_features, in_features):
+        raise ValueError(f"hessian must be [{in_features}, {in_features}], got {tuple(hessian.shape)}")
     if dual_scale or rotation is not None:
         w, importance, col_scale, rot_signs = fit_input_transform(w, dual_scale, rotation, gs, importance)
+        if hessian is not None:
+            hessian = transform_hessian(hessian.to(w.device), col_scale, rot_signs)
 
     budget = outlier_budget(in_features, outlier_fraction)
     if budget:
@@ -253,7 +266,12 @@ def expand(
     else:
         a = None
         scale16, zero16 = legacy_first_term(_groups(wc, gs), term_bits[0], symmetric)
-    codes, used, errors = _series_codes(w, wc, scale16, zero16, term_bits, gs, series, tol, a)
+    target = None
+    if hessian is not None:
+        target = second_order_levels(
+            wc, hessian.to(w.device), scale16, zero16, term_bits, gs, span=hessian_span
+        )
+    codes, used, errors = _series_codes(w, wc, scale16, zero16, term_bits, gs, series, tol, a, target)
     return Expansion(
         codes,
         scale16,
@@ -349,15 +367,18 @@ def _series_codes(
     series: str,
     tol: float,
     a: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, tuple[float, ...]]:
     """Greedy codes of every term from the *stored* scale/bias: term i rounds the residual ``R_{i-1}`` to
-    its grid.  Returns the uint8 codes ``[T, out, in]``, the terms computed and the relative error after
-    each (weighted by the column weights ``a`` ``[G, gs]`` when given)."""
+    its grid.  Returns the uint8 codes ``[T, out, in]``, the terms computed and the relative error of ``wc``
+    after each (weighted by the column weights ``a`` ``[G, gs]`` when given).  ``target``: levels of the full
+    series' grid to encode instead of ``wc`` (``gptq.second_order_levels``; decomposed exactly)."""
     terms, (out_features, in_features) = len(term_bits), w.shape
     codes = torch.empty((terms, out_features, in_features), dtype=torch.uint8, device=w.device)
     for i, b in enumerate(term_bits):
         codes[i] = 2 ** (b - 1)  # value 0 (legacy) / unused
-    residual = _groups(wc, gs).clone()
+    residual = _groups(wc if target is None else target, gs).clone()
+    gap = None if target is None else _groups(wc - target, gs)  # what the encoded levels leave of wc
     if zero16 is not None:
         residual -= zero16.float().unsqueeze(-1)
     steps = term_scales(scale16, term_bits, terms, series).unsqueeze(-1)
@@ -373,7 +394,8 @@ def _series_codes(
         residual.sub_((c + offsets[i]) * steps[i])
         codes[i] = c.add_(2 ** (b - 1)).reshape(out_features, in_features)
         used += 1
-        errors.append(((residual if wa is None else residual * wa).norm() / norm).item())
+        left = residual if gap is None else residual + gap
+        errors.append(((left if wa is None else left * wa).norm() / norm).item())
     return codes, used, tuple(errors)
 
 

@@ -210,12 +210,16 @@ class FPxINTLinear(nn.Module):
         outlier_fraction: float = 0.0,
         tol: float = 0.0,
         importance: torch.Tensor | None = None,
+        hessian: torch.Tensor | None = None,
+        hessian_span: int | None = None,
     ) -> Expansion:
         """Expand a full-precision ``[out, in]`` weight with this layer's bits, terms, group size and symmetry
-        (``importance``: per-input-column fit weights, see ``expansion.expand``)."""
+        (``importance``: per-input-column fit weights; ``hessian``: the input covariance of the second-order
+        fit; see ``expansion.expand``)."""
         return expand(
             weight, self.term_bits, self.terms, self.group_size, self.symmetric, clip, outlier_fraction, tol,
             self.series, self.fit, importance, self.dual_scale, self.rotation, self.zero_bits,
+            hessian=hessian, hessian_span=hessian_span,
         )  # fmt: skip
 
     def expansion_state(self, e: Expansion) -> dict[str, torch.Tensor]:

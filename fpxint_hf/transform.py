@@ -61,6 +61,20 @@ def transform_input(
     return y.to(x.dtype)
 
 
+def transform_hessian(
+    h: torch.Tensor, col_scale: torch.Tensor | None, rot_signs: torch.Tensor | None
+) -> torch.Tensor:
+    """``E[x' x'ᵀ]`` of the transformed input ``x' = t ⊙ Rᵀx`` from ``h = E[x xᵀ]`` ``[in, in]`` (float32)."""
+    out = h.float()
+    if rot_signs is not None:
+        signs = rot_signs.reshape(-1)
+        out = rotate_input(rotate_input(out, signs).T.contiguous(), signs)
+    if col_scale is not None:
+        t = col_scale.reshape(-1).float()
+        out = out * t.unsqueeze(0) * t.unsqueeze(1)
+    return out
+
+
 def fold_weight(
     v: torch.Tensor, col_scale: torch.Tensor | None, rot_signs: torch.Tensor | None
 ) -> torch.Tensor:

@@ -15,7 +15,14 @@ logger = logging.getLogger(__name__)
 
 
 def budget_candidates(
-    module: FPxINTLinear, weight: torch.Tensor, cfg: FPxINTConfig, full, full_state, importance=None
+    module: FPxINTLinear,
+    weight: torch.Tensor,
+    cfg: FPxINTConfig,
+    full,
+    full_state,
+    importance=None,
+    hessian=None,
+    hessian_span=None,
 ) -> dict:
     """``{k: (buffers, relative error, stored bits)}`` for k = 1..terms: each k fitted for exactly k terms.
 
@@ -44,7 +51,9 @@ def budget_candidates(
                 zero_bits=module.zero_bits,
                 device="meta",
             )
-            e = probe.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance)
+            e = probe.quantize_weight(
+                weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance, hessian, hessian_span
+            )
             state = probe.expansion_state(e)
         # every stored tensor but the per-layer terms_used counter (the input transforms' t and signs count)
         stored = 8 * sum(t.numel() * t.element_size() for n, t in state.items() if n != "terms_used")

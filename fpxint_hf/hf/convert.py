@@ -14,6 +14,33 @@ if TYPE_CHECKING:
     from .quantizer import FPxINTHfQuantizer
 
 
+@torch.no_grad()
+def quantize_module(
+    hf_quantizer: FPxINTHfQuantizer,
+    module_name: str,
+    module: FPxINTLinear,
+    weight: torch.Tensor,
+    importance: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+    hessian_span: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The buffers of ``module`` for the full-precision ``weight`` (and its bits-budget candidates, kept on the
+    quantizer); ``importance``/``hessian``: the layer's input statistics (``expansion.expand``)."""
+    cfg = hf_quantizer.quantization_config
+    try:
+        e = module.quantize_weight(
+            weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance, hessian, hessian_span
+        )
+    except ValueError as err:
+        raise ValueError(f"FP=xINT cannot quantize {module_name}.weight: {err}") from err
+    state = module.expansion_state(e)
+    if cfg.bits_budget is not None:
+        hf_quantizer.budget_candidates[module_name] = budget_candidates(
+            module, weight, cfg, e, state, importance, hessian, hessian_span
+        )
+    return state
+
+
 class FPxINTQuantize(ConversionOps):
     """Turns one full-precision ``*.weight`` into the FP=xINT buffers of its module (tensor by tensor)."""
 
@@ -37,18 +64,11 @@ class FPxINTQuantize(ConversionOps):
         module = model.get_submodule(module_name)
         if not isinstance(module, FPxINTLinear):
             raise ValueError(f"{module_name} is not an FPxINTLinear ({type(module).__name__})")
-        cfg = self.hf_quantizer.quantization_config
-        proxy = self.hf_quantizer.proxy
-        importance = None if proxy is None else proxy.importance(module_name)
-        try:
-            e = module.quantize_weight(weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance)
-        except ValueError as err:
-            raise ValueError(f"FP=xINT cannot quantize {full_layer_name}: {err}") from err
-        state = module.expansion_state(e)
-        if cfg.bits_budget is not None:
-            self.hf_quantizer.budget_candidates[module_name] = budget_candidates(
-                module, weight, cfg, e, state, importance
-            )
+        state = self.hf_quantizer.prepared.pop(module_name, None)  # quantized in the probe's pass
+        if state is None:
+            proxy = self.hf_quantizer.proxy
+            importance = None if proxy is None else proxy.importance(module_name)
+            state = quantize_module(self.hf_quantizer, module_name, module, weight, importance)
         module._parameters.pop("weight", None)  # the full-precision placeholder is not kept
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)

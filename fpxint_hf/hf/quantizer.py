@@ -12,14 +12,15 @@ from typing import Any
 import torch
 from transformers.quantizers.base import HfQuantizer
 
+from ..gptq import compensation_span
 from ..linear import FPxINTLinear
 from .bits_budget import apply_bits_budget
 from .checkpoint import check_skip_names, resolve_compute_dtype
 from .checks import check_checkpoint_keys, check_loaded
 from .config import FPxINTConfig
-from .convert import FPxINTQuantize
+from .convert import FPxINTQuantize, quantize_module
 from .offloaded import warn_resident_offloaded_buffers
-from .probe import ProbeProxy, probe_second_moments
+from .probe import PROBE_SEQUENCES, SECOND_ORDER_SEQUENCES, LayerStats, stream_blocks
 from .proxy import ActivationProxy
 from .replace import modules_to_not_convert, record_layers, replace_with_fpxint_linear
 from .saving import install_atomic_save
@@ -37,10 +38,13 @@ class FPxINTHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list[str] = []
         self._progress = None
-        self.proxy: ActivationProxy | ProbeProxy | None = None
+        self.proxy: ActivationProxy | None = None
         # the dtype from_pretrained loads in (the probe's FP model runs in it)
         self.load_dtype = torch.float32
         self.budget_candidates: dict[str, dict] = {}  # module name -> budget_candidates (with a bits budget)
+        self.prepared: dict[
+            str, dict[str, torch.Tensor]
+        ] = {}  # module name -> buffers quantized by the probe
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if not isinstance(self.quantization_config, FPxINTConfig):
@@ -94,12 +98,45 @@ class FPxINTHfQuantizer(HfQuantizer):
                 kv = getattr(getattr(model, "config", None), "num_key_value_heads", None)
                 self.proxy = ActivationProxy(files, kv)
             elif weighted and cfg.act_proxy == "probe":
-                self.proxy = ProbeProxy(probe_second_moments(model.config, files, self.load_dtype))
+                self._quantize_in_probe(model, files)
 
             self._progress = tqdm(
                 total=len(replaced), desc="FP=xINT quantizing", unit="layer", leave=False, disable=None
             )  # disable=None: no bar when stderr is not a terminal (log files, CI)
         return model
+
+    def _quantize_in_probe(self, model: torch.nn.Module, files: list[str]) -> None:
+        """``act_proxy="probe"``: quantize every converted layer of the decoder blocks while the streaming probe
+        holds its block (``probe.stream_blocks``), with the measured ``E[x_j²]`` (and ``H`` with
+        ``second_order``); ``convert`` then stores the prepared buffers."""
+        cfg = self.quantization_config
+        layers = {
+            n: m
+            for n, m in model.named_modules()
+            if isinstance(m, FPxINTLinear) and "weight" in m._parameters
+        }
+
+        def on_block(_index: int, stats: dict[str, LayerStats]) -> None:
+            for name, s in stats.items():
+                if name in layers:
+                    self.prepared[name] = quantize_module(
+                        self,
+                        name,
+                        layers[name],
+                        s.weight,
+                        s.second_moment,
+                        s.hessian,
+                        compensation_span(s.weight.shape[1]),
+                    )
+
+        stream_blocks(
+            model.config,
+            files,
+            on_block,
+            self.load_dtype,
+            SECOND_ORDER_SEQUENCES if cfg.second_order else PROBE_SEQUENCES,
+            cfg.second_order,
+        )
 
     def progress_update(self) -> None:
         if self._progress is not None:
@@ -110,6 +147,10 @@ class FPxINTHfQuantizer(HfQuantizer):
             self._progress.close()
             self._progress = None
         self.proxy = None
+        if self.prepared:
+            raise ValueError(
+                f"act_proxy='probe' quantized layers the checkpoint never loaded: {sorted(self.prepared)[:3]}"
+            )
         check_loaded(model)
         if self.quantization_config.bits_budget is not None and not self.pre_quantized:
             apply_bits_budget(model, self.quantization_config, self.budget_candidates)
