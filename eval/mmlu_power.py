@@ -11,10 +11,10 @@ as soon as they are scored (``fpxint_hf.evaluation.mmlu_cache``): a killed run, 
 is never scored again unless its settings (or the FP model, or the MMLU data) change. After scoring, the table
 is rebuilt from all the caches: ``eval/results/mmlu_power.{json,md}``.
 
-Rows (``ROWS``, in table order; a new row is one ``RowSpec``): FP, RTN W4 ("Normal"), HQQ 4-bit, SINQ 4-bit,
-GPTQ 4-bit (``eval/_gptq_row.py::gptq_model(fp_dir, bits, group_size)``, skipped while that file is missing),
-the FP=xINT default (``FPxINTConfig()``, whatever it is when the row runs: its settings are in the cache key),
-FP=xINT T=2 (``terms=2, bits=4``) and RTN W8, all at group 128, all run with dense float32 weights. A row whose
+Rows (``ROWS``, in table and scoring order; a new row is one ``RowSpec``): FP, RTN W4 ("Normal"), the FP=xINT
+default (``FPxINTConfig()``, whatever it is when the row runs: its settings are in the cache key), HQQ 4-bit,
+SINQ 4-bit, GPTQ 4-bit (``eval/_gptq_row.py::gptq_model(fp_dir, bits, group_size)``, skipped while that file is
+missing), FP=xINT T=2 (``terms=2, bits=4``) and RTN W8, all at group 128, all run with dense float32 weights. A row whose
 package is missing (hqq; sinq: ``pip install --no-deps --target DIR sinq==0.2.0``, delete ``DIR/sitecustomize.py``,
 ``SINQ_AUTO_PATCH=0 PYTHONPATH=DIR``) is skipped with the reason.
 """
@@ -171,9 +171,11 @@ def gptq_build(fp_dir: str) -> Built:
     return out[0], out[1]
 
 
+# the paper's comparison first (a run cut short has it), then the peers, then the equal-bits pair
 ROWS: tuple[RowSpec, ...] = (
     RowSpec("fp", "FP", lambda: {"method": "fp", "dtype": "float32"}, lambda d: (load_fp(d), None)),
     rtn_row(4),
+    fpxint_row("fpxint", "FP=xINT default (FPxINTConfig())"),
     RowSpec(
         "hqq4",
         "HQQ 4-bit (default optimizer)",
@@ -189,7 +191,6 @@ ROWS: tuple[RowSpec, ...] = (
         "sinq",
     ),
     RowSpec("gptq4", "GPTQ 4-bit (calibrated)", gptq_settings, gptq_build),
-    fpxint_row("fpxint", "FP=xINT default (FPxINTConfig())"),
     fpxint_row("fpxint_t2", "FP=xINT T=2 (2x4-bit)", terms=2, bits=4, group_size=GROUP),
     rtn_row(8),
 )
