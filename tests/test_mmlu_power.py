@@ -207,3 +207,9 @@ def test_committed_json_is_what_the_committed_caches_give(eval_module):
     caches = [(k, names[k], cache.read_cache(COMMITTED.with_suffix("") / f"{k}.jsonl")) for k in names]
     rebuilt = report.build_report(qs, cache.subject_categories(), caches, [], data["settings"], {})
     assert rebuilt["rows"] == data["rows"]
+
+
+def test_minutes_stops_before_the_next_row(power, tiny_dir, data, tmp_path):
+    report = _run(power, tiny_dir, data, tmp_path / "t", "--minutes", "1e-9")
+    assert report["rows"] == [] and not list((tmp_path / "t").glob("*.jsonl"))
+    assert {s["row"] for s in report["skipped"]} >= {"fp", "rtn4", "fpxint_t2"}
