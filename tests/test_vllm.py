@@ -279,16 +279,6 @@ def test_vllm_checks_the_config_with_the_validator_transformers_uses(bad):
     assert str(vllm_err.value) == str(hf_err.value).replace("FPxINTConfig.", "quantization_config.", 1)
 
 
-def test_tensor_parallel_shards_are_refused_with_the_layer_name():
-    from fpxint_hf.vllm.method import FPxINTvLLMConfig, FPxINTvLLMLinearMethod
-
-    method = FPxINTvLLMLinearMethod(
-        FPxINTvLLMConfig({"bits": 4, "terms": 2, "group_size": 64}), "model.x.o_proj", 2
-    )
-    with pytest.raises(ValueError, match=r"model\.x\.o_proj: tensor-parallel shards .* not supported"):
-        method.create_weights(torch.nn.Module(), 96, [192], 192, 192, torch.float32, weight_loader=None)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,8 +1,9 @@
 """Serving FP=xINT checkpoints with vLLM: an out-of-tree quantization plugin (``quant_method: "fpxint"``).
 
 Installed as the ``vllm.general_plugins`` entry point ``fpxint`` (see pyproject), so ``vllm serve DIR`` and
-``vllm.LLM(DIR)`` load an fpxint checkpoint with no extra flag.  Nothing here imports vLLM until vLLM calls
-:func:`register` (in every process it starts); the core package never needs vLLM.
+``vllm.LLM(DIR)`` load an fpxint checkpoint with no extra flag, also with ``tensor_parallel_size > 1`` (each
+rank holds its share of the series, cut as vLLM cuts GPTQ: ``shards.py``, docs/serving-tp.md).  Nothing here
+imports vLLM until vLLM calls :func:`register` (in every process it starts); the core package never needs vLLM.
 
 Run-time settings (environment variables, read when the engine loads the model):
 

@@ -7,6 +7,9 @@ fuse them (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``) like any weig
 - ``scale``/``zero`` ``[out, G]``, ``outlier_idx``/``outlier_val`` ``[out, K]``: output rows on dim 0;
 - ``terms_used``: one entry per fused piece.
 
+With ``tensor_parallel_size > 1`` each rank creates only its share (``shards.py``: output rows of column-parallel
+layers, whole groups of inputs of row-parallel ones) and rebuilds the ``Expansion`` of that share.
+
 After loading, every piece is turned back into an ``Expansion`` with ``fpxint_hf``'s own code (the same group-size
 rule, the same series rule) and either dequantized once (``dense``; input transforms folded into the weight) or
 re-packed for the int4/int8 kernel (``col_scale``/``rot_signs`` then transform the input first, as in
@@ -48,10 +51,11 @@ from ..expansion import (
     resolve_group_size,
 )
 from ..layout import TensorSpec, check_tensors, layer_tensors
-from ..packing import unpack_series
+from ..packing import packed_size, unpack_series
 from ..settings import check_quantization_config, read_quantization_config
 from ..transform import transform_input
 from . import ENV_ACTIVE_TERMS, ENV_FORWARD
+from .shards import InputShard, SegmentedCodesParameter, cut_inputs, input_shard, shard_specs
 
 FORWARDS = backends.KERNEL_MODES  # dense runs on vLLM's own GEMM; the others on the backends registry
 
@@ -163,21 +167,27 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs: Any,
     ) -> None:
-        if input_size_per_partition != input_size or sum(output_partition_sizes) != output_size:
-            raise ValueError(
-                f"{self.prefix}: tensor-parallel shards of FP=xINT layers are not supported (this layer's "
-                f"[{output_size}, {input_size}] weight is split into [{sum(output_partition_sizes)}, "
-                f"{input_size_per_partition}]); serve with tensor_parallel_size=1"
-            )
         loader = extra_weight_attrs["weight_loader"]
-        out, n_in = sum(output_partition_sizes), input_size
+        out, n_in = sum(output_partition_sizes), input_size  # output rows of this rank, inputs of the layer
         gs = resolve_group_size(n_in, self.group_size)
+        shard = input_shard(
+            self.prefix,
+            getattr(layer, "tp_rank", 0),
+            n_in,
+            input_size_per_partition,
+            gs,
+            self.term_bits,
+            self.config.rotation,
+        )
         k = outlier_budget(n_in, self.config.outlier_fraction)
-        specs = self.layout(out, n_in, gs, k, len(output_partition_sizes))
-        for name, spec in specs.items():  # the tensors FPxINTLinear stores, as vLLM parameters of their kind
+        pieces = len(output_partition_sizes)
+        full = self.layout(out, n_in, gs, k, pieces)
+        local = self.layout(out, shard.size, shard.local_group_size, k, pieces) if shard.count > 1 else full
+        # the tensors FPxINTLinear stores, as vLLM parameters of their kind (this rank's share: shards.py)
+        for name, spec in shard_specs(full, local, shard).items():
             data = torch.empty(spec.shape, dtype=spec.dtype)
-            layer.register_parameter(name, _parameter(spec, data, loader))
-        layer.fpxint_layout = (tuple(output_partition_sizes), n_in, gs, params_dtype)
+            layer.register_parameter(name, _parameter(spec, data, loader, self.segments(name, shard)))
+        layer.fpxint_layout = (tuple(output_partition_sizes), shard, params_dtype)
 
     def layout(self, out: int, n_in: int, gs: int, k: int, pieces: int) -> dict[str, TensorSpec]:
         """The tensors of this (fused) layer: ``layout.layer_tensors`` with the config's input transforms."""
@@ -195,61 +205,67 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
             zero_bits=c.zero_bits,
         )
 
-    def bias(self, layer: Any, rows: slice) -> torch.Tensor:
+    def segments(self, name: str, shard: InputShard) -> tuple[int, ...] | None:
+        """Bytes of each term's packed row in mixed-width codes of a row-parallel layer (cut term by term)."""
+        if name != "codes" or shard.count == 1 or len(set(self.term_bits)) == 1:
+            return None
+        return tuple(packed_size(shard.in_features, b) for b in self.term_bits)
+
+    def bias(self, tensors: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
         """float16 bias ``[rows, G]`` of an asymmetric layer (the value of its int8 codes with ``zero_bits=8``)."""
         return bias_of(
-            layer.zero.data[rows], layer.scale.data[rows], self.term_bits[0], self.config.zero_bits
+            tensors["zero"][rows], tensors["scale"][rows], self.term_bits[0], self.config.zero_bits
         )
 
-    def expansions(self, layer: Any) -> list[Expansion]:
-        """One ``Expansion`` per fused piece, rebuilt from the loaded tensors."""
-        sizes, n_in, gs, _ = layer.fpxint_layout
-        codes = unpack_series(layer.codes.data, self.term_bits, n_in)
+    def expansions(
+        self, tensors: dict[str, torch.Tensor], sizes: tuple[int, ...], shard: InputShard
+    ) -> list[Expansion]:
+        """One ``Expansion`` per fused piece, rebuilt from the loaded tensors (this rank's inputs: ``shard``)."""
+        codes = unpack_series(tensors["codes"], self.term_bits, shard.size)
+        c = self.config
         out, start = [], 0
         for i, rows in enumerate(sizes):
             sl = slice(start, start + rows)
-            k = int(layer.terms_used.data[i])  # checked by check_tensors
-            idx = getattr(layer, "outlier_idx", None)
-            val = getattr(layer, "outlier_val", None)
+            idx, val = tensors.get("outlier_idx"), tensors.get("outlier_val")
             out.append(
                 Expansion(
                     codes=codes[:, sl],
-                    scale=layer.scale.data[sl],
-                    zero=None if self.config.symmetric else self.bias(layer, sl),
-                    outlier_idx=torch.zeros(rows, 0, dtype=torch.int32)
-                    if idx is None
-                    else idx.data[sl].int(),
-                    outlier_val=torch.zeros(rows, 0, dtype=torch.float16) if val is None else val.data[sl],
-                    terms_used=k,
+                    scale=tensors["scale"][sl],
+                    zero=None if c.symmetric else self.bias(tensors, sl),
+                    outlier_idx=torch.zeros(rows, 0, dtype=torch.int32) if idx is None else idx[sl].int(),
+                    outlier_val=torch.zeros(rows, 0, dtype=torch.float16) if val is None else val[sl],
+                    terms_used=int(tensors["terms_used"][i]),  # checked by check_tensors
                     term_bits=self.term_bits,
-                    group_size=gs,
-                    series=self.config.series,
-                    col_scale=layer.col_scale.data[i] if self.config.dual_scale else None,
-                    rot_signs=layer.rot_signs.data[i] if self.config.rotation else None,
-                    zero_bits=16 if self.config.symmetric else self.config.zero_bits,
+                    group_size=shard.local_group_size,
+                    series=c.series,
+                    col_scale=tensors["col_scale"][i] if c.dual_scale else None,
+                    rot_signs=tensors["rot_signs"][i] if c.rotation else None,
+                    zero_bits=16 if c.symmetric else c.zero_bits,
                 )
             )
             start += rows
         return out
 
-    def process_weights_after_loading(self, layer: Any) -> None:
-        sizes, n_in, gs, dtype = layer.fpxint_layout
-        k = outlier_budget(n_in, self.config.outlier_fraction)
-        specs = self.layout(sum(sizes), n_in, gs, k, len(sizes))
-        tensors = {name: getattr(layer, name).data for name in specs}
-        problems = check_tensors(
-            self.prefix,
-            tensors,
-            terms=self.terms,
-            term_bits=self.term_bits,
-            in_features=n_in,
-            series=self.config.series,
-        )
+    def loaded_tensors(self, layer: Any) -> dict[str, torch.Tensor]:
+        """The layer's loaded tensors, checked (``layout.check_tensors``; outlier columns against all inputs, the
+        codes against this rank's), with the outliers and input transforms cut to this rank's inputs."""
+        sizes, shard, _ = layer.fpxint_layout
+        k = outlier_budget(shard.in_features, self.config.outlier_fraction)
+        names = self.layout(sum(sizes), shard.in_features, shard.group_size, k, len(sizes))
+        tensors = {name: getattr(layer, name).data for name in names}
+        rules = dict(terms=self.terms, term_bits=self.term_bits, series=self.config.series)
+        rest = {n: t for n, t in tensors.items() if n != "codes"}
+        problems = check_tensors(self.prefix, rest, in_features=shard.in_features, **rules)
+        problems += check_tensors(self.prefix, {"codes": tensors["codes"]}, in_features=shard.size, **rules)
         if problems:
             raise ValueError(
                 f"FP=xINT checkpoint does not match its quantization_config: {'; '.join(problems)}"
             )
-        parts = self.expansions(layer)
+        return cut_inputs(tensors, shard)
+
+    def process_weights_after_loading(self, layer: Any) -> None:
+        sizes, shard, dtype = layer.fpxint_layout
+        parts = self.expansions(self.loaded_tensors(layer), sizes, shard)
         active = self.config.active_terms
         ks = [e.terms_used if active is None else min(active, e.terms_used) for e in parts]
         layer.fpxint_prepared = None
@@ -290,14 +306,19 @@ _PARAMETERS = {  # how vLLM shards and fuses each kind of tensor (layout.KINDS)
 }
 
 
-def _parameter(spec: TensorSpec, data: torch.Tensor, loader: Any) -> BasevLLMParameter:
-    """The vLLM parameter holding a tensor of ``spec`` (its output and input dims as vLLM's loaders expect)."""
+def _parameter(
+    spec: TensorSpec, data: torch.Tensor, loader: Any, segments: tuple[int, ...] | None = None
+) -> BasevLLMParameter:
+    """The vLLM parameter holding a tensor of ``spec`` (its output and input dims as vLLM's loaders expect);
+    ``segments``: mixed-width codes of a row-parallel layer, cut term by term (``shards``)."""
     cls = _PARAMETERS[spec.kind]
     dims: dict[str, int] = {}
     if spec.kind in ("codes", "group"):
         dims = {"output_dim": spec.output_dim or 0, "input_dim": spec.input_dim or 0}
     elif spec.kind == "row":
         dims = {"output_dim": spec.output_dim or 0}
+    if segments is not None:
+        return SegmentedCodesParameter(segments=segments, data=data, weight_loader=loader, **dims)
     return cls(data=data, weight_loader=loader, **dims)
 
 
