@@ -125,7 +125,7 @@ def test_push_refuses_a_checkpoint_missing_a_tensor(quantized, tmp_path, capsys,
     assert "model.layers.1.mlp.down_proj.scale" in line and "model.norm.weight" in line
 
 
-def test_random_codes_load_silently_as_the_readme_says(quantized, tmp_path):
+def test_random_codes_load_silently_as_the_docs_say(quantized, tmp_path):
     """Every byte of a 4-bit nested series is a valid pair of codes: random bytes cannot be detected cheaply."""
     bad = tmp_path / "noise"
     bad.mkdir()
@@ -138,8 +138,8 @@ def test_random_codes_load_silently_as_the_readme_says(quantized, tmp_path):
     )
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     AutoModelForCausalLM.from_pretrained(bad)  # loads: nothing to check a nested code against
-    readme = (ROOT / "README.md").read_text()
-    assert "random bytes in a `.codes` tensor of a nested series load silently" in readme
+    doc = (ROOT / "docs" / "safety.md").read_text()
+    assert "random bytes in a `.codes` tensor of a nested series load silently" in doc
 
 
 # --------------------------------------------------------------------------- CLI arguments
@@ -203,14 +203,14 @@ def test_quantize_removes_temp_folders_of_killed_runs(tiny_dir, tmp_path, capsys
 
 
 def test_debug_lets_the_exception_propagate_with_status_1(tmp_path):
-    """What the README says of ``--debug``: the traceback, exit status 1 (a plain run: one line, status 2)."""
+    """What docs/cli.md says of ``--debug``: the traceback, exit status 1 (a plain run: one line, status 2)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "fpxint_hf.cli", "--debug", "push", str(tmp_path / "gone"), "me/x"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 1 and "Traceback" in done.stderr and "does not exist" in done.stderr
     assert (
         "fpxint --debug ...                          # tracebacks instead of one-line errors (exit status 1)"
-        in (ROOT / "README.md").read_text()
+        in (ROOT / "docs" / "cli.md").read_text()
     )
 
 
