@@ -129,7 +129,11 @@ def test_readme_settings_table_quotes_the_pareto_rows_and_their_best_peer():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         settings = re.findall(r"`([^`]*)`", cells[1])[0]
         row = by[SETTINGS_ROWS[settings]]
-        assert cells[2:5] == [f"{row['bits']:.3f}", f"{row['kl']:.4f}", f"{100 * (row['ppl'] / fp_ppl - 1):+.2f}%"]
+        assert cells[2:5] == [
+            f"{row['bits']:.3f}",
+            f"{row['kl']:.4f}",
+            f"{100 * (row['ppl'] / fp_ppl - 1):+.2f}%",
+        ]
         best = min((p for p in peers if round(p["bits"], 3) <= round(row["bits"], 3)), key=lambda p: p["kl"])
         assert cells[5] == f"{best['label']}: {best['kl']:.4f} ({best['bits']:.3f})", line
 
