@@ -24,6 +24,7 @@ from .cli_checks import (
     UsageError,
     check_eval_args,
     check_folder,
+    check_hub_id,
     each_warning_once,
     remove_stale_temp_dirs,
     temp_prefix,
@@ -87,11 +88,18 @@ def _check_source(model: str) -> None:
         raise UsageError(
             f"{model} does not exist (neither a local folder, a .gguf file nor a hub id org/name)"
         )
+    if not path.exists():
+        _note(check_hub_id(model, "MODEL"))
+
+
+def _note(note: str | None) -> None:
+    if note:
+        print(note, file=sys.stderr)
 
 
 def _load_source(model: str) -> tuple[str, str | None]:
-    """(model folder or id, tokenizer or None, temp dir to delete) for MODEL; a GGUF is converted first."""
-    _check_source(model)
+    """(model folder or id, temp dir to delete or None) for MODEL (checked by ``_check_source``); a GGUF is
+    converted first."""
     if model.endswith(".gguf"):
         from .evaluation.assets import plain_model_from_gguf
 
@@ -104,6 +112,7 @@ def _load_source(model: str) -> tuple[str, str | None]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    _check_source(args.model)  # before torch and transformers load (seconds)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -156,7 +165,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .expansion import reconstruct, relative_error
     from .linear import FPxINTLinear
 
-    check_folder(args.dir, "DIR")
+    _note(check_folder(args.dir, "DIR"))
     model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.float32)
     ref = None
     if args.reference:
@@ -234,6 +243,8 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     rows = check_eval_args(args, ROW_KINDS)  # before torch and transformers load (seconds)
+    if args.model is not None:
+        _note(check_folder(args.model, "--model"))
     from .evaluation.assets import exit_on_missing
     from .evaluation.table import run_table
 

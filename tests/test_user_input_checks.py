@@ -171,6 +171,47 @@ def test_missing_folders_are_named(tmp_path, capsys):
     one_error_line(capsys, ["push", "me/tiny", "me/tiny"], "DIR: the folder me/tiny does not exist")
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["quantize", "does-not-exist", "OUT"], ["quantize", "org/model", "OUT"], ["inspect", "org/model"]],
+)
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "unreachable"])
+def test_a_name_that_is_no_local_path_fails_at_once_offline(argv, offline, tmp_path, capsys, monkeypatch):
+    """``fpxint quantize does-not-exist OUT`` with no hub: one line saying there is no such local path, before
+    anything loads (not minutes of hub retries)."""
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        reason = "the hub is off (HF_HUB_OFFLINE=1)"
+    else:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+        reason = "the hub (http://127.0.0.1:9) is unreachable"
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loading started")
+    )
+    one_error_line(capsys, argv, f"{argv[1]}: there is no local folder or file of that name, and {reason}")
+
+
+def test_a_hub_id_is_announced_before_the_hub_is_asked(tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import fpxint_hf.cli_checks as checks
+
+    def from_pretrained(*args, **kwargs):
+        assert "no local folder or file named org/model; looking it up on the hub" in capsys.readouterr().err
+        raise OSError("org/model is not a model on the hub")
+
+    monkeypatch.setattr(checks, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.chdir(tmp_path)
+    one_error_line(capsys, ["quantize", "org/model", "OUT"], "org/model is not a model on the hub")
+
+
 def test_skip_of_an_unknown_module_names_the_closest(tiny_dir, tmp_path, capsys):
     argv = ["quantize", str(tiny_dir), str(tmp_path / "o"), "--group-size", "32", "--skip", "q_prj"]
     line = one_error_line(capsys, argv, "'q_prj' matches no module")
