@@ -212,6 +212,20 @@ def test_a_hub_id_is_announced_before_the_hub_is_asked(tmp_path, capsys, monkeyp
     one_error_line(capsys, ["quantize", "org/model", "OUT"], "org/model is not a model on the hub")
 
 
+def test_a_group_size_that_fits_no_layer_is_one_line(tiny_dir, tmp_path, capsys):
+    """``--group-size 24`` divides neither 32 nor 64 inputs: refused before anything is written."""
+    argv = ["quantize", str(tiny_dir), str(tmp_path / "o"), "--group-size", "24"]
+    line = one_error_line(
+        capsys, argv, "FPxINTConfig.group_size=24 divides the inputs of none of the 14 layers"
+    )
+    assert "(in_features 32, 64)" in line and "e.g. 16" in line
+    assert not (tmp_path / "o").exists()
+    argv = ["eval", "--model", str(tiny_dir), "--group-size", "24", "--limit", "0", "--rows", "rtn,t1"]
+    line = one_error_line(
+        capsys, argv + ["--tokens", "64", "--context", "32"], "group_size=24 divides the inputs"
+    )
+
+
 def test_skip_of_an_unknown_module_names_the_closest(tiny_dir, tmp_path, capsys):
     argv = ["quantize", str(tiny_dir), str(tmp_path / "o"), "--group-size", "32", "--skip", "q_prj"]
     line = one_error_line(capsys, argv, "'q_prj' matches no module")

@@ -181,13 +181,18 @@ def rtn_model(fp_dir: str | Path, bits: int, group_size: int | None) -> tuple[nn
     """FP model with RTN-dequantized linear weights, and its bits per weight (X + 32 / group)."""
     from transformers import AutoModelForCausalLM
 
+    from ..hf.replace import quiet_group_fallback, warn_group_fallback
+
     model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).eval()
     stored, n = 0.0, 0
-    for _, m in quantizable_linears(model):
-        gs = resolve_group_size(m.in_features, group_size)
-        m.weight.copy_(rtn(m.weight, bits, gs))
-        stored += m.weight.numel() * (bits + 32 / gs)
-        n += m.weight.numel()
+    linears = [m for _, m in quantizable_linears(model)]
+    with quiet_group_fallback():  # one warning for all layers, as the FP=xINT rows
+        for m in linears:
+            gs = resolve_group_size(m.in_features, group_size)
+            m.weight.copy_(rtn(m.weight, bits, gs))
+            stored += m.weight.numel() * (bits + 32 / gs)
+            n += m.weight.numel()
+    warn_group_fallback(group_size, [m.in_features for m in linears])
     return model, stored / n
 
 
@@ -246,6 +251,9 @@ def run_table(
     t = time.perf_counter()
     fp = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).eval()
     fp_load_s = time.perf_counter() - t
+    from ..hf.replace import check_group_size
+
+    check_group_size(group_size, [m.in_features for _, m in quantizable_linears(fp)])  # before any row
     reference = fp_reference(fp, windows)
     if "fp" not in rows:
         fp = None  # only its reference is needed from here on: free the float32 model before the next one loads
