@@ -259,6 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             context=args.context,
             model_dir=args.model,
             mmlu_local=args.local,
+            on_status=lambda line: print(f"fpxint eval: {line}", file=sys.stderr, flush=True),
         )
     result.settings["command"] = "fpxint " + " ".join(sys.argv[1:])
     document = result.document()

@@ -206,6 +206,19 @@ def test_eval_table_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     assert rows["RTN W4 (Normal)"]["bits_per_weight"] == pytest.approx(t1["bits_per_weight"], rel=0.01)
     assert rows[rtn8]["quality"]["kl_vs_fp"] < rows["RTN W4 (Normal)"]["quality"]["kl_vs_fp"]
     assert "| FP=xINT T=2 (2x4-bit) |" in prefix.with_suffix(".md").read_text()
+    printed = capsys.readouterr()
+    # each step names its row and how many remain (issue 26: 22 minutes of unlabelled progress bars)
+    status = [ln for ln in printed.err.replace("\r", "\n").splitlines() if ln.startswith("fpxint eval: ")]
+    assert status[0].startswith("fpxint eval: loading the FP model")
+    assert "fpxint eval: row 2/5 (RTN W4): building (round-to-nearest of the FP weights)" in status
+    assert "fpxint eval: row 3/5 (FP=xINT T=1): PPL / KL / top-1 on 256 tokens" in status
+    assert status[-1].startswith("fpxint eval: row 5/5 (RTN W8): done in ") and status[-1].endswith(
+        "; 0 rows to go"
+    )
+    assert sum(ln.endswith("; 3 rows to go") for ln in status) == 1
+    # the note on quantize_s refers to a column the printed table has
+    header = next(ln for ln in printed.out.splitlines() if ln.startswith("| method |"))
+    assert "`quantize_s`" in printed.out and header.endswith("| quantize_s |")
     assert_user_error(capsys, [*args, "--rows", "fp,t9"], "unknown")
     assert_user_error(capsys, [*args, "--rows", "t2,fp,t2"], r"rows=\['t2'\] repeated")
 
