@@ -159,13 +159,18 @@ def _summary(model: torch.nn.Module) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    _note(check_folder(args.dir, "DIR"))
+    if Path(args.dir).expanduser().is_dir() and not (Path(args.dir).expanduser() / "config.json").is_file():
+        raise UsageError(
+            f"DIR {args.dir} has no config.json, so it is no model checkpoint (fpxint quantize and save_pretrained "
+            "write one next to the weights)"
+        )
     import torch
     from transformers import AutoModelForCausalLM
 
     from .expansion import reconstruct, relative_error
     from .linear import FPxINTLinear
 
-    _note(check_folder(args.dir, "DIR"))
     model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.float32)
     ref = None
     if args.reference:
@@ -173,7 +178,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     err_head = "rel. error vs reference" if ref else "last term / weight (norm)"
     print(f"| layer | shape | group | terms used/stored | bits/weight | outliers | {err_head} |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    layers = 0
+    layers = single = 0
     for name, m in model.named_modules():
         if not isinstance(m, FPxINTLinear):
             continue
@@ -181,16 +186,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         e = m.expansion()
         w = reconstruct(e)
         if ref is not None:
-            err = relative_error(w, ref[name].weight)
+            err = f"{relative_error(w, ref[name].weight):.2e}"
+        elif e.terms_used < 2:  # one term: no later term whose size could be shown
+            err, single = "-", single + 1
         else:  # size of the last term: the error of stopping one term earlier
-            err = 0.0 if e.terms_used < 2 else relative_error(reconstruct(e, e.terms_used - 1), w)
+            err = f"{relative_error(reconstruct(e, e.terms_used - 1), w):.2e}"
         outliers = int((e.outlier_val != 0).sum())
         print(
             f"| {name} | {m.out_features}x{m.in_features} | {m.group_size} | {e.terms_used}/{m.terms} | "
-            f"{m.bits_per_weight():.3f} | {outliers} | {err:.2e} |"
+            f"{m.bits_per_weight():.3f} | {outliers} | {err} |"
         )
     if layers == 0:
         raise UsageError(f"{args.dir} holds no FP=xINT layers (is it an fpxint checkpoint?)")
+    if single:
+        print(
+            f"\n{single} of {layers} layers use one term, so they have no later term to measure (-); "
+            "pass --reference FP_MODEL for every layer's error against the full-precision weights."
+        )
     print(f"\ntotal: {_summary(model)}; config: {json.dumps(model.config.quantization_config.to_dict())}")
     return 0
 

@@ -46,6 +46,33 @@ def test_quantize_inspect_and_reload(tiny_dir, tmp_path, capsys):
     assert errs and max(errs) < 0.01  # 3 terms of 4 bits reconstruct the reference closely
 
 
+def test_inspect_of_a_one_term_checkpoint_says_there_is_no_later_term(tiny_dir, tmp_path, capsys):
+    """T=1: no later term to measure, so no ``0.00e+00`` that reads as "no error"; with --reference the error."""
+    out = tmp_path / "t1"
+    assert main(["quantize", str(tiny_dir), str(out), "--terms", "1", "--group-size", "32"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| model.")]
+    assert rows and all(" | 1/1 | " in line and line.endswith(" | 0 | - |") for line in rows), rows
+    assert f"{len(rows)} of {len(rows)} layers use one term" in printed and "--reference FP_MODEL" in printed
+    assert "0.00e+00" not in printed
+    assert main(["inspect", str(out), "--reference", str(tiny_dir)]) == 0
+    errs = [
+        float(line.rsplit("|", 2)[-2]) for line in capsys.readouterr().out.splitlines() if "| model." in line
+    ]
+    assert (
+        len(errs) == len(rows) and 0.01 < min(errs) and max(errs) < 0.5
+    )  # 4-bit error against the FP weights
+
+
+def test_inspect_of_a_folder_without_config_json_says_so(tiny_dir, tmp_path, capsys):
+    weights = tmp_path / "weights-only"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    assert_user_error(capsys, ["inspect", str(weights)], "has no config.json, so it is no model checkpoint")
+
+
 def assert_user_error(capsys, argv, match):
     """``fpxint ARGV`` fails with exit status 2 and one stderr line matching ``match``, no traceback."""
     capsys.readouterr()
