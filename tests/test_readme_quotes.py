@@ -164,3 +164,18 @@ def test_readme_speed_limits_quote_speed_json():
     assert f"decode runs at {decode[0]:.2f}x bf16 for 4 bits (T=1) and {decode[1]:.2f}x for T=2" in text
     assert f"prefill is slower than bf16 ({prefill[0]:.2f}x and {prefill[1]:.2f}x)" in text
     assert max(prefill) < 1 < min(decode)
+
+
+LOG_PHRASES = ("this round", "rounds ago", "previous round", "last round", "this workplace", "this session")
+
+
+def test_readme_is_short_and_the_docs_read_as_documentation():
+    """The README is for users (at most ~250 lines); README and docs/ carry no development-log phrases."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for path in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = " ".join(path.read_text().lower().split())
+        found = [p for p in LOG_PHRASES if p in text]
+        assert not found, f"{path.name}: {found}"
+    linked = set(re.findall(r"\]\((docs/[\w.]+\.md)", readme))
+    assert linked == {f"docs/{p.name}" for p in DOCS.glob("*.md")}  # every doc is linked, every link exists
