@@ -13,6 +13,7 @@ import copy
 import logging
 from typing import Any
 
+from ..settings import CONFIG_DEFAULTS
 from .config import QUANT_METHOD, FPxINTConfig
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def ignored_fields(stored: FPxINTConfig, passed: FPxINTConfig) -> dict[str, tupl
         skip.add("compute_dtype")
     return {
         name: (getattr(passed, name), getattr(stored, name))
-        for name in FPxINTConfig._fields()
+        for name in CONFIG_DEFAULTS  # every field of FPxINTConfig
         if name not in skip and getattr(passed, name) != getattr(stored, name)
     }
 
