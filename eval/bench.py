@@ -20,7 +20,7 @@ Comparison libraries (the ``bench`` extra), installed without their dependencies
 ``pip install --no-deps bitsandbytes==0.50.2 hqq==0.2.8.post1 einops termcolor`` (psutil for RSS).
 torchao (``pip install --no-deps torchao==0.18.0``) is tried; where its int4 weight-only path fails (0.18.0 on this
 CPU: ``ImportError: Requires mslk >= 1.0.0``, a kernel package it does not declare), the row is kept as skipped
-with the error it raised, which bench.md and the README quote.
+with the error it raised, which bench.md and docs/benchmarks.md quote.
 """
 
 from __future__ import annotations

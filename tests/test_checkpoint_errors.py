@@ -166,6 +166,19 @@ def test_config_disagreeing_with_tensors_fails(saved_quantized, changes, tensor)
     assert "FP=xINT checkpoint does not match its quantization_config" in str(info.value)
 
 
+def test_a_config_edited_to_other_bits_gives_a_short_error(saved_quantized):
+    """Every layer mismatches: the first layers are named, then the count (not one line of every layer)."""
+    ckpt = saved_quantized(bits=4, terms=2, group_size=32)
+    edit_quant_config(ckpt, bits=3)
+    with pytest.raises(ValueError) as info:
+        reload(ckpt)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 600, message
+    assert message.count("has shape") == 2 and "model.layers.0.self_attn.q_proj.codes" in message
+    n_layers = 2 * 7
+    assert message.endswith(f"; and {n_layers - 2} more problems in {n_layers - 2} more layers"), message
+
+
 def test_config_gains_outliers_fails(saved_quantized):
     ckpt = saved_quantized(bits=4, terms=2, group_size=32)  # saved without outliers
     edit_quant_config(ckpt, outlier_fraction=0.02)

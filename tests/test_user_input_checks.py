@@ -125,7 +125,7 @@ def test_push_refuses_a_checkpoint_missing_a_tensor(quantized, tmp_path, capsys,
     assert "model.layers.1.mlp.down_proj.scale" in line and "model.norm.weight" in line
 
 
-def test_random_codes_load_silently_as_the_readme_says(quantized, tmp_path):
+def test_random_codes_load_silently_as_the_docs_say(quantized, tmp_path):
     """Every byte of a 4-bit nested series is a valid pair of codes: random bytes cannot be detected cheaply."""
     bad = tmp_path / "noise"
     bad.mkdir()
@@ -138,8 +138,8 @@ def test_random_codes_load_silently_as_the_readme_says(quantized, tmp_path):
     )
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     AutoModelForCausalLM.from_pretrained(bad)  # loads: nothing to check a nested code against
-    readme = (ROOT / "README.md").read_text()
-    assert "random bytes in a `.codes` tensor of a nested series load silently" in readme
+    doc = (ROOT / "docs" / "safety.md").read_text()
+    assert "random bytes in a `.codes` tensor of a nested series load silently" in doc
 
 
 # --------------------------------------------------------------------------- CLI arguments
@@ -169,6 +169,61 @@ def test_missing_folders_are_named(tmp_path, capsys):
     one_error_line(capsys, ["inspect", gone], f"DIR: the folder {gone} does not exist")
     one_error_line(capsys, ["push", gone, "me/tiny"], f"DIR: the folder {gone} does not exist")
     one_error_line(capsys, ["push", "me/tiny", "me/tiny"], "DIR: the folder me/tiny does not exist")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["quantize", "does-not-exist", "OUT"], ["quantize", "org/model", "OUT"], ["inspect", "org/model"]],
+)
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "unreachable"])
+def test_a_name_that_is_no_local_path_fails_at_once_offline(argv, offline, tmp_path, capsys, monkeypatch):
+    """``fpxint quantize does-not-exist OUT`` with no hub: one line saying there is no such local path, before
+    anything loads (not minutes of hub retries)."""
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        reason = "the hub is off (HF_HUB_OFFLINE=1)"
+    else:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+        reason = "the hub (http://127.0.0.1:9) is unreachable"
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loading started")
+    )
+    one_error_line(capsys, argv, f"{argv[1]}: there is no local folder or file of that name, and {reason}")
+
+
+def test_a_hub_id_is_announced_before_the_hub_is_asked(tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import fpxint_hf.cli_checks as checks
+
+    def from_pretrained(*args, **kwargs):
+        assert "no local folder or file named org/model; looking it up on the hub" in capsys.readouterr().err
+        raise OSError("org/model is not a model on the hub")
+
+    monkeypatch.setattr(checks, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.chdir(tmp_path)
+    one_error_line(capsys, ["quantize", "org/model", "OUT"], "org/model is not a model on the hub")
+
+
+def test_a_group_size_that_fits_no_layer_is_one_line(tiny_dir, tmp_path, capsys):
+    """``--group-size 24`` divides neither 32 nor 64 inputs: refused before anything is written."""
+    argv = ["quantize", str(tiny_dir), str(tmp_path / "o"), "--group-size", "24"]
+    line = one_error_line(
+        capsys, argv, "FPxINTConfig.group_size=24 divides the inputs of none of the 14 layers"
+    )
+    assert "(in_features 32, 64)" in line and "e.g. 16" in line
+    assert not (tmp_path / "o").exists()
+    argv = ["eval", "--model", str(tiny_dir), "--group-size", "24", "--limit", "0", "--rows", "rtn,t1"]
+    line = one_error_line(
+        capsys, argv + ["--tokens", "64", "--context", "32"], "group_size=24 divides the inputs"
+    )
 
 
 def test_skip_of_an_unknown_module_names_the_closest(tiny_dir, tmp_path, capsys):
@@ -203,14 +258,14 @@ def test_quantize_removes_temp_folders_of_killed_runs(tiny_dir, tmp_path, capsys
 
 
 def test_debug_lets_the_exception_propagate_with_status_1(tmp_path):
-    """What the README says of ``--debug``: the traceback, exit status 1 (a plain run: one line, status 2)."""
+    """What docs/cli.md says of ``--debug``: the traceback, exit status 1 (a plain run: one line, status 2)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "fpxint_hf.cli", "--debug", "push", str(tmp_path / "gone"), "me/x"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 1 and "Traceback" in done.stderr and "does not exist" in done.stderr
     assert (
         "fpxint --debug ...                          # tracebacks instead of one-line errors (exit status 1)"
-        in (ROOT / "README.md").read_text()
+        in (ROOT / "docs" / "cli.md").read_text()
     )
 
 

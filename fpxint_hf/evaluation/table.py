@@ -104,8 +104,8 @@ class TableResult:
     def to_markdown(self) -> str:
         s = self.settings
         head = (
-            "| method | bits/weight | Hums. | STEM | Social | Other | Avg. | PPL | KL vs FP (nats) | top-1 vs FP |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            "| method | bits/weight | Hums. | STEM | Social | Other | Avg. | PPL | KL vs FP (nats) | top-1 vs FP "
+            "| quantize_s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         )
         lines = []
         for r in self.rows:
@@ -114,7 +114,7 @@ class TableResult:
             q = r.quality
             lines.append(
                 f"| {r.name} | {bpw} | {' | '.join(cats)} | {q.perplexity:.3f} | {q.kl_vs_fp:.4f} | "
-                f"{100 * q.top1_agreement:.2f}% |"
+                f"{100 * q.top1_agreement:.2f}% | {'-' if r.quantize_s is None else f'{r.quantize_s:.1f}'} |"
             )
         limit = s["mmlu_limit"]
         subset = "all questions" if limit is None else f"first {limit} questions per subject"
@@ -181,13 +181,18 @@ def rtn_model(fp_dir: str | Path, bits: int, group_size: int | None) -> tuple[nn
     """FP model with RTN-dequantized linear weights, and its bits per weight (X + 32 / group)."""
     from transformers import AutoModelForCausalLM
 
+    from ..hf.replace import quiet_group_fallback, warn_group_fallback
+
     model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).eval()
     stored, n = 0.0, 0
-    for _, m in quantizable_linears(model):
-        gs = resolve_group_size(m.in_features, group_size)
-        m.weight.copy_(rtn(m.weight, bits, gs))
-        stored += m.weight.numel() * (bits + 32 / gs)
-        n += m.weight.numel()
+    linears = [m for _, m in quantizable_linears(model)]
+    with quiet_group_fallback():  # one warning for all layers, as the FP=xINT rows
+        for m in linears:
+            gs = resolve_group_size(m.in_features, group_size)
+            m.weight.copy_(rtn(m.weight, bits, gs))
+            stored += m.weight.numel() * (bits + 32 / gs)
+            n += m.weight.numel()
+    warn_group_fallback(group_size, [m.in_features for m in linears])
     return model, stored / n
 
 
@@ -223,12 +228,14 @@ def run_table(
     extra_rows: dict[str, Callable[[str], tuple[str, nn.Module, float]]] | None = None,
     mmlu_options: dict[str, Any] | None = None,
     on_row: Callable[[Row], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
 ) -> TableResult:
     """Build every requested row. ``mmlu_limit``: questions per subject (``None``: all; 0: skip MMLU).
 
     ``extra_rows`` adds row kinds beyond :data:`ROW_KINDS`: ``kind -> build(fp_dir) -> (name, model, bits per
     weight)`` (e.g. a peer method); ``mmlu_options`` are passed on to :func:`run_mmlu` (``local_dir``,
-    ``per_question``); ``on_row`` is called with each finished row (e.g. to save partial results)."""
+    ``per_question``); ``on_row`` is called with each finished row (e.g. to save partial results), ``on_status`` with a line
+    saying which row is being built or scored and how many remain."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra_rows = extra_rows or {}
@@ -243,9 +250,14 @@ def run_table(
     fp_dir = str(model_dir) if model_dir else fp_model_dir(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
     windows = pydoc_windows(tokenizer, tokens, context)
+    if on_status is not None:
+        on_status(f"loading the FP model and scoring it on {len(windows)} windows of {context} tokens")
     t = time.perf_counter()
     fp = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).eval()
     fp_load_s = time.perf_counter() - t
+    from ..hf.replace import check_group_size
+
+    check_group_size(group_size, [m.in_features for _, m in quantizable_linears(fp)])  # before any row
     reference = fp_reference(fp, windows)
     if "fp" not in rows:
         fp = None  # only its reference is needed from here on: free the float32 model before the next one loads
@@ -261,62 +273,75 @@ def run_table(
         "fp_load_s": fp_load_s,
     }
 
-    def mmlu(model: nn.Module) -> MMLUResult | None:
+    say = on_status or (lambda message: None)
+    n_rows = len(rows)
+    row_label = {"fp": "FP", "rtn": f"RTN W{bits}", "rtn2x": f"RTN W{2 * bits}"}
+    row_label |= {f"t{k}": f"FP=xINT T={k}" for k in (1, 2, 3)}
+
+    def mmlu(model: nn.Module, step: str) -> MMLUResult | None:
         if mmlu_limit == 0:
             return None
+        subset = "all questions" if mmlu_limit is None else f"{mmlu_limit} questions per subject"
+        say(f"{step}: MMLU ({subset})")
         result = run_mmlu(
             model, tokenizer, mmlu_limit, mmlu_local, cache_dir=cache_dir, **(mmlu_options or {})
         )
         settings["mmlu_source"], settings["mmlu_questions"] = result.source, result.n_questions
         return result
 
+    def score(model: nn.Module, step: str) -> QualityMetrics:
+        say(f"{step}: PPL / KL / top-1 on {settings['tokens']:,} tokens")
+        return evaluate_against(model, reference)
+
     out: list[Row] = _RowList(on_row)
     progress = tqdm(rows, desc="FP=xINT table", unit="row", disable=None)
-    for kind in progress:
+    for i, kind in enumerate(progress, 1):
         progress.set_postfix_str(kind)
+        step = f"row {i}/{n_rows} ({row_label.get(kind, kind)})"
+        row_start = time.perf_counter()
         if kind == "fp":
             # the FP row scores the reference itself: no second pass over the same tokens
             fp_quality = QualityMetrics(reference.perplexity, 0.0, 1.0, reference.n_tokens)
-            out.append(Row("FP", None, fp_quality, mmlu(fp)))
+            out.append(Row("FP", None, fp_quality, mmlu(fp, step)))
             fp = None
             gc.collect()
-            continue
-        if kind in extra_rows:
-            t = time.perf_counter()
+        elif kind in extra_rows:
+            say(f"{step}: building")
             name, model, bpw = extra_rows[kind](str(fp_dir))
-            elapsed = time.perf_counter() - t
-            out.append(Row(name, bpw, evaluate_against(model, reference), mmlu(model), elapsed))
+            elapsed = time.perf_counter() - row_start
+            out.append(Row(name, bpw, score(model, step), mmlu(model, step), elapsed))
             del model
             gc.collect()
-            continue
-        if kind in ("rtn", "rtn2x"):
+        elif kind in ("rtn", "rtn2x"):
             rtn_bits = bits if kind == "rtn" else 2 * bits
-            t = time.perf_counter()
+            say(f"{step}: building (round-to-nearest of the FP weights)")
             model, bpw = rtn_model(fp_dir, rtn_bits, group_size)
-            elapsed = time.perf_counter() - t
+            elapsed = time.perf_counter() - row_start
             name = f"RTN W{rtn_bits} (Normal)" if kind == "rtn" else f"RTN W{rtn_bits} (equal bits to T=2)"
-            out.append(Row(name, bpw, evaluate_against(model, reference), mmlu(model), elapsed))
+            out.append(Row(name, bpw, score(model, step), mmlu(model, step), elapsed))
             del model
             gc.collect()
-            continue
-        k = int(kind[1:])
-        t = time.perf_counter()
-        cfg = FPxINTConfig(bits=bits, terms=k, group_size=group_size)
-        model = AutoModelForCausalLM.from_pretrained(
-            fp_dir, quantization_config=cfg, dtype=torch.float32
-        ).eval()
-        elapsed = time.perf_counter() - t
-        settings.setdefault("fpxint_configs", {})[kind] = cfg.to_dict()
-        name = f"FP=xINT T={k} ({k}x{bits}-bit)"
-        out.append(
-            Row(name, model_bits_per_weight(model), evaluate_against(model, reference), mmlu(model), elapsed)
-        )
-        del model
-        gc.collect()
+        else:
+            k = int(kind[1:])
+            say(f"{step}: building (quantizing the FP model)")
+            cfg = FPxINTConfig(bits=bits, terms=k, group_size=group_size)
+            model = AutoModelForCausalLM.from_pretrained(
+                fp_dir, quantization_config=cfg, dtype=torch.float32
+            ).eval()
+            elapsed = time.perf_counter() - row_start
+            settings.setdefault("fpxint_configs", {})[kind] = cfg.to_dict()
+            name = f"FP=xINT T={k} ({k}x{bits}-bit)"
+            quality = score(model, step)
+            out.append(Row(name, model_bits_per_weight(model), quality, mmlu(model, step), elapsed))
+            del model
+            gc.collect()
+        left = n_rows - i
+        say(f"{step}: done in {time.perf_counter() - row_start:.0f} s; {left} row{'s' * (left != 1)} to go")
     notes = [
         "Each FP=xINT row is its own checkpoint, fitted for its T (the nested rule fits the first term for the "
         "whole series, so the first terms of a longer checkpoint are a little worse; see eval/results/pareto.md); "
-        f"`quantize_s` is its load+quantize time (the FP model loads in {fp_load_s:.1f} s).",
+        f"`quantize_s` is each quantized row's build time in seconds (load + quantize; RTN: load + round); the FP "
+        f"model loads in {fp_load_s:.1f} s.",
     ]
     if model_dir is None:  # what holds for the embedded SmolLM2 only
         notes += [

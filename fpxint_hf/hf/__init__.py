@@ -15,16 +15,19 @@ import transformers.quantizers.auto as _auto  # noqa: E402
 
 from .config import QUANT_METHOD, FPxINTConfig  # noqa: E402
 from .quantizer import FPxINTHfQuantizer  # noqa: E402
+from .reload import install_config_merge  # noqa: E402
 
 
 def register() -> None:
-    """Register ``quant_method="fpxint"`` with transformers (idempotent; survives a reload of its registry)."""
+    """Register ``quant_method="fpxint"`` with transformers (idempotent; survives a reload of its registry), and
+    route a ``quantization_config`` passed for an already-quantized folder through ``reload.merge_with_checkpoint``."""
     if _auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not FPxINTConfig:
         _auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
         _auto.register_quantization_config(QUANT_METHOD)(FPxINTConfig)
     if _auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not FPxINTHfQuantizer:
         _auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
         _auto.register_quantizer(QUANT_METHOD)(FPxINTHfQuantizer)
+    install_config_merge(_auto.AutoHfQuantizer)
 
 
 register()

@@ -97,7 +97,18 @@ def check_loaded(model: torch.nn.Module) -> None:
     _raise_if(problems)
 
 
-def _raise_if(problems: list[str]) -> None:
-    if problems:
-        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
-        raise ValueError(f"FP=xINT checkpoint does not match its quantization_config: {shown}")
+def _raise_if(problems: list[str], layers_shown: int = 2) -> None:
+    """One short error: the problems (``"<layer>.<tensor> ..."``) of the first ``layers_shown`` layers (at most 8),
+    then how many more in how many more layers (a config edited to another ``bits`` mismatches every layer)."""
+    if not problems:
+        return
+    layer_of = {p: p.split(" ", 1)[0].rsplit(".", 1)[0] for p in problems}
+    first = list(dict.fromkeys(layer_of.values()))[:layers_shown]
+    shown = [p for p in problems if layer_of[p] in first][:8]
+    text = "; ".join(shown)
+    if len(shown) < len(problems):
+        rest = {layer_of[p] for p in problems if p not in shown} - set(first)
+        text += f"; and {len(problems) - len(shown)} more problems" + (
+            f" in {len(rest)} more layers" if rest else ""
+        )
+    raise ValueError(f"FP=xINT checkpoint does not match its quantization_config: {text}")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -91,10 +95,17 @@ def replace_with_fpxint_linear(
 
     Raises ``ValueError`` when nothing can be replaced (no ``nn.Linear`` at all, e.g. GPT-2's ``Conv1D``).
     """
+    chosen = linears_to_quantize(model, modules_to_not_convert, names)
+    recorded = config.layer_group_size or {}
+    derived = [m.in_features for name, m in chosen if name not in recorded]  # group size not read back
+    if weight_placeholder and names is None:  # quantizing: refuse a group size that fits no layer
+        check_group_size(config.group_size, derived)
     replaced = []
-    for name, module in linears_to_quantize(model, modules_to_not_convert, names):
-        model.set_submodule(name, make_fpxint_linear(module, config, weight_placeholder, name))
-        replaced.append(name)
+    with quiet_group_fallback():
+        for name, module in chosen:
+            model.set_submodule(name, make_fpxint_linear(module, config, weight_placeholder, name))
+            replaced.append(name)
+    warn_group_fallback(config.group_size, derived)
     if not replaced:
         kinds = sorted({type(m).__name__ for m in model.modules() if m is not model})
         raise ValueError(
@@ -103,6 +114,65 @@ def replace_with_fpxint_linear(
         )
     logger.info("FP=xINT: replaced %d linear layers", len(replaced))
     return replaced
+
+
+def _fits(group_size: int, in_features: int) -> bool:
+    return group_size >= in_features or in_features % group_size == 0
+
+
+def check_group_size(group_size: int | None, in_features: list[int]) -> None:
+    """Refuse a ``group_size`` that divides the inputs of none of the layers (``in_features``, one per layer):
+    every layer would fall back to another size (``expansion.resolve_group_size``) than the one asked for."""
+    if group_size is None or not in_features or any(_fits(group_size, n) for n in in_features):
+        return
+    sizes = sorted(set(in_features))
+    common = math.gcd(*sizes)
+    g = 1 << (group_size.bit_length() - 1)
+    while g >= 16 and common % g:
+        g //= 2
+    hint = f"e.g. {g}, " if g >= 16 else ""
+    raise ValueError(
+        f"FPxINTConfig.group_size={group_size} divides the inputs of none of the {len(in_features)} layers to "
+        f"quantize (in_features {', '.join(map(str, sizes))}); choose a group size that divides them ({hint}or "
+        "None: one group per output channel)"
+    )
+
+
+def warn_group_fallback(group_size: int | None, in_features: list[int]) -> None:
+    """One warning for the layers whose ``in_features`` ``group_size`` does not divide, naming the size each uses
+    (``expansion.resolve_group_size``; recorded in ``layer_group_size``)."""
+    if group_size is None:
+        return
+    fell = sorted({n for n in in_features if not _fits(group_size, n)})
+    if not fell:
+        return
+    from ..expansion import resolve_group_size
+
+    with quiet_group_fallback():
+        used = {n: resolve_group_size(n, group_size) for n in fell}
+    what = "; ".join(
+        f"{n} inputs: {'one group per output channel' if used[n] == n else f'groups of {used[n]}'}"
+        for n in fell
+    )
+    count = sum(n in used for n in in_features)
+    logger.warning(
+        "FP=xINT: group_size=%d does not divide the inputs of %d of %d layers, which use another group size "
+        "(recorded per layer in layer_group_size): %s",
+        group_size,
+        count,
+        len(in_features),
+        what,
+    )
+
+
+@contextlib.contextmanager
+def quiet_group_fallback() -> Iterator[None]:
+    """Hide ``resolve_group_size``'s per-layer warning while the block runs (``warn_group_fallback`` sums up)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"group_size=\d+ does not divide in_features", category=UserWarning
+        )
+        yield
 
 
 def record_layers(model: nn.Module, config: FPxINTConfig, replaced: list[str]) -> None:
