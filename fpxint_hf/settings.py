@@ -41,9 +41,9 @@ class ExpansionSettings:
     bits: int | tuple[int, ...] = field(
         default=4, metadata={"help": "bits X per term, or one width per term"}
     )
-    terms: int = field(default=2, metadata={"help": f"terms T stored, 1-{MAX_TERMS}"})
+    terms: int = field(default=1, metadata={"help": f"terms T stored, 1-{MAX_TERMS}"})
     group_size: int | None = field(
-        default=128, metadata={"help": "inputs per scale; None: per output channel"}
+        default=64, metadata={"help": "inputs per scale; None: per output channel"}
     )
     symmetric: bool = field(default=False, metadata={"help": "symmetric first term (no bias)"})
     clip: str = field(default="laplace", metadata={"help": "saturation range (used with outliers)"})
@@ -166,14 +166,15 @@ DEFAULTS = ExpansionSettings()
 
 # ---------------------------------------------------------------------------- the saved quantization_config
 
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 """Format of a saved ``quantization_config`` (its ``version`` key).
 
 1 (no ``version`` key: fpxint_hf 0.1 up to the format with ``series``): a key it lacks takes the value of
-``FORMAT_1_DEFAULTS``, else of ``CONFIG_DEFAULTS``; the layers are the ``nn.Linear`` modules that
+``FORMAT_DEFAULTS[1]``, else of ``CONFIG_DEFAULTS``; the layers are the ``nn.Linear`` modules that
 ``modules_to_not_convert`` does not match.  2: ``quantized_modules`` names every converted layer and
-``layer_group_size`` the group size of every layer where it differs from ``group_size``."""
-CONFIG_VERSIONS = (1, CONFIG_VERSION)
+``layer_group_size`` the group size of every layer where it differs from ``group_size``.  3: the same tensors;
+the defaults of a config without arguments changed (``FORMAT_DEFAULTS[2]`` holds format 2's)."""
+CONFIG_VERSIONS = (1, 2, CONFIG_VERSION)
 
 CONFIG_DEFAULTS: dict[str, Any] = {
     **DEFAULTS.as_dict(),
@@ -181,7 +182,8 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "forward_mode": "auto",
     "bits_budget": None,
     "layer_terms": None,  # {module name: terms} where it differs from ``terms`` (written by a bits budget)
-    "act_proxy": "norm",
+    "act_proxy": "probe",
+    "second_order": False,  # GPTQ's error feedback with the probe's input covariance (act_proxy="probe" only)
     "quantized_modules": None,  # the converted layers' names (written when quantizing; format 2)
     "layer_group_size": None,  # {module name: group size} where it differs from ``group_size`` (format 2)
     "compute_dtype": None,  # the dtype a reload without dtype= runs in (None: chosen when quantizing)
@@ -204,6 +206,8 @@ def check_quantization_config(owner: str, values: Mapping[str, Any]) -> None:
 
     check_settings(owner, {name: values[name] for name in SETTING_NAMES})
     check(values["act_proxy"] in ACT_PROXIES, "act_proxy", f"one of {ACT_PROXIES}")
+    second = values["second_order"]
+    check(isinstance(second, bool), "second_order", "True or False (used with act_proxy='probe')")
     dtype = values["compute_dtype"]
     check(dtype is None or dtype in COMPUTE_DTYPES, "compute_dtype", f"None or one of {COMPUTE_DTYPES}")
     budget, terms = values["bits_budget"], values["terms"]
@@ -239,8 +243,12 @@ def check_quantization_config(owner: str, values: Mapping[str, Any]) -> None:
     check(values["version"] in CONFIG_VERSIONS, "version", f"one of {CONFIG_VERSIONS}")
 
 
-FORMAT_1_DEFAULTS: dict[str, Any] = {"series": "legacy", "fit": "minmax", "act_proxy": None}
-"""What a format-1 config without these keys means: the rule of fpxint_hf 0.1."""
+FORMAT_DEFAULTS: dict[int, dict[str, Any]] = {
+    1: {"series": "legacy", "fit": "minmax", "act_proxy": None, "second_order": False},
+    2: {"terms": 2, "group_size": 128, "act_proxy": "norm", "second_order": False},
+}
+"""What a config of an older format means by a key it lacks (format 1: the rule of fpxint_hf 0.1; format 2: the
+defaults of fpxint_hf before format 3)."""
 
 
 def read_quantization_config(saved: Mapping[str, Any]) -> dict[str, Any]:
@@ -253,5 +261,8 @@ def read_quantization_config(saved: Mapping[str, Any]) -> dict[str, Any]:
             f"quantization_config.version={version!r} is invalid; allowed: one of {CONFIG_VERSIONS} "
             "(a newer fpxint_hf wrote this checkpoint?)"
         )
-    base = {**CONFIG_DEFAULTS, **(FORMAT_1_DEFAULTS if version == 1 else {})}
+    base = dict(CONFIG_DEFAULTS)
+    for old in sorted(FORMAT_DEFAULTS, reverse=True):  # format 1 also means format 2's defaults, then its own
+        if version <= old:
+            base.update(FORMAT_DEFAULTS[old])
     return {**base, **{k: v for k, v in saved.items() if k != "quant_method"}, "version": version}

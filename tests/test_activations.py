@@ -79,7 +79,7 @@ def test_act_tol_stops_each_token_and_the_series():
 def _layer(seed=0, **kw) -> FPxINTLinear:
     torch.manual_seed(seed)
     lin = nn.Linear(256, 48)
-    return FPxINTLinear.from_linear(lin, **kw)
+    return FPxINTLinear.from_linear(lin, **{"terms": 2, "group_size": 128, **kw})  # a two-term series
 
 
 @pytest.mark.parametrize(
@@ -177,7 +177,7 @@ def test_float32_products_are_used_only_where_exact():
     assert float32_exact(2048, 128, 4)  # 2048·128·8 = 2^21
     assert auto_method(2048, 8, torch.device("cpu")) == "int"  # torch._int_mm: exact for any group size
     assert auto_method(128, 8, torch.device("meta")) == "reference"
-    big = FPxINTLinear.from_linear(nn.Linear(2048, 16), group_size=None)  # one group of 2048 inputs
+    big = FPxINTLinear.from_linear(nn.Linear(2048, 16), terms=2, group_size=None)  # one group of 2048 inputs
     with pytest.raises(ValueError, match="float32 products are not exact for group_size=2048"):
         prepare_act(big.expansion(), 2, ActSpec(8, 1, method="float32"), "cpu")
     assert prepare_act(big.expansion(), 2, ActSpec(4, 1, method="float32"), "cpu").max_code <= 128

@@ -252,8 +252,7 @@ def test_non_finite_weight_fails_quantize_on_load(make_fp_dir, transformers_log,
             ckpt, quantization_config=fpxint_hf.FPxINTConfig(bits=4, terms=2, group_size=32)
         )
     report = str(info.value) + "\n" + transformers_log.text
-    assert "conversion" in str(info.value).lower()
-    assert f"FP=xINT cannot quantize {layer}.weight" in report
+    assert f"FP=xINT cannot quantize {layer}.weight" in report  # raised in the probe's pass (the default)
     assert "NaN or Inf" in report
 
 

@@ -104,12 +104,12 @@ def test_output_folder_follows_the_umask_and_overwrite_swaps_a_checkpoint(tiny_d
     out = tmp_path / "q"
     old = os.umask(0o022)
     try:
-        assert main(["quantize", str(tiny_dir), str(out), "--group-size", "32", "--terms", "1"]) == 0
+        assert main(["quantize", str(tiny_dir), str(out), "--group-size", "32", "--terms", "2"]) == 0
         assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not mkdtemp's 0700
         assert main(["quantize", str(tiny_dir), str(out), "--group-size", "32", "--overwrite"]) == 0
     finally:
         os.umask(old)
-    assert AutoModelForCausalLM.from_pretrained(out).config.quantization_config.terms == 2
+    assert AutoModelForCausalLM.from_pretrained(out).config.quantization_config.terms == 1  # the default
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.")]  # no temp or old copy left
 
 
@@ -380,7 +380,7 @@ def test_two_concurrent_quantize_runs_leave_one_valid_checkpoint(tiny_dir, tmp_p
     assert sorted(code for code, _ in results) == [0, 2], results
     loser = next(err for code, err in results if code == 2)
     assert re.search(r"fpxint: error: .*(exists; pass --overwrite|appeared while quantizing)", loser), loser
-    assert AutoModelForCausalLM.from_pretrained(out).config.quantization_config.terms == 2
+    assert AutoModelForCausalLM.from_pretrained(out).config.quantization_config.terms == 1  # the default
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.")]
 
 

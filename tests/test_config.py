@@ -65,11 +65,12 @@ def test_valid_field_accepted(field, value):
 
 def test_defaults():
     cfg = FPxINTConfig()
-    assert (cfg.bits, cfg.terms, cfg.group_size, cfg.symmetric) == (4, 2, 128, False)
+    assert (cfg.bits, cfg.terms, cfg.group_size, cfg.symmetric) == (4, 1, 64, False)
     assert (cfg.clip, cfg.outlier_fraction, cfg.tol, cfg.forward_mode) == ("laplace", 0.0, 0.0, "auto")
     assert (cfg.series, cfg.fit, cfg.bits_budget, cfg.layer_terms) == ("nested", "optimized", None, None)
+    assert (cfg.act_proxy, cfg.second_order, cfg.version) == ("probe", False, 3)
     assert cfg.modules_to_not_convert is None
-    assert cfg.nominal_bits_per_weight() == 8
+    assert cfg.nominal_bits_per_weight() == 4  # + 32/64 for the float16 scale and bias: 4.5 bits per weight
 
 
 def test_unknown_kwarg_rejected():
@@ -101,6 +102,7 @@ NON_DEFAULT = dict(
     bits_budget=9.0,
     layer_terms={"model.layers.0.mlp.down_proj": 2},
     act_proxy=None,
+    second_order=True,
     quantized_modules=["model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"],
     layer_group_size={"model.layers.0.mlp.up_proj": 64},
     version=1,
@@ -146,9 +148,9 @@ def test_old_config_json_loads_as_legacy_and_new_fields_are_validated():
     # format 2 (an explicit version): a missing key takes today's default, not the legacy one
     new = FPxINTConfig.from_dict({**old, "version": 2})
     assert (new.series, new.fit, new.act_proxy) == ("nested", "optimized", "norm")
-    assert FPxINTConfig().version == 2 and cfg.version == 1
-    with pytest.raises(ValueError, match=r"quantization_config\.version=3 is invalid"):
-        FPxINTConfig.from_dict({**old, "version": 3})
+    assert FPxINTConfig().version == 3 and cfg.version == 1
+    with pytest.raises(ValueError, match=r"quantization_config\.version=4 is invalid"):
+        FPxINTConfig.from_dict({**old, "version": 4})
     assert FPxINTConfig(bits=[4, 2], terms=2).term_bits == (4, 2)
     assert FPxINTConfig(bits=[4, 2], terms=2).nominal_bits_per_weight() == 6
     for kwargs, field in [

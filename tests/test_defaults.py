@@ -14,7 +14,7 @@ from fpxint_hf.linear import FPxINTLinear
 from fpxint_hf.settings import (
     CONFIG_DEFAULTS,
     DEFAULTS,
-    FORMAT_1_DEFAULTS,
+    FORMAT_DEFAULTS,
     SETTING_NAMES,
     read_quantization_config,
 )
@@ -47,9 +47,12 @@ def test_config_defaults_are_the_reader_defaults():
 
 
 def test_reader_fills_each_format_with_its_defaults():
-    assert read_quantization_config({"version": 2}) == CONFIG_DEFAULTS
-    assert read_quantization_config({}) == {**CONFIG_DEFAULTS, **FORMAT_1_DEFAULTS, "version": 1}
-    for saved in ({}, {"version": 2}, {"series": "nested", "bits": [4, 2]}):
+    assert read_quantization_config({"version": 3}) == CONFIG_DEFAULTS
+    format2 = {**CONFIG_DEFAULTS, **FORMAT_DEFAULTS[2], "version": 2}
+    assert read_quantization_config({"version": 2}) == format2
+    assert format2["terms"] == 2 and format2["act_proxy"] == "norm"  # what fpxint_hf wrote before format 3
+    assert read_quantization_config({}) == {**format2, **FORMAT_DEFAULTS[1], "version": 1}
+    for saved in ({}, {"version": 2}, {"version": 3}, {"series": "nested", "bits": [4, 2]}):
         assert FPxINTConfig.from_dict(saved).to_dict() == {
             "quant_method": "fpxint",
             **{k: list(v) if isinstance(v, tuple) else v for k, v in read_quantization_config(saved).items()},

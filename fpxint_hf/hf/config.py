@@ -27,9 +27,9 @@ class FPxINTConfig(QuantizationConfigMixin):
         bits (`int` or `list[int]`, *optional*, defaults to 4):
             Bit width X of every term (one of 2, 3, 4, 8), or one width per term (e.g. `[4, 2]`: a 4-bit term plus
             a 2-bit correction; needs `series="nested"`).
-        terms (`int`, *optional*, defaults to 2):
+        terms (`int`, *optional*, defaults to 1):
             Number T of terms stored (1 to 8). The forward can use fewer at run time (`set_active_terms`).
-        group_size (`int` or `None`, *optional*, defaults to 128):
+        group_size (`int` or `None`, *optional*, defaults to 64):
             Inputs sharing one scale/bias, along the input dimension; `None` = one group per output channel.
             An int from 16 to 65536. When it does not divide a layer's in-features, that layer uses the largest
             power of two below it that does (at least 16), else one group per channel, with a warning.
@@ -77,12 +77,17 @@ class FPxINTConfig(QuantizationConfigMixin):
             `terms_used` counter is not, so `bits=[3, 2]`, `bits_budget=3.5` at group 64 is 3-bit in every
             layer). Each layer is quantized with 1..`terms` terms and keeps the number of terms that lowers the summed relative weight error most per stored bit;
             the choice is written to `layer_terms`. Needs `terms >= 2`.
-        act_proxy (`str` or `None`, *optional*, defaults to `"norm"`):
-            Weigh the first-term fit by a data-free estimate of each input column's activation energy read from
-            the neighbouring norm and projection weights (LLaMA/Qwen2 blocks; see `fpxint_hf.hf.proxy`).
-            `"probe"`: by each input column's energy measured on the FP model itself fed 128 random token ids (no
-            data; the FP model is built once more before the quantized one loads: see `fpxint_hf.hf.probe`).
-            `None`: plain weight error. Used when quantizing with `series="nested"`, `fit="optimized"`.
+        act_proxy (`str` or `None`, *optional*, defaults to `"probe"`):
+            Weigh the first-term fit by each input column's activation energy `E[x_j²]`. `"probe"`: measured on the
+            FP model itself fed random token ids (no data), one decoder block in memory at a time, read from the
+            checkpoint's safetensors files (see `fpxint_hf.hf.probe`). `"norm"`: a data-free estimate read from the
+            neighbouring norm and projection weights (LLaMA/Qwen2 blocks; see `fpxint_hf.hf.proxy`). `None`: plain
+            weight error. Used when quantizing with `series="nested"`, `fit="optimized"`.
+        second_order (`bool`, *optional*, defaults to `False`):
+            With `act_proxy="probe"`, the probe also measures each layer's input covariance `H = E[x xᵀ]` (on 8
+            sequences of 128 random token ids) and the codes are chosen with GPTQ's error feedback on the fitted
+            grid, per output row only where that lowers the output error `(w - ŵ) H (w - ŵ)ᵀ` (see
+            `fpxint_hf.gptq`). Used with `act_proxy="probe"` only (the other proxies measure nothing).
         compute_dtype (`str`, *optional*):
             The dtype a saved checkpoint runs in when reloaded without `dtype=` (`"bfloat16"`, `"float16"` or
             `"float32"`; written as config.json's `dtype`). `None` (default): decided when quantizing, `"float16"`
@@ -96,7 +101,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         layer_group_size (`dict[str, int]`, *optional*):
             Group size per layer where it differs from `group_size` (the fallback for in-features it does not
             divide), written when quantizing; a checkpoint without it re-derives the fallback.
-        version (`int`, *optional*, defaults to 2):
+        version (`int`, *optional*, defaults to 3):
             Format of the saved config. A config.json without `version` is format 1: a key it lacks takes the
             value of fpxint_hf 0.1 (`series="legacy"`, `fit="minmax"`, `act_proxy=None`).
         act_bits (`int` or `None`, *optional*):
@@ -135,6 +140,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         bits_budget: float | None = CONFIG_DEFAULTS["bits_budget"],
         layer_terms: dict[str, int] | None = CONFIG_DEFAULTS["layer_terms"],
         act_proxy: str | None = CONFIG_DEFAULTS["act_proxy"],
+        second_order: bool = CONFIG_DEFAULTS["second_order"],
         quantized_modules: list[str] | None = CONFIG_DEFAULTS["quantized_modules"],
         layer_group_size: dict[str, int] | None = CONFIG_DEFAULTS["layer_group_size"],
         version: int = CONFIG_DEFAULTS["version"],
@@ -170,6 +176,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         self.bits_budget = bits_budget
         self.layer_terms = layer_terms
         self.act_proxy = act_proxy
+        self.second_order = second_order
         self.quantized_modules = quantized_modules
         self.layer_group_size = layer_group_size
         self.version = version
