@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bias import ceil_fp16, int8_bias
+from .bias import ceil_fp16, check_zero_bits, int8_bias, zero_point_first_term
 from .fit import Grid, fit_grid, minmax_grid, relative_error, rtn, snr_db  # noqa: F401  (re-exported)
 from .saturation import LAPLACE_CLIP, SEARCH_GRID, clip_range, outlier_budget, saturate, sparse_matrix  # noqa: F401
 from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS, ZERO_BITS  # noqa: F401
@@ -71,7 +71,7 @@ class Expansion:
     errors: tuple[float, ...] = ()  # ||M - approx_k||_F / ||M||_F after k = 1..terms_used terms (not stored)
     col_scale: torch.Tensor | None = None  # float16 [in]: dual_scale's t; the series holds M/t (transform.py)
     rot_signs: torch.Tensor | None = None  # int8 [in]: ±1 signs of the block Hadamard rotation (rotation.py)
-    zero_bits: int = 16  # how ``zero`` is stored: float16, or 8 (int8 code, bias.py; ``zero`` is its value)
+    zero_bits: int = 16  # how ``zero`` is stored: float16, 8 or X_1 (int8 code or zero point, bias.py)
 
     @property
     def terms(self) -> int:
@@ -202,7 +202,8 @@ def expand(
     weighs the fit's error by input column (a data-free estimate of ``E[x_j²]``; ``None``: all equal).
     ``rotation``/``dual_scale`` first transform ``w`` (``transform.fit_input_transform``): the series then holds
     the transformed matrix, ``reconstruct`` returns it and ``original_weight`` the weight in the input basis.
-    ``zero_bits=8`` stores the bias as an int8 code (``bias.int8_bias``; nested series only).
+    ``zero_bits=8`` stores the bias as an int8 code (``bias.int8_bias``; nested series only); ``zero_bits=X_1``
+    (the first term's width, below 8) an integer zero point in first-term steps (``bias.int_zero_grid``).
 
     With ``outlier_fraction == 0`` nothing is saturated (``M_sa = 0``).  In the legacy rule every value
     must then be representable, so the clip range is the group's min-max range whatever ``clip`` says.
@@ -220,10 +221,7 @@ def expand(
         raise ValueError(f"fit={fit!r} is not supported; allowed: {tuple(FIRST_TERM_FITS)}")
     if clip not in CLIP_METHODS:
         raise ValueError(f"clip={clip!r} is not supported; allowed: {CLIP_METHODS}")
-    if type(zero_bits) is not int or zero_bits not in ZERO_BITS or (zero_bits != 16 and series != "nested"):
-        raise ValueError(
-            f"zero_bits={zero_bits!r} is not supported; allowed: {ZERO_BITS} (8: nested series only)"
-        )
+    check_zero_bits(zero_bits, term_bits[0], series)
     out_features, in_features = w.shape
     gs = in_features if group_size is None else group_size
     if in_features % gs:
@@ -250,6 +248,8 @@ def expand(
         scale16, zero16 = nested_first_term(_groups(wc, gs), term_bits, symmetric, fit, a)
         if zero16 is not None and zero_bits == 8:
             scale16, zero16 = int8_bias(scale16, zero16, term_bits[0])
+        elif zero16 is not None and zero_bits != 16:  # an integer zero point (bias.py, Eq. Zi)
+            scale16, zero16 = zero_point_first_term(_groups(wc, gs), scale16, zero16, term_bits, fit, a)
     else:
         a = None
         scale16, zero16 = legacy_first_term(_groups(wc, gs), term_bits[0], symmetric)
