@@ -53,7 +53,9 @@ def fp_dir_of(model: str) -> Path:
     return fp_model_dir()
 
 
-def measure(model: str, tokens: int, context: int, groups: list[int], labels: list[str]) -> list[dict[str, Any]]:
+def measure(
+    model: str, tokens: int, context: int, groups: list[int], labels: list[str]
+) -> list[dict[str, Any]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fpxint_hf.evaluation.metrics import evaluate_against, fp_reference, pydoc_windows
@@ -115,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--groups", default="128,64")
     ap.add_argument("--labels", default=None, help="i,j,...: indices into ZEROS (default: all)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--merge", action="store_true", help="add to the committed rows instead of replacing them")
+    ap.add_argument(
+        "--merge", action="store_true", help="add to the committed rows instead of replacing them"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = list(ZEROS)
