@@ -4,6 +4,7 @@ fpxint quantize MODEL OUT [--bits 4 --terms 2 --group-size 128 ...]   MODEL: hub
 fpxint eval [--limit 2 | --full] [--rows fp,rtn,t1,t2,rtn2x,t3] [--out PREFIX]
 fpxint inspect DIR [--reference FP_MODEL]
 fpxint push DIR REPO_ID [--private]
+fpxint export DIR OUT [--format compressed-tensors] [--dtype float16]   one-term checkpoints, integer zero points
 fpxint assets                                 # where the embedded model and MMLU live; the offline lm_eval line
 """
 
@@ -236,6 +237,36 @@ def lm_eval_command() -> str:
     return f"{shlex.quote(sys.executable)} -m lm_eval"
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .hf.export import export_compressed_tensors
+    from .model_ops import quant_method_of
+
+    check_folder(args.dir, "DIR", hub_ok=False)
+    if quant_method_of(AutoConfig.from_pretrained(args.dir)) != "fpxint":
+        raise UsageError(f"{args.dir} is not an fpxint checkpoint")
+    out = Path(args.out).resolve()
+    if not out.parent.is_dir():
+        raise UsageError(f"the folder {out.parent} for OUT does not exist")
+    if out.exists() and not (args.overwrite and _is_checkpoint(out)):
+        raise UsageError(f"{out} exists; pass --overwrite to replace it (a checkpoint folder only)")
+    model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.float32)
+    tmp = Path(fresh_dir(out.parent, temp_prefix(out)))
+    try:
+        info = export_compressed_tensors(model, tmp, args.dtype)
+        try:
+            AutoTokenizer.from_pretrained(args.dir).save_pretrained(tmp)
+        except (OSError, ValueError):
+            print("note: no tokenizer in DIR; exported the weights only", file=sys.stderr)
+        _publish(tmp, out, args.overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out}: {args.format} pack-quantized, {info['layers']} layers, {info['schemes']}")
+    return 0
+
+
 def cmd_assets(args: argparse.Namespace) -> int:
     """Build (once) and show the embedded assets: the SmolLM2 GGUF, its float folder, the local MMLU for lm-eval."""
     from .evaluation.assets import exit_on_missing, fp_model_dir, smollm2_gguf_path
@@ -291,6 +322,7 @@ COMMANDS = {
     "assets": cmd_assets,
     "inspect": cmd_inspect,
     "push": cmd_push,
+    "export": cmd_export,
 }
 
 

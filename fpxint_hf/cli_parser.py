@@ -138,6 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", default=None, help="full-precision model to measure the relative error against"
     )
 
+    x = sub.add_parser(
+        "export",
+        help="write a one-term fpxint checkpoint in another format (compressed-tensors pack-quantized)",
+    )
+    x.add_argument("dir", help="fpxint checkpoint folder (terms=1, zero_bits=bits or symmetric)")
+    x.add_argument("out", help="output folder (written atomically)")
+    x.add_argument(
+        "--format", choices=("compressed-tensors",), default="compressed-tensors", help="target format"
+    )
+    x.add_argument(
+        "--dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="dtype of the export's scales and other tensors (default float16)",
+    )
+    x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
     p = sub.add_parser("push", help="upload an fpxint checkpoint folder to the Hugging Face hub")
     p.add_argument("dir", help="fpxint checkpoint folder")
     p.add_argument("repo_id", help="hub repository, e.g. me/llama3-8b-fpxint")

@@ -39,21 +39,17 @@ This module is pure torch math: no ``nn``, no transformers.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .bias import ceil_fp16, int8_bias
+from .bias import check_zero_bits, int8_bias, zero_point_first_term
+from .first_term import FIRST_TERM_FITS, FIT_MAX_BITS, legacy_first_term, nested_first_term  # noqa: F401
 from .fit import Grid, fit_grid, minmax_grid, relative_error, rtn, snr_db  # noqa: F401  (re-exported)
 from .gptq import second_order_levels
 from .saturation import LAPLACE_CLIP, SEARCH_GRID, clip_range, outlier_budget, saturate, sparse_matrix  # noqa: F401
 from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS, ZERO_BITS  # noqa: F401
 from .transform import fit_input_transform, fold_weight, transform_hessian
-
-FIT_MAX_BITS = 8  # the error-minimizing fit is used for series of at most this many bits in total
-
-_FP16_MAX = torch.finfo(torch.float16).max
 
 
 @dataclass
@@ -72,7 +68,7 @@ class Expansion:
     errors: tuple[float, ...] = ()  # ||M - approx_k||_F / ||M||_F after k = 1..terms_used terms (not stored)
     col_scale: torch.Tensor | None = None  # float16 [in]: dual_scale's t; the series holds M/t (transform.py)
     rot_signs: torch.Tensor | None = None  # int8 [in]: ±1 signs of the block Hadamard rotation (rotation.py)
-    zero_bits: int = 16  # how ``zero`` is stored: float16, or 8 (int8 code, bias.py; ``zero`` is its value)
+    zero_bits: int = 16  # how ``zero`` is stored: float16, 8 or X_1 (int8 code or zero point, bias.py)
 
     @property
     def terms(self) -> int:
@@ -150,28 +146,6 @@ def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(w.shape[0], -1, group_size)
 
 
-def legacy_first_term(
-    wc: torch.Tensor, bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """float16 ``scale_1`` and bias ``[out, G]`` of the legacy rule for the saturated groups ``wc`` ``[out, G, gs]``.
-
-    ``scale_1`` (rounded up) covers ``[min, max]`` of each group given the stored bias, so no value is
-    clamped: ``|R_1| <= scale_1 / 2``.
-    """
-    half = 2 ** (bits - 1)
-    lo, hi = wc.amin(-1), wc.amax(-1)
-    if symmetric:
-        zero16 = None
-        need = torch.maximum(hi.abs(), lo.abs()) / (half - 1)
-    else:
-        zero16 = (lo + half * (hi - lo) / (2**bits - 1)).to(torch.float16)
-        zero = zero16.float()
-        need = torch.maximum((zero - lo) / half, (hi - zero) / (half - 1))
-    if need.numel() and need.max() > _FP16_MAX:
-        raise ValueError(f"weight range {need.max().item():.3g} per step exceeds the float16 scale range")
-    return ceil_fp16(need), zero16
-
-
 def dequantize_term(
     codes: torch.Tensor, step: torch.Tensor, bits: int, group_size: int, offset: float = 0.0
 ) -> torch.Tensor:
@@ -206,7 +180,8 @@ def expand(
     weighs the fit's error by input column (a data-free estimate of ``E[x_j²]``; ``None``: all equal).
     ``rotation``/``dual_scale`` first transform ``w`` (``transform.fit_input_transform``): the series then holds
     the transformed matrix, ``reconstruct`` returns it and ``original_weight`` the weight in the input basis.
-    ``zero_bits=8`` stores the bias as an int8 code (``bias.int8_bias``; nested series only).
+    ``zero_bits=8`` stores the bias as an int8 code (``bias.int8_bias``; nested series only); ``zero_bits=X_1``
+    (the first term's width, below 8) an integer zero point in first-term steps (``bias.int_zero_grid``).
     ``hessian`` (``[in, in]``, the layer's input covariance ``E[x xᵀ]``; nested series only): the codes of the
     fitted grid are chosen with GPTQ's error feedback where that lowers the output error (``gptq.py``;
     ``hessian_span``: compensate within spans of that many columns only).
@@ -227,10 +202,7 @@ def expand(
         raise ValueError(f"fit={fit!r} is not supported; allowed: {tuple(FIRST_TERM_FITS)}")
     if clip not in CLIP_METHODS:
         raise ValueError(f"clip={clip!r} is not supported; allowed: {CLIP_METHODS}")
-    if type(zero_bits) is not int or zero_bits not in ZERO_BITS or (zero_bits != 16 and series != "nested"):
-        raise ValueError(
-            f"zero_bits={zero_bits!r} is not supported; allowed: {ZERO_BITS} (8: nested series only)"
-        )
+    check_zero_bits(zero_bits, term_bits[0], series)
     out_features, in_features = w.shape
     gs = in_features if group_size is None else group_size
     if in_features % gs:
@@ -263,6 +235,8 @@ def expand(
         scale16, zero16 = nested_first_term(_groups(wc, gs), term_bits, symmetric, fit, a)
         if zero16 is not None and zero_bits == 8:
             scale16, zero16 = int8_bias(scale16, zero16, term_bits[0])
+        elif zero16 is not None and zero_bits != 16:  # an integer zero point (bias.py, Eq. Zi)
+            scale16, zero16 = zero_point_first_term(_groups(wc, gs), scale16, zero16, term_bits, fit, a)
     else:
         a = None
         scale16, zero16 = legacy_first_term(_groups(wc, gs), term_bits[0], symmetric)
@@ -296,65 +270,6 @@ def _column_weight(importance: torch.Tensor, in_features: int, gs: int, device: 
         raise ValueError(f"importance must hold {in_features} finite values >= 0, got shape {tuple(a.shape)}")
     a = a.reshape(-1, gs)
     return (a / a.mean(-1, keepdim=True).clamp(min=1e-30)).clamp(min=1e-6)
-
-
-def _optimized_grid(wg: torch.Tensor, bits: int, symmetric: bool, a: torch.Tensor | None) -> Grid:
-    """``fit.fit_grid`` (clip search + least squares), up to ``FIT_MAX_BITS`` bits in all; min-max above."""
-    if bits > FIT_MAX_BITS:
-        return minmax_grid(wg, bits, symmetric)
-    return fit_grid(wg, bits, symmetric=symmetric, weight=a)
-
-
-def _minmax_grid(wg: torch.Tensor, bits: int, symmetric: bool, a: torch.Tensor | None) -> Grid:
-    """RTN's min-max range (``a`` is not used)."""
-    return minmax_grid(wg, bits, symmetric)
-
-
-FIRST_TERM_FITS: dict[str, Callable[[torch.Tensor, int, bool, torch.Tensor | None], Grid]] = {
-    "optimized": _optimized_grid,
-    "minmax": _minmax_grid,
-}
-"""The first-term fits of a nested series by name (``fit``): the whole series' N-bit grid of each group of
-``wc`` ``[out, G, gs]``.  Its keys are ``settings.FIT_METHODS`` (tests/test_defaults.py checks it)."""
-
-
-def nested_first_term(
-    wc: torch.Tensor, term_bits: tuple[int, ...], symmetric: bool, fit: str, a: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """float16 ``scale_1`` and bias ``[out, G]`` of a nested series on the groups ``wc`` ``[out, G, gs]``.
-
-    The whole series is one uniform grid of ``N = ΣX_i`` bits with step ``δ = scale_1 / 2^(N - X_1)``;
-    its levels run from ``bias - 2^(X_1-1)·scale_1 - (scale_1 - δ)/2`` upwards (the mid-rise terms add
-    ``±(scale_1 - δ)/2`` around each first-term level).  ``δ`` and the grid's lowest level come from
-    the N-bit fit; the bias follows.
-    """
-    n = sum(term_bits)
-    h1, tail = 2 ** (term_bits[0] - 1), 2.0 ** (n - term_bits[0])
-    first_grid = FIRST_TERM_FITS[fit]
-    if symmetric:
-        g = first_grid(wc, n, True, a)
-        reach = g.scale * (2 ** (n - 1) - 1)  # the fitted |range|
-        scale = reach / (h1 - 0.5 - 0.5 / tail)
-        return _fp16_scale(scale), None
-    g = first_grid(wc, n, False, a)
-    lowest = g.zero - 2 ** (n - 1) * g.scale  # the fitted grid's lowest and highest levels
-    highest = g.zero + (2 ** (n - 1) - 1) * g.scale
-    zero = lowest + h1 * g.scale * tail + (g.scale * tail - g.scale) / 2
-    if zero.numel() and zero.abs().max() > _FP16_MAX:
-        raise ValueError(f"weight bias {zero.abs().max().item():.3g} exceeds the float16 range")
-    zero16 = zero.to(torch.float16)
-    # scale_1 (rounded up) such that the stored grid, about the stored bias, still spans [lowest, highest]
-    below, above = h1 + 0.5 - 0.5 / tail, h1 - 0.5 - 0.5 / tail
-    z = zero16.float()
-    scale = torch.maximum((z - lowest) / below, (highest - z) / above)  # above >= 1: every width is >= 2 bits
-    return _fp16_scale(scale), zero16
-
-
-def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    """float16 scale rounded up, so the stored grid never shrinks the range it must cover."""
-    if scale.numel() and scale.max() > _FP16_MAX:
-        raise ValueError(f"weight range {scale.max().item():.3g} per step exceeds the float16 scale range")
-    return ceil_fp16(scale)
 
 
 def _series_codes(

@@ -100,7 +100,9 @@ def gptq_levels(
     return q[:, torch.argsort(perm)]
 
 
-def _gptq_span(w: torch.Tensor, u: torch.Tensor, base: torch.Tensor, step: torch.Tensor, top: int) -> torch.Tensor:
+def _gptq_span(
+    w: torch.Tensor, u: torch.Tensor, base: torch.Tensor, step: torch.Tensor, top: int
+) -> torch.Tensor:
     """GPTQ's column loop with lazy batches of ``BLOCK`` columns over ``w`` ``[out, m]`` given the upper Cholesky
     factor ``u`` of its damped ``H⁻¹``.  Works on the transposes (a column is a contiguous row)."""
     wt, bt, st = w.T.contiguous(), base.T.contiguous(), step.T.contiguous()
@@ -112,7 +114,9 @@ def _gptq_span(w: torch.Tensor, u: torch.Tensor, base: torch.Tensor, step: torch
         err1 = torch.empty_like(w1)
         for i in range(i2 - i1):
             col = w1[i]
-            qc = col.sub(bt[i1 + i]).div_(st[i1 + i]).round_().clamp_(0, top).mul_(st[i1 + i]).add_(bt[i1 + i])
+            qc = (
+                col.sub(bt[i1 + i]).div_(st[i1 + i]).round_().clamp_(0, top).mul_(st[i1 + i]).add_(bt[i1 + i])
+            )
             qt[i1 + i] = qc
             e = col.sub(qc).div_(u1[i, i])
             w1[i:].sub_(u1[i, i:].unsqueeze(1) * e.unsqueeze(0))

@@ -49,12 +49,9 @@ FORWARD_MODES = (*MODULE_MODES, *backends.KERNEL_MODES, "auto")  # the backends 
 
 
 class FPxINTLinear(nn.Module):
-    """Linear layer with FP=xINT weights (``bits``-bit terms, ``terms`` stored, per-group scales).
-
-    ``group_size`` must divide ``in_features`` (callers resolve fallbacks with
-    ``expansion.resolve_group_size``); ``outlier_budget`` is the number K of saturated values
-    kept per output row (0: no ``M_sa`` buffers).
-    """
+    """Linear layer with FP=xINT weights (``bits``-bit terms, ``terms`` stored, per-group scales).  ``group_size``
+    must divide ``in_features`` (``expansion.resolve_group_size``); ``outlier_budget``: saturated values kept per
+    output row (0: no ``M_sa`` buffers)."""
 
     # buffers (declared for type checkers; registered in __init__)
     codes: torch.Tensor
@@ -213,9 +210,7 @@ class FPxINTLinear(nn.Module):
         hessian: torch.Tensor | None = None,
         hessian_span: int | None = None,
     ) -> Expansion:
-        """Expand a full-precision ``[out, in]`` weight with this layer's bits, terms, group size and symmetry
-        (``importance``: per-input-column fit weights; ``hessian``: the input covariance of the second-order
-        fit; see ``expansion.expand``)."""
+        """``expansion.expand`` of a full-precision ``[out, in]`` weight with this layer's settings."""
         return expand(
             weight, self.term_bits, self.terms, self.group_size, self.symmetric, clip, outlier_fraction, tol,
             self.series, self.fit, importance, self.dual_scale, self.rotation, self.zero_bits,

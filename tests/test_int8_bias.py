@@ -126,8 +126,9 @@ def test_save_reload_is_bit_identical_and_old_configs_mean_float16(
 @pytest.mark.parametrize(
     ("kwargs", "allowed"),
     [
-        ({"zero_bits": 4}, r"one of \(16, 8\)"),
-        ({"zero_bits": 8.0}, r"one of \(16, 8\)"),
+        ({"zero_bits": 5}, r"one of \(16, 8, 4, 3, 2\)"),
+        ({"zero_bits": 8.0}, r"one of \(16, 8, 4, 3, 2\)"),
+        ({"zero_bits": 3}, r"16, 8 or the first term's width 4"),
         (
             {"zero_bits": 8, "series": "legacy", "fit": "minmax"},
             r"16 with series='legacy' \(an int8 bias needs series='nested'\)",
@@ -150,4 +151,4 @@ def test_cli_flag_sets_the_option():
     assert cfg.zero_bits == 8
     assert _config_from_args(build_parser().parse_args(["quantize", "m", "out"])).zero_bits == 16
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["quantize", "m", "out", "--zero-bits", "4"])
+        build_parser().parse_args(["quantize", "m", "out", "--zero-bits", "5"])

@@ -70,7 +70,9 @@ class FPxINTConfig(QuantizationConfigMixin):
         zero_bits (`int`, *optional*, defaults to 16):
             How each group's bias is stored: `16` (float16) or `8` (an int8 code `b`, bias = `b·scale_1·2^(X-8)`,
             a grid 16x finer than the first term's at 4 bits; 8 bits per group fewer, 0.125 bits per weight at
-            group size 64; `series="nested"` only; no effect with `symmetric=True`). A config.json without this
+            group size 64; `series="nested"` only; no effect with `symmetric=True`), or the first term's width
+            (`zero_bits=4` with `bits=4`: an integer zero point `z` in [0, 2^X - 1], bias = `(2^(X-1) - z)·scale_1`,
+            as GPTQ/AWQ and compressed-tensors store it; `fpxint export` needs it). A config.json without this
             key: 16.
         bits_budget (`float`, *optional*):
             Average bits per weight to spend (codes, scales, zeros and outliers counted; the per-layer 32-bit
