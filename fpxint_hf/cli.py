@@ -74,6 +74,7 @@ def _config_from_args(args: argparse.Namespace) -> FPxINTConfig:
         **settings,
         bits_budget=args.bits_budget,
         act_proxy=None if args.act_proxy == "none" else args.act_proxy,
+        second_order=args.second_order,
         compute_dtype=args.compute_dtype,
         modules_to_not_convert=args.skip or None,
     )

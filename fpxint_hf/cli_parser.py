@@ -66,9 +66,15 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits-budget", type=float, default=None, help="average bits per weight to spend")
     p.add_argument(
         "--act-proxy",
-        choices=("norm", "probe", "none"),
-        default="norm",
-        help="data-free activation weighting",
+        choices=("probe", "norm", "none"),
+        default="probe",
+        help="data-free activation weighting: probe (the FP model on random token ids, one block at a time; "
+        "default), norm (read from the norm weights), none",
+    )
+    p.add_argument(
+        "--second-order",
+        action="store_true",
+        help="with --act-proxy probe: GPTQ error feedback with the probe's input covariance (no data)",
     )
     p.add_argument(
         "--skip", action="append", default=[], help="module name to keep in full precision (repeat)"
@@ -88,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a model and save an fpxint checkpoint")
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a model and save an fpxint checkpoint",
+        description="Quantize a model and save an fpxint checkpoint. The default is a 4-bit model: one 4-bit "
+        "term, group 64, float16 scale and bias per group = 4.5 bits per weight, the fit weighted by the probe. "
+        "--terms 2 gives the paper's near-lossless 4+4 series (8.5 bits per weight); --bits 3: 3.5 bits per weight.",
+    )
     q.add_argument("model", help="hub id, local HF folder, or a .gguf file")
     q.add_argument("out", help="output folder (written atomically)")
     add_quant_args(q)

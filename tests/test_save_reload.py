@@ -133,7 +133,8 @@ def test_a_config_passed_for_a_quantized_folder_applies_forward_mode_and_names_t
     caplog.clear()
     with caplog.at_level("WARNING"):  # only a run-time field differs: applied, nothing to warn about
         model = load_fp(
-            tmp_path / "q", quantization_config=fpxint_hf.FPxINTConfig(group_size=32, forward_mode="dense")
+            tmp_path / "q",
+            quantization_config=fpxint_hf.FPxINTConfig(terms=2, group_size=32, forward_mode="dense"),
         )
     assert {m.forward_mode for m in fpxint_modules(model).values()} == {"dense"}
     assert not [r for r in caplog.records if "already quantized" in r.getMessage()]

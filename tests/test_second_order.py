@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from checkpoint_helpers import fpxint_modules
-from conftest import build_tiny_model
 
 from fpxint_hf import FPxINTConfig
 from fpxint_hf.expansion import expand, reconstruct

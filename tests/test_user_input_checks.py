@@ -273,7 +273,7 @@ def test_terms_help_shows_the_real_default(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "(default 2, or one per --bits width)" in help_text and "default None" not in help_text
+    assert "(default 1, or one per --bits width)" in help_text and "default None" not in help_text
 
 
 # --------------------------------------------------------------------------- output noise
