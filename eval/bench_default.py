@@ -95,9 +95,9 @@ ROWS: list[tuple[str, int, Any]] = [  # (label, bits class, builder)
         fpxint(FPxINTConfig(terms=1, group_size=GROUP, act_proxy="norm", second_order=False)),
     ),
     (
-        "FP=xINT T=1, probe, no second order",
+        "FP=xINT T=1, probe + second_order (GPTQ on random-token H)",
         4,
-        fpxint(FPxINTConfig(terms=1, group_size=GROUP, act_proxy="probe", second_order=False)),
+        fpxint(FPxINTConfig(terms=1, group_size=GROUP, act_proxy="probe", second_order=True)),
     ),
     ("RTN W3", 3, lambda d: rows.rtn_row(d, 3, GROUP)),
     ("RTN W4", 4, lambda d: rows.rtn_row(d, 4, GROUP)),
@@ -137,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=tuple(MODELS), default="smollm2")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rerun", metavar="TEXT", help="measure only the rows whose label contains TEXT; merge")
+    ap.add_argument(
+        "--rerun",
+        metavar="TEXTS",
+        help="measure only the rows whose label contains one of these comma-separated texts; merge them into "
+        "the committed JSON (written after every row, so an interrupted run keeps what it measured)",
+    )
     ap.add_argument("--memory", action="store_true", help="measure quantize-on-load's peak RssAnon instead")
     ap.add_argument("--out", default=None, help="output prefix (default eval/results/default_<model>)")
     args = ap.parse_args(argv)
@@ -163,27 +168,34 @@ def main(argv: list[str] | None = None) -> int:
     fp_m = evaluate_against(fp, ref)
     del fp
     gc.collect()
-    results = [{"label": "FP", "class": 32, "bits": 32.0, "ppl": fp_m.perplexity, "kl": 0.0, "top1": 1.0}]
-    for label, bits_class, build in ROWS:
-        if not args.rerun or args.rerun in label:
-            results.append(measure(fp_dir, ref, label, bits_class, build))
-    if args.rerun and old is not None:
-        new = {r["label"]: r for r in results[1:]}
-        results = [new.pop(r["label"], r) for r in old["rows"]] + list(new.values())
+    fp_row = {"label": "FP", "class": 32, "bits": 32.0, "ppl": fp_m.perplexity, "kl": 0.0, "top1": 1.0}
+    merge = bool(args.rerun) and old is not None
+    rows_now = [fp_row] if not merge else [r for r in old["rows"]]
+    if merge:
         command = f"{old['command']}, then {command}"
-    res = {
-        **({k: v for k, v in old.items() if k in ("memory", "memory_command")} if old else {}),
-        "command": command,
-        "model": MODELS[args.model],
-        "tokens": windows.numel(),
-        "group_size": GROUP,
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "rows": results,
-        "wall_s": time.perf_counter() - start + (old["wall_s"] if args.rerun and old else 0.0),
-    }
-    print(write_results(out, res, report.to_markdown))
+    wanted = args.rerun.split(",") if args.rerun else None
+    for label, bits_class, build in ROWS:
+        if wanted is None or any(w in label for w in wanted):
+            row = measure(fp_dir, ref, label, bits_class, build)
+            at = next((i for i, r in enumerate(rows_now) if r["label"] == label), None)
+            if at is None:
+                rows_now.append(row)
+            else:
+                rows_now[at] = row
+            res = {
+                **({k: v for k, v in old.items() if k in ("memory", "memory_command")} if old else {}),
+                "command": command,
+                "model": MODELS[args.model],
+                "tokens": windows.numel(),
+                "group_size": GROUP,
+                "threads": args.threads,
+                "torch": torch.__version__,
+                "cpu": platform.processor() or platform.machine(),
+                "rows": rows_now,
+                "wall_s": time.perf_counter() - start + (old["wall_s"] if merge else 0.0),
+            }
+            md = write_results(out, res, report.to_markdown)
+    print(md)
     return 0
 
 

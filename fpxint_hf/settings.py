@@ -38,7 +38,7 @@ def _is_real(v: Any) -> bool:
 
 @dataclass(frozen=True)
 class ExpansionSettings:
-    """What ``expand`` needs to know about a layer's series (see the README's Configuration table)."""
+    """What ``expand`` needs to know about a layer's series (see docs/configuration.md)."""
 
     bits: int | tuple[int, ...] = field(
         default=4, metadata={"help": "bits X per term, or one width per term"}

@@ -91,6 +91,7 @@ def vllm_greedy(llm):
 
 
 CONFIGS = {
+    "default: FPxINTConfig()": dict(),  # 4-bit, one term, group 64, fitted with the streaming probe
     "t2_asym_g128->64_outliers_skip": dict(
         bits=4,
         terms=2,
