@@ -177,3 +177,20 @@ def test_second_order_field_is_checked_and_old_configs_read_their_own_defaults()
         FPxINTConfig(second_order="yes")
     old = FPxINTConfig.from_dict({"version": 2, "bits": 4})
     assert (old.terms, old.group_size, old.act_proxy, old.second_order) == (2, 128, "norm", False)
+
+
+def test_default_on_a_checkpoint_without_safetensors_falls_back_to_the_norm_proxy(
+    tmp_path, caplog, load_quantized
+):
+    """The probe reads safetensors files; a checkpoint without them (a GGUF file, a .bin folder) still quantizes
+    with the default config, weighted by the norm proxy, and says so."""
+    from conftest import build_tiny_model
+
+    model = build_tiny_model("llama_untied")
+    model.save_pretrained(tmp_path / "bin")
+    (tmp_path / "bin" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    with caplog.at_level("WARNING"):
+        model = load_quantized(tmp_path / "bin")
+    assert "using act_proxy='norm' instead" in caplog.text
+    assert len(fpxint_modules(model)) == 14

@@ -94,10 +94,17 @@ class FPxINTHfQuantizer(HfQuantizer):
             cfg = self.quantization_config
             files = kwargs.get("checkpoint_files") or []
             weighted = cfg.series == "nested" and cfg.fit == "optimized"  # the fits that take an importance
-            if weighted and cfg.act_proxy == "norm":
+            proxy = cfg.act_proxy
+            if weighted and proxy == "probe" and not any(str(f).endswith(".safetensors") for f in files):
+                logger.warning(
+                    "FP=xINT: act_proxy='probe' reads the full-precision checkpoint's safetensors files and this "
+                    "checkpoint has none (a GGUF file?): using act_proxy='norm' instead"
+                )
+                proxy = "norm"
+            if weighted and proxy == "norm":
                 kv = getattr(getattr(model, "config", None), "num_key_value_heads", None)
                 self.proxy = ActivationProxy(files, kv)
-            elif weighted and cfg.act_proxy == "probe":
+            elif weighted and proxy == "probe":
                 self._quantize_in_probe(model, files)
 
             self._progress = tqdm(
