@@ -84,9 +84,10 @@ def shortest_subjects(tokenizer, rows: list[dict], n: int) -> list[str]:
 
 
 @torch.no_grad()
-def hqq_row(fp_dir: str) -> tuple[str, nn.Module, float]:
-    """HQQ 4-bit at group 128; each ``HQQLinear`` is replaced by an ``nn.Linear`` holding its dequantized weight."""
-    model, bpw, notes = build_hqq(Path(fp_dir), 4, group_size=GROUP, dtype=torch.float32)
+def hqq_row(fp_dir: str, group_size: int = GROUP) -> tuple[str, nn.Module, float]:
+    """HQQ 4-bit (group 128 unless given); each ``HQQLinear`` is replaced by an ``nn.Linear`` holding its dequantized
+    weight."""
+    model, bpw, notes = build_hqq(Path(fp_dir), 4, group_size=group_size, dtype=torch.float32)
     from hqq.core.quantize import HQQLinear
 
     for name, module in list(model.named_modules()):

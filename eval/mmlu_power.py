@@ -14,7 +14,7 @@ is rebuilt from all the caches: ``eval/results/mmlu_power.{json,md}``.
 Rows (``ROWS``, in table and scoring order; a new row is one ``RowSpec``): FP, RTN W4 ("Normal"), the FP=xINT
 default (``FPxINTConfig()``, whatever it is when the row runs: its settings are in the cache key), HQQ 4-bit,
 SINQ 4-bit, GPTQ 4-bit (``eval/_gptq_row.py::gptq_model(fp_dir, bits, group_size)``, skipped while that file is
-missing), FP=xINT T=2 (``terms=2, bits=4``) and RTN W8, all at group 128, all run with dense float32 weights. A row whose
+missing), FP=xINT T=2 (``terms=2, bits=4``) and RTN W8, all at group 64 (the default's), all run with dense float32 weights. A row whose
 package is missing (hqq; sinq: ``pip install --no-deps --target DIR sinq==0.2.0``, delete ``DIR/sitecustomize.py``,
 ``SINQ_AUTO_PATCH=0 PYTHONPATH=DIR``) is skipped with the reason.
 """
@@ -50,7 +50,7 @@ from fpxint_hf.evaluation.assets import PROVENANCE, exit_on_missing  # noqa: E40
 from fpxint_hf.evaluation.results import write_results  # noqa: E402
 
 OUT = EVAL / "results" / "mmlu_power"
-GROUP = 128
+GROUP = 64  # the default's group size (FPxINTConfig())
 TARGET = 1000
 SEED = "fpxint-mmlu-power-v1"
 GPTQ_FILE = EVAL / "_gptq_row.py"
@@ -67,7 +67,7 @@ NOTES = [
     "with the SINQ row: `SINQ_AUTO_PATCH=0 PYTHONPATH=/tmp/peers-libs` before it (see docs/mmlu.md).",
     "FP=xINT default: the row is FPxINTConfig() with no arguments as it is when the row runs; its to_dict() "
     "is part of the cache key, so a changed default scores the row again.",
-    "GPTQ: built by eval/_gptq_row.py::gptq_model(fp_dir, 4, 128) (its calibration is that file's); the "
+    "GPTQ: built by eval/_gptq_row.py::gptq_model(fp_dir, 4, 64) (its calibration is that file's); the "
     "file's SHA-256 is part of the row's cache key. The table lists the row as missing while the file is.",
 ]
 
@@ -134,9 +134,9 @@ def fpxint_row(key: str, name: str, **config: Any) -> RowSpec:
 
 
 def hqq_build(fp_dir: str) -> Built:
-    from bench_mmlu import hqq_row  # HQQLinear at group 128, dequantized into float32 nn.Linear
+    from bench_mmlu import hqq_row  # HQQLinear, dequantized into float32 nn.Linear
 
-    _, model, bpw = hqq_row(fp_dir)
+    _, model, bpw = hqq_row(fp_dir, GROUP)
     return model, bpw
 
 
