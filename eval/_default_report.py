@@ -70,6 +70,8 @@ def to_markdown(res: dict[str, Any]) -> str:
                   f"{res['wall_s'] / 60:.1f} min.", "",
                   "| method | bits/weight | KL vs FP | PPL | top-1 vs FP | quantize s |",
                   "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        if res.get("note"):
+            lines[-3:-3] = [res["note"], ""]
         for cls in (3, 4, 8, 32):
             for row in sorted((x for x in res["rows"] if x["class"] == cls and "skipped" not in x),
                               key=lambda x: x["bits"]):  # fmt: skip

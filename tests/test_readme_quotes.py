@@ -101,14 +101,57 @@ SETTINGS_ROWS = {
     'bits=[3, 2], terms=2, bits_budget=3.5, dual_scale=True, zero_bits=8, act_proxy="probe"': (
         "FP=xINT budget 3.5 (3+2), dual_scale, int8 bias, probe"
     ),
-    "terms=1": "FP=xINT T=1 (4)",
-    'terms=1, act_proxy="probe"': "FP=xINT T=1 (4), probe",
     'bits=[4, 2, 2], terms=3, bits_budget=5.0, dual_scale=True, act_proxy="probe"': (
         "FP=xINT budget 5.0 (4+2+2), dual_scale, probe"
     ),
-    "bits=[4, 2, 2], terms=3, bits_budget=6.5, dual_scale=True": "FP=xINT budget 6.5 (4+2+2), dual_scale",
-    "terms=2": "FP=xINT T=2 (4+4)",
+    'bits=[4, 2, 2], terms=3, bits_budget=6.5, dual_scale=True, act_proxy="norm"': (
+        "FP=xINT budget 6.5 (4+2+2), dual_scale"
+    ),
 }
+RECIPES = {  # the README's three recipes: their row of eval/bench_default.py and the peers they are held against
+    "FPxINTConfig()": (
+        "FP=xINT default: FPxINTConfig()",
+        ("SINQ 4-bit", "HQQ 4-bit", "bnb NF4", "RTN W4", "GPTQ 4-bit, calibrated"),
+    ),
+    "FPxINTConfig(bits=3)": (
+        "FP=xINT 3-bit: FPxINTConfig(bits=3)",
+        ("SINQ 3-bit", "HQQ 3-bit", "RTN W3", "GPTQ 3-bit, calibrated"),
+    ),
+    "FPxINTConfig(terms=2)": ("FP=xINT T=2: FPxINTConfig(terms=2)", ("RTN W8",)),
+}
+
+
+def _recipe_cells(res: dict, label: str, peers: tuple[str, ...]) -> list[str]:
+    rows = {r["label"]: r for r in res["rows"] if "skipped" not in r}
+    if label not in rows:
+        return ["not measured", ""]
+    ours = rows[label]
+    measured = [rows[p] for p in peers if p in rows and rows[p]["bits"] <= ours["bits"] + 1e-9]
+    if not measured:
+        return [f"{ours['kl']:.5f}", "none measured"]
+    best = min(measured, key=lambda r: r["kl"])
+    return [f"{ours['kl']:.5f}", f"{best['label']} {best['kl']:.5f} ({best['bits']:.3f})"]
+
+
+def test_readme_recipes_table_quotes_both_models_and_their_best_peer():
+    """The three recipes' row: bits per weight, and per model the KL of eval/bench_default.py's row and the
+    lowest-KL peer measured at equal or fewer bits (eval/results/default_<model>.json)."""
+    smol, qwen = (json.loads((RESULTS / f"default_{m}.json").read_text()) for m in ("smollm2", "qwen"))
+    text = (
+        readme_section("## Recommended settings").split("### The three recipes", 1)[1].split("\n### ", 1)[0]
+    )
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| use ")]
+    assert len(rows) == len(RECIPES)
+    for line in rows:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        config = cells[1].strip("`")
+        label, peers = RECIPES[config]
+        bits = next(r["bits"] for r in smol["rows"] if r["label"] == label)
+        assert cells[2:] == [
+            f"{bits:.3f}",
+            *_recipe_cells(smol, label, peers),
+            *_recipe_cells(qwen, label, peers),
+        ]
 
 
 def readme_section(start: str) -> str:
@@ -122,9 +165,10 @@ def test_readme_settings_table_quotes_the_pareto_rows_and_their_best_peer():
     by = {r["label"]: r for r in res["rows"]}
     fp_ppl = by["FP"]["ppl"]
     peers = [r for r in res["rows"] if not r["family"].startswith("FP")]
-    lines = [ln for ln in readme_section("## Recommended settings").splitlines() if ln.startswith("| ")]
+    more = readme_section("## Recommended settings").split("### More settings", 1)[1]
+    lines = [ln for ln in more.splitlines() if ln.startswith("| ")]
     rows = [ln for ln in lines if not ln.startswith("| use ")]
-    assert len(rows) >= 5 and res["group_size"] == 64
+    assert len(rows) >= 3 and res["group_size"] == 64
     for line in rows:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         settings = re.findall(r"`([^`]*)`", cells[1])[0]
@@ -139,19 +183,18 @@ def test_readme_settings_table_quotes_the_pareto_rows_and_their_best_peer():
 
 
 def test_readme_default_paragraph_describes_the_default():
-    """The paragraph on ``FPxINTConfig()`` names its terms, bits and group size, and the committed bits per weight of
-    that configuration (the main table's T row on SmolLM2, the Pareto row at group 64)."""
+    """The paragraph on ``FPxINTConfig()`` names its terms, bits, group size and proxy, and the bits per weight that
+    eval/bench_default.py measured for it on both models."""
     from fpxint_hf import FPxINTConfig
 
     cfg = FPxINTConfig()
     text = " ".join(readme_section("## Recommended settings").split("**The default.**", 1)[1].split())
-    assert f"stores T={cfg.terms} terms of {cfg.bits} bits" in text
-    assert f"group size {cfg.group_size}:" in text
-    table = json.loads((RESULTS / "table.json").read_text())
-    t_row = next(r for r in table["rows"] if r["name"].startswith(f"FP=xINT T={cfg.terms} "))
-    assert f"{t_row['bits_per_weight']:.3f} bits per weight on SmolLM2" in text
-    pareto = {r["label"]: r for r in json.loads((RESULTS / "pareto.json").read_text())["rows"]}
-    assert f"({pareto['FP=xINT T=2 (4+4)']['bits']:.3f} at group 64" in text
+    assert f"stores T={cfg.terms} term of {cfg.bits} bits" in text and f"group size {cfg.group_size}" in text
+    assert f'act_proxy="{cfg.act_proxy}"' in text
+    for model in ("smollm2", "qwen"):
+        rows = json.loads((RESULTS / f"default_{model}.json").read_text())["rows"]
+        row = next(r for r in rows if r["label"] == "FP=xINT default: FPxINTConfig()")
+        assert f"{row['bits']:.3f} bits per weight" in text
 
 
 def test_readme_speed_limits_quote_speed_json():
@@ -177,5 +220,5 @@ def test_readme_is_short_and_the_docs_read_as_documentation():
         text = " ".join(path.read_text().lower().split())
         found = [p for p in LOG_PHRASES if p in text]
         assert not found, f"{path.name}: {found}"
-    linked = set(re.findall(r"\]\((docs/[\w.]+\.md)", readme))
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)", readme))
     assert linked == {f"docs/{p.name}" for p in DOCS.glob("*.md")}  # every doc is linked, every link exists
