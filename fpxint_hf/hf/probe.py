@@ -262,13 +262,3 @@ def probe_second_moments(
     stream_blocks(config, checkpoint_files, keep, dtype, sequences)
     logger.info("act_proxy='probe': %d layers measured", len(out))
     return out
-
-
-class ProbeProxy:
-    """``importance(module_name)``: the probed ``E[x_j²]`` of that layer (``None`` for a layer not measured)."""
-
-    def __init__(self, second_moments: dict[str, torch.Tensor]):
-        self.second_moments = second_moments
-
-    def importance(self, module_name: str) -> torch.Tensor | None:
-        return self.second_moments.get(module_name)
