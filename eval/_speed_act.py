@@ -31,7 +31,7 @@ PATHS = ("bf16", "W4A16 int4", "W4A8 float32-codes", "W4A8 int")
 
 def _paths(out_f: int, in_f: int, n: int) -> dict[str, Any]:
     torch.manual_seed(0)
-    e = expand(torch.randn(out_f, in_f) * 0.02, 4, 1, resolve_group_size(in_f, 128))
+    e = expand(torch.randn(out_f, in_f) * 0.02, bits=4, terms=1, group_size=resolve_group_size(in_f, 128))
     w_bf16 = reconstruct(e, 1).to(torch.bfloat16)
     int4 = kernels.prepare_int4(e, 1, torch.bfloat16)
     a8 = {m: prepare_act(e, 1, ActSpec(8, 1, 0.0, 4, m)) for m in ("float32", "int")}

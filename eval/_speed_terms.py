@@ -37,7 +37,7 @@ def _random_int4(out_f: int, in_f: int, gs: int) -> tuple[torch.Tensor, torch.Te
 def _paths(out_f: int, in_f: int, n: int) -> dict[str, Any]:
     torch.manual_seed(0)
     gs = resolve_group_size(in_f, 128)
-    e = expand(torch.randn(out_f, in_f), 4, 2, gs)
+    e = expand(torch.randn(out_f, in_f), bits=4, terms=2, group_size=gs)
     w2 = kernels.prepare_int4(e, 2, torch.bfloat16)
     w1 = kernels.prepare_int4(e, 1, torch.bfloat16)
     kgs = w2.group_size

@@ -135,8 +135,8 @@ def paths_for(w: torch.Tensor, big: bool):
     """(label, dtype name, callable(x) -> y) for every path of one weight."""
     out_f, in_f = w.shape
     gs = resolve_group_size(in_f, 128)
-    grouped = module(expand(w, 4, 3, gs, **LEGACY), terms=3, group_size=gs)
-    per_channel = module(expand(w, 4, 2, None, **LEGACY), terms=2, group_size=in_f)
+    grouped = module(expand(w, bits=4, terms=3, group_size=gs, **LEGACY), terms=3, group_size=gs)
+    per_channel = module(expand(w, bits=4, terms=2, group_size=None, **LEGACY), terms=2, group_size=in_f)
     wb = w.bfloat16()
 
     def fx(base, mode, k):
@@ -154,7 +154,7 @@ def paths_for(w: torch.Tensor, big: bool):
         yield f"int8-collapsed T={k} per-channel", "bf16", fx(per_channel, "int8", k)
     if big:
         if out_f == in_f:
-            e = expand(w, 4, 2, gs, outlier_fraction=0.01, **LEGACY)
+            e = expand(w, bits=4, terms=2, group_size=gs, outlier_fraction=0.01, **LEGACY)
             k_out = e.outlier_idx.shape[1]
             with_sa = module(e, terms=2, group_size=gs, outliers=k_out)
             yield f"int4 T=2 grouped + 1% M_sa ({k_out}/row)", "bf16", fx(with_sa, "int4", 2)

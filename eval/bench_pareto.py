@@ -33,7 +33,7 @@ import _pareto_rows as rows  # noqa: E402
 from fpxint_hf.evaluation.metrics import evaluate_against  # noqa: E402
 from fpxint_hf.evaluation.results import write_results  # noqa: E402
 from fpxint_hf.evaluation.table import quantizable_linears  # noqa: E402
-from fpxint_hf.expansion import expand  # noqa: E402
+from fpxint_hf.expansion import ExpandOptions, expand  # noqa: E402
 from fpxint_hf.hf.probe import probe_second_moments  # noqa: E402
 
 NESTED = {"series": "nested", "fit": "optimized"}
@@ -183,18 +183,41 @@ def quantization_times(fp_dir: Path) -> dict[str, float]:
     for label, fn in [
         ("HQQ 3-bit", hqq(3)),
         ("HQQ 4-bit", hqq(4)),
-        ("FP=xINT T=1 (3)", lambda w: expand(w, 3, 1, 64, series="nested", fit="optimized")),
-        ("FP=xINT 3+2", lambda w: expand(w, (3, 2), 2, 64, series="nested", fit="optimized")),
-        ("FP=xINT T=1 (4)", lambda w: expand(w, 4, 1, 64, series="nested", fit="optimized")),
+        (
+            "FP=xINT T=1 (3)",
+            lambda w: expand(w, bits=3, terms=1, group_size=64, series="nested", fit="optimized"),
+        ),
+        (
+            "FP=xINT 3+2",
+            lambda w: expand(w, bits=(3, 2), terms=2, group_size=64, series="nested", fit="optimized"),
+        ),
+        (
+            "FP=xINT T=1 (4)",
+            lambda w: expand(w, bits=4, terms=1, group_size=64, series="nested", fit="optimized"),
+        ),
         (
             "FP=xINT T=1 (4), dual_scale",
-            lambda w: expand(w, 4, 1, 64, series="nested", fit="optimized", dual_scale=True),
+            lambda w: expand(
+                w, bits=4, terms=1, group_size=64, series="nested", fit="optimized", dual_scale=True
+            ),
         ),
         (
             "FP=xINT T=1 (4), dual_scale, int8 bias",
-            lambda w: expand(w, 4, 1, 64, series="nested", fit="optimized", dual_scale=True, zero_bits=8),
+            lambda w: expand(
+                w,
+                bits=4,
+                terms=1,
+                group_size=64,
+                series="nested",
+                fit="optimized",
+                dual_scale=True,
+                zero_bits=8,
+            ),
         ),
-        ("FP=xINT T=2 (4+4)", lambda w: expand(w, 4, 2, 64, series="nested", fit="optimized")),
+        (
+            "FP=xINT T=2 (4+4)",
+            lambda w: expand(w, bits=4, terms=2, group_size=64, series="nested", fit="optimized"),
+        ),
         ("RTN W4", lambda w: rows.rtn(w, 4, 64)),
         ("Hadamard + RTN W4 (QuaRot)", lambda w: peers.rotated_rtn(w, 4, 0)),
         ("HIGGS 4-bit", lambda w: peers.higgs(w, 4, 0)),
@@ -207,11 +230,19 @@ def quantization_times(fp_dir: Path) -> dict[str, float]:
     start = time.perf_counter()
     m2 = probe_second_moments(fp.config, [str(p) for p in Path(fp_dir).glob("*.safetensors")])
     for name, w in named.items():
-        expand(w, 4, 1, 64, series="nested", fit="optimized", importance=m2[name])
+        expand(
+            w,
+            options=ExpandOptions(importance=m2[name]),
+            bits=4,
+            terms=1,
+            group_size=64,
+            series="nested",
+            fit="optimized",
+        )
     out["FP=xINT T=1 (4), probe"] = time.perf_counter() - start
     big = torch.randn(4096, 4096) * 0.02
     start = time.perf_counter()
-    expand(big, 4, 2, 64, series="nested", fit="optimized")
+    expand(big, bits=4, terms=2, group_size=64, series="nested", fit="optimized")
     out["FP=xINT T=2 (4+4), one 4096x4096 layer"] = time.perf_counter() - start
     return out
 

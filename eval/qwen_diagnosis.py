@@ -35,7 +35,7 @@ from fpxint_hf.evaluation.coder_assets import coder_fp_dir  # noqa: E402
 from fpxint_hf.evaluation.metrics import FPReference, evaluate_against, fp_reference, pydoc_windows  # noqa: E402
 from fpxint_hf.evaluation.results import write_results  # noqa: E402
 from fpxint_hf.evaluation.table import quantizable_linears  # noqa: E402
-from fpxint_hf.expansion import expand, reconstruct, rtn  # noqa: E402
+from fpxint_hf.expansion import ExpandOptions, expand, reconstruct, rtn  # noqa: E402
 from fpxint_hf.hf.proxy import ActivationProxy  # noqa: E402
 
 OUT = ROOT / "eval" / "results" / "qwen_diagnosis"
@@ -194,7 +194,9 @@ def variant_model(fp_dir: Path, group: int, variant: str, work: Path) -> tuple[t
             else:  # "none", the proxy (gain floor c) on the layers PROXY_KINDS names, or the oracle E[x²]
                 use = proxy is not None and name.rpartition(".")[2] in leaves
                 a = proxy.importance(name) if use else oracle.get(name)
-                wq = reconstruct(expand(w, bits=4, terms=1, group_size=group, importance=a))
+                wq = reconstruct(
+                    expand(w, options=ExpandOptions(importance=a), bits=4, terms=1, group_size=group)
+                )
             lin.weight.copy_(wq)
     return model, time.perf_counter() - start
 

@@ -38,7 +38,10 @@ def error_table(w: torch.Tensor) -> dict:
 def timing(w: torch.Tensor, repeats: int = 7) -> dict:
     jobs = {
         "rtn W4": lambda: rtn(w, 4, 128),
-        **{f"expand T={t}": (lambda t=t: expand(w, 4, t, 128, **LEGACY)) for t in (1, 2, 3)},
+        **{
+            f"expand T={t}": (lambda t=t: expand(w, bits=4, terms=t, group_size=128, **LEGACY))
+            for t in (1, 2, 3)
+        },
     }
     samples = {name: [] for name in jobs}
     for job in jobs.values():  # warm-up

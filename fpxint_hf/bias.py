@@ -36,24 +36,9 @@ import math
 import torch
 
 from .fit import LS_ITERS, Grid, grid_codes, grid_error
-from .settings import ZERO_BITS
 
 CODE_MIN, CODE_MAX = -128, 127
 MIN_UNIT = 2.0**-20  # the smallest u: keeps float16(b·u) within u/2 of b·u, also for subnormal values
-
-
-def check_zero_bits(zero_bits: int, bits1: int, series: str) -> None:
-    """``ValueError`` unless ``zero_bits`` is 16, or (nested series) 8 or the first term's width ``bits1``."""
-    if (
-        type(zero_bits) is not int
-        or zero_bits not in ZERO_BITS
-        or zero_bits not in (16, 8, bits1)
-        or (zero_bits != 16 and series != "nested")
-    ):
-        raise ValueError(
-            f"zero_bits={zero_bits!r} is not supported; allowed: 16, or with series='nested' 8 or the first "
-            f"term's width {bits1} (an integer zero point)"
-        )
 
 
 def ceil_fp16(x: torch.Tensor) -> torch.Tensor:

@@ -38,17 +38,27 @@ This module is pure torch math: no ``nn``, no transformers.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .bias import check_zero_bits, int8_bias, zero_point_first_term
+from .bias import int8_bias, zero_point_first_term
 from .first_term import FIRST_TERM_FITS, FIT_MAX_BITS, legacy_first_term, nested_first_term  # noqa: F401
 from .fit import Grid, fit_grid, minmax_grid, relative_error, rtn, snr_db  # noqa: F401  (re-exported)
 from .gptq import second_order_levels
 from .saturation import LAPLACE_CLIP, SEARCH_GRID, clip_range, outlier_budget, saturate, sparse_matrix  # noqa: F401
-from .settings import CLIP_METHODS, DEFAULTS, FIT_METHODS, SERIES_RULES, SUPPORTED_BITS, ZERO_BITS  # noqa: F401
+from .settings import (  # noqa: F401  (re-exported)
+    CLIP_METHODS,
+    DEFAULTS,
+    FIT_METHODS,
+    SERIES_RULES,
+    SUPPORTED_BITS,
+    ZERO_BITS,
+    ExpansionSettings,
+)
 from .transform import fit_input_transform, fold_weight, transform_hessian
 
 
@@ -154,57 +164,51 @@ def dequantize_term(
     return q.mul_(step.unsqueeze(-1)).reshape(codes.shape)
 
 
+@dataclass(frozen=True)
+class ExpandOptions:
+    """What one ``expand`` call adds to the settings: the layer's input statistics (used, never stored).
+
+    ``importance`` (``[in]``, >= 0) weighs the fit's error by input column (a data-free estimate of ``E[x_j²]``;
+    ``None``: all equal).  ``hessian`` (``[in, in]``, the layer's input covariance ``E[x xᵀ]``; nested series
+    only): the codes of the fitted grid are chosen with GPTQ's error feedback where that lowers the output error
+    (``gptq.py``; ``hessian_span``: compensate within spans of that many columns only)."""
+
+    importance: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
+    hessian_span: int | None = None
+
+
+NO_OPTIONS = ExpandOptions()
+
+
 def expand(
     w: torch.Tensor,
-    bits: int | tuple[int, ...] = DEFAULTS.bits,
-    terms: int = DEFAULTS.terms,
-    group_size: int | None = DEFAULTS.group_size,
-    symmetric: bool = DEFAULTS.symmetric,
-    clip: str = DEFAULTS.clip,
-    outlier_fraction: float = DEFAULTS.outlier_fraction,
-    tol: float = DEFAULTS.tol,
-    series: str = DEFAULTS.series,
-    fit: str = DEFAULTS.fit,
-    importance: torch.Tensor | None = None,
-    dual_scale: bool = DEFAULTS.dual_scale,
-    rotation: str | None = DEFAULTS.rotation,
-    zero_bits: int = DEFAULTS.zero_bits,
-    *,
-    hessian: torch.Tensor | None = None,
-    hessian_span: int | None = None,
+    settings: ExpansionSettings = DEFAULTS,
+    options: ExpandOptions = NO_OPTIONS,
+    **fields: Any,
 ) -> Expansion:
-    """Expand a 2-D weight into Eq. 1.  ``group_size`` must divide ``in_features`` (see
-    ``resolve_group_size``); ``tol > 0`` stops once ``max |R_i| < tol``.  ``bits`` is one width for all
-    terms or one width per term (``series="nested"`` only); ``fit`` chooses the first term of a nested
-    series (``"optimized"``: ``fit.fit_grid``; ``"minmax"``: RTN's range).  ``importance`` (``[in]``, >= 0)
-    weighs the fit's error by input column (a data-free estimate of ``E[x_j²]``; ``None``: all equal).
-    ``rotation``/``dual_scale`` first transform ``w`` (``transform.fit_input_transform``): the series then holds
-    the transformed matrix, ``reconstruct`` returns it and ``original_weight`` the weight in the input basis.
-    ``zero_bits=8`` stores the bias as an int8 code (``bias.int8_bias``; nested series only); ``zero_bits=X_1``
-    (the first term's width, below 8) an integer zero point in first-term steps (``bias.int_zero_grid``).
-    ``hessian`` (``[in, in]``, the layer's input covariance ``E[x xᵀ]``; nested series only): the codes of the
-    fitted grid are chosen with GPTQ's error feedback where that lowers the output error (``gptq.py``;
-    ``hessian_span``: compensate within spans of that many columns only).
+    """Expand a 2-D weight into Eq. 1 with ``settings`` (``fields``: settings to change, e.g. ``bits=3``; the
+    act_* settings play no part here) and ``options`` (the layer's input statistics, ``ExpandOptions``).
+
+    ``group_size`` must divide ``in_features`` (see ``resolve_group_size``); ``tol > 0`` stops once
+    ``max |R_i| < tol``.  ``bits`` is one width for all terms or one width per term (``series="nested"`` only);
+    ``fit`` chooses the first term of a nested series (``"optimized"``: ``fit.fit_grid``; ``"minmax"``: RTN's
+    range).  ``rotation``/``dual_scale`` first transform ``w`` (``transform.fit_input_transform``): the series
+    then holds the transformed matrix, ``reconstruct`` returns it and ``original_weight`` the weight in the input
+    basis.  ``zero_bits=8`` stores the bias as an int8 code (``bias.int8_bias``; nested series only);
+    ``zero_bits=X_1`` (the first term's width, below 8) an integer zero point in first-term steps
+    (``bias.int_zero_grid``).
 
     With ``outlier_fraction == 0`` nothing is saturated (``M_sa = 0``).  In the legacy rule every value
     must then be representable, so the clip range is the group's min-max range whatever ``clip`` says.
     """
+    s = dataclasses.replace(settings, **fields) if fields else settings  # validated by ExpansionSettings
     if w.dim() != 2:
         raise ValueError(f"expand() takes a 2-D weight, got shape {tuple(w.shape)}")
-    term_bits = normalize_bits(bits, terms)
-    if any(b not in SUPPORTED_BITS for b in term_bits):
-        raise ValueError(f"bits={bits} is not supported; allowed: {SUPPORTED_BITS} (one, or one per term)")
-    if series not in SERIES_RULES:
-        raise ValueError(f"series={series!r} is not supported; allowed: {SERIES_RULES}")
-    if series == "legacy" and len(set(term_bits)) > 1:
-        raise ValueError(f"mixed widths bits={list(term_bits)} need series='nested'")
-    if fit not in FIRST_TERM_FITS:
-        raise ValueError(f"fit={fit!r} is not supported; allowed: {tuple(FIRST_TERM_FITS)}")
-    if clip not in CLIP_METHODS:
-        raise ValueError(f"clip={clip!r} is not supported; allowed: {CLIP_METHODS}")
-    check_zero_bits(zero_bits, term_bits[0], series)
+    term_bits, series, symmetric = s.term_bits, s.series, s.symmetric
+    importance, hessian = options.importance, options.hessian
     out_features, in_features = w.shape
-    gs = in_features if group_size is None else group_size
+    gs = in_features if s.group_size is None else s.group_size
     if in_features % gs:
         raise ValueError(f"group_size={gs} does not divide in_features={in_features}")
     if not torch.isfinite(w).all():
@@ -215,14 +219,14 @@ def expand(
         raise ValueError("a hessian (second-order fit) needs series='nested'")
     if hessian is not None and tuple(hessian.shape) != (in_features, in_features):
         raise ValueError(f"hessian must be [{in_features}, {in_features}], got {tuple(hessian.shape)}")
-    if dual_scale or rotation is not None:
-        w, importance, col_scale, rot_signs = fit_input_transform(w, dual_scale, rotation, gs, importance)
+    if s.dual_scale or s.rotation is not None:
+        w, importance, col_scale, rot_signs = fit_input_transform(w, s.dual_scale, s.rotation, gs, importance)
         if hessian is not None:
             hessian = transform_hessian(hessian.to(w.device), col_scale, rot_signs)
 
-    budget = outlier_budget(in_features, outlier_fraction)
+    budget = outlier_budget(in_features, s.outlier_fraction)
     if budget:
-        lo, hi = clip_range(_groups(w, gs), term_bits[0], symmetric, clip)
+        lo, hi = clip_range(_groups(w, gs), term_bits[0], symmetric, s.clip)
         idx, val = saturate(w, lo, hi, gs, budget)
         wc = w - sparse_matrix(idx, val, (out_features, in_features))  # M - M_sa
     else:
@@ -232,20 +236,20 @@ def expand(
 
     if series == "nested":
         a = None if importance is None else _column_weight(importance, in_features, gs, w.device)
-        scale16, zero16 = nested_first_term(_groups(wc, gs), term_bits, symmetric, fit, a)
-        if zero16 is not None and zero_bits == 8:
+        scale16, zero16 = nested_first_term(_groups(wc, gs), term_bits, symmetric, s.fit, a)
+        if zero16 is not None and s.zero_bits == 8:
             scale16, zero16 = int8_bias(scale16, zero16, term_bits[0])
-        elif zero16 is not None and zero_bits != 16:  # an integer zero point (bias.py, Eq. Zi)
-            scale16, zero16 = zero_point_first_term(_groups(wc, gs), scale16, zero16, term_bits, fit, a)
+        elif zero16 is not None and s.zero_bits != 16:  # an integer zero point (bias.py, Eq. Zi)
+            scale16, zero16 = zero_point_first_term(_groups(wc, gs), scale16, zero16, term_bits, s.fit, a)
     else:
         a = None
         scale16, zero16 = legacy_first_term(_groups(wc, gs), term_bits[0], symmetric)
     target = None
     if hessian is not None:
         target = second_order_levels(
-            wc, hessian.to(w.device), scale16, zero16, term_bits, gs, span=hessian_span
+            wc, hessian.to(w.device), scale16, zero16, term_bits, gs, span=options.hessian_span
         )
-    codes, used, errors = _series_codes(w, wc, scale16, zero16, term_bits, gs, series, tol, a, target)
+    codes, used, errors = _series_codes(w, wc, scale16, zero16, term_bits, gs, series, s.tol, a, target)
     return Expansion(
         codes,
         scale16,
@@ -259,7 +263,7 @@ def expand(
         errors,
         col_scale=col_scale,
         rot_signs=rot_signs,
-        zero_bits=zero_bits if zero16 is not None else 16,
+        zero_bits=s.zero_bits if zero16 is not None else 16,
     )
 
 

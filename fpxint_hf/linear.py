@@ -1,7 +1,7 @@
 """``FPxINTLinear``: a linear layer computing ``y = Σ_i scale_i·(Q_i x) + bias·Σx + M_sa x (+ b)``.
 
-The weight is held as the FP=xINT series of Eq. 1 (see ``expansion.py``), in registered buffers
-with stable names, so ``save_pretrained`` writes them as they are and ``from_pretrained`` reloads
+The weight is held as the FP=xINT series of Eq. 1 (``expansion.py``; ``series.FPxINTSeries``), in registered
+buffers with stable names, so ``save_pretrained`` writes them as they are and ``from_pretrained`` reloads
 them with a plain shape check.  The forward paths (``forward_mode``) give the same result:
 
 - ``reference``: dequantize the whole series into one matrix, then one matmul;
@@ -27,19 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
-from .bias import bias_of, stored_bias
-from .expansion import (
-    Expansion,
-    expand,
-    normalize_bits,
-    original_weight,
-    outlier_budget,
-    reconstruct,
-    resolve_group_size,
-)
-from .layout import TensorSpec, layer_tensors
+from .expansion import Expansion
+from .layout import TensorSpec
 from .offload import buffers_offloaded
-from .packing import pack_series, unpack_series
+from .series import FPxINTSeries, SeriesSpec
 from .settings import ACT_SETTINGS, DEFAULTS, ExpansionSettings
 from .terms_forward import terms_linear
 from .transform import transform_input
@@ -48,10 +39,16 @@ MODULE_MODES = ("reference", "terms")  # computed by the module itself (``series
 FORWARD_MODES = (*MODULE_MODES, *backends.KERNEL_MODES, "auto")  # the backends registry names the rest
 
 
+def _setting(name: str) -> Any:
+    """A read-only view of one setting of the layer's ``spec`` (the stored series' settings)."""
+    return property(lambda self: getattr(self.spec.settings, name), doc=f"``spec.settings.{name}``")
+
+
 class FPxINTLinear(nn.Module):
-    """Linear layer with FP=xINT weights (``bits``-bit terms, ``terms`` stored, per-group scales).  ``group_size``
-    must divide ``in_features`` (``expansion.resolve_group_size``); ``outlier_budget``: saturated values kept per
-    output row (0: no ``M_sa`` buffers)."""
+    """Linear layer with FP=xINT weights: its buffers hold one ``series.FPxINTSeries`` whose ``spec`` (settings,
+    shape, group size, outlier budget) the layer keeps.  Build it with ``settings`` fields (``bits=``, ``terms=``,
+    ``group_size=`` (must divide ``in_features``; None: one group per output row), ...) and ``outlier_budget``
+    (saturated values kept per output row; 0: no ``M_sa`` buffers), or with a whole ``spec``."""
 
     # buffers (declared for type checkers; registered in __init__)
     codes: torch.Tensor
@@ -62,6 +59,19 @@ class FPxINTLinear(nn.Module):
     terms_used: torch.Tensor
     col_scale: torch.Tensor  # with dual_scale
     rot_signs: torch.Tensor  # with rotation
+    # the activation series (act_kernels.py): run-time settings, taken from the spec's settings, may be changed
+    act_bits: int | None
+    act_terms: int
+    act_tol: float
+    act_outliers: int
+    # the stored series' settings (read-only: they shape the buffers)
+    terms, symmetric, series, fit = (
+        _setting("terms"),
+        _setting("symmetric"),
+        _setting("series"),
+        _setting("fit"),
+    )
+    dual_scale, rotation = _setting("dual_scale"), _setting("rotation")
 
     def __init__(
         self,
@@ -69,60 +79,57 @@ class FPxINTLinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        bits: int | tuple[int, ...] = DEFAULTS.bits,
-        terms: int = DEFAULTS.terms,
-        group_size: int | None = DEFAULTS.group_size,
-        symmetric: bool = DEFAULTS.symmetric,
+        spec: SeriesSpec | None = None,
         outlier_budget: int = 0,
-        series: str = DEFAULTS.series,
-        fit: str = DEFAULTS.fit,
-        act_bits: int | None = DEFAULTS.act_bits,
-        act_terms: int = DEFAULTS.act_terms,
-        act_tol: float = DEFAULTS.act_tol,
-        act_outliers: int = DEFAULTS.act_outliers,
-        dual_scale: bool = DEFAULTS.dual_scale,
-        rotation: str | None = DEFAULTS.rotation,
-        zero_bits: int = DEFAULTS.zero_bits,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **settings: Any,
     ):
         super().__init__()
-        group_size = in_features if group_size is None else group_size
-        if in_features % group_size:
-            raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
-        self.in_features, self.out_features = in_features, out_features
-        self.term_bits = normalize_bits(bits, terms)
-        self.bits = self.term_bits[0] if len(set(self.term_bits)) == 1 else self.term_bits
-        self.terms, self.group_size = terms, group_size
-        self.symmetric, self.outlier_budget = symmetric, outlier_budget
-        self.series, self.fit = series, fit  # the series rule; the first-term fit (quantize time only)
-        self.dual_scale, self.rotation = dual_scale, rotation  # the input transforms (transform.py)
-        self.zero_bits = 16 if symmetric else zero_bits  # the bias: float16 (16) or int8 code (8, bias.py)
-        self.act_bits, self.act_terms = act_bits, act_terms  # activation series (act_kernels.py)
-        self.act_tol, self.act_outliers = act_tol, act_outliers
+        if spec is None:
+            s = dataclasses.replace(DEFAULTS, **settings)
+            gs = in_features if s.group_size is None else s.group_size
+            spec = SeriesSpec(s, out_features, in_features, gs, outlier_budget)
+        elif settings or (spec.in_features, spec.out_features) != (in_features, out_features):
+            raise ValueError(f"spec ({spec.describe()}) does not match in_features={in_features}, "
+                             f"out_features={out_features} (or settings {sorted(settings)} given beside it)")  # fmt: skip
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        for name in ACT_SETTINGS:
+            setattr(self, name, getattr(spec.settings, name))
         self.active_terms: int | None = None  # run-time truncation; None = every stored term
         self.forward_mode = "auto"
         self._kernel_cache: tuple | None = None  # (key, buffers, prepared kernel weights or None)
         # the buffers of layout.layer_tensors (shapes and dtypes declared there): codes, scale, zero (asymmetric),
         # outlier_idx and outlier_val (with an outlier budget), terms_used
-        for name, spec in self.layout().items():
-            self.register_buffer(name, torch.zeros(spec.shape, dtype=spec.dtype, device=device))
-        self.terms_used.fill_(terms)
+        for name, t_spec in self.layout().items():
+            self.register_buffer(name, torch.zeros(t_spec.shape, dtype=t_spec.dtype, device=device))
+        self.terms_used.fill_(spec.terms)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @property
+    def term_bits(self) -> tuple[int, ...]:
+        return self.spec.term_bits
+
+    @property
+    def bits(self) -> int | tuple[int, ...]:
+        """X of every term, or one width per term when they differ."""
+        return self.term_bits[0] if len(set(self.term_bits)) == 1 else self.term_bits
+
+    @property
+    def group_size(self) -> int:
+        return self.spec.group_size
+
+    @property
+    def outlier_budget(self) -> int:
+        return self.spec.outlier_budget
+
+    @property
+    def zero_bits(self) -> int:
+        return self.spec.zero_bits
 
     def layout(self) -> dict[str, TensorSpec]:
         """The stored tensors of this layer: names, shapes, dtypes (``layout.layer_tensors``)."""
-        return layer_tensors(
-            self.term_bits,
-            self.out_features,
-            self.in_features,
-            self.group_size,
-            self.symmetric,
-            self.outlier_budget,
-            dual_scale=self.dual_scale,
-            rotation=self.rotation,
-            zero_bits=self.zero_bits,
-        )
+        return self.spec.layout()
 
     def _apply(self, fn, recurse=True):
         """Keep the float16 scale/bias/outlier buffers float16 under ``.to(dtype)``, ``.half()``, ``.bfloat16()``.
@@ -154,30 +161,16 @@ class FPxINTLinear(nn.Module):
         settings: ExpansionSettings,
         bias: bool = True,
         *,
+        group_size: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> FPxINTLinear:
-        """An empty layer shaped by ``settings`` (group size resolved, outlier budget from the fraction)."""
-        return cls(
-            in_features,
-            out_features,
-            bias,
-            bits=settings.term_bits,
-            terms=settings.terms,
-            group_size=resolve_group_size(in_features, settings.group_size),
-            symmetric=settings.symmetric,
-            outlier_budget=outlier_budget(in_features, settings.outlier_fraction),
-            series=settings.series,
-            fit=settings.fit,
-            **{k: getattr(settings, k) for k in ACT_SETTINGS},
-            dual_scale=settings.dual_scale,
-            rotation=settings.rotation,
-            zero_bits=settings.zero_bits,
-            device=device,
-            dtype=dtype,
-        )
+        """An empty layer shaped by ``settings`` (``series.SeriesSpec.for_layer``: ``group_size`` as recorded for
+        the layer, else ``settings.group_size`` resolved; the outlier budget from the fraction)."""
+        spec = SeriesSpec.for_layer(settings, out_features, in_features, group_size)
+        return cls(in_features, out_features, bias, spec=spec, device=device, dtype=dtype)
 
-    # ------------------------------------------------------------------ state <-> Expansion
+    # ------------------------------------------------------------------ state <-> FPxINTSeries
 
     @classmethod
     @torch.no_grad()
@@ -195,94 +188,44 @@ class FPxINTLinear(nn.Module):
             device=linear.weight.device,
             dtype=linear.weight.dtype,
         )
-        module.load_expansion(module.quantize_weight(linear.weight, s.clip, s.outlier_fraction, s.tol))
+        module.load_series(FPxINTSeries.from_weight(linear.weight, module.spec))
         if linear.bias is not None and module.bias is not None:
             module.bias.copy_(linear.bias)
         return module
 
-    def quantize_weight(
-        self,
-        weight: torch.Tensor,
-        clip: str = "laplace",
-        outlier_fraction: float = 0.0,
-        tol: float = 0.0,
-        importance: torch.Tensor | None = None,
-        hessian: torch.Tensor | None = None,
-        hessian_span: int | None = None,
-    ) -> Expansion:
-        """``expansion.expand`` of a full-precision ``[out, in]`` weight with this layer's settings."""
-        return expand(
-            weight, self.term_bits, self.terms, self.group_size, self.symmetric, clip, outlier_fraction, tol,
-            self.series, self.fit, importance, self.dual_scale, self.rotation, self.zero_bits,
-            hessian=hessian, hessian_span=hessian_span,
-        )  # fmt: skip
+    def to_series(self) -> FPxINTSeries:
+        """The stored series: this layer's ``spec`` and its buffers (the same tensors, not copies)."""
+        return FPxINTSeries(self.spec, {name: getattr(self, name) for name in self.layout()})
+
+    @torch.no_grad()
+    def load_series(self, s: FPxINTSeries) -> FPxINTLinear:
+        """Hold the series ``s`` (its spec, its tensors moved to the devices of this module's buffers)."""
+        self._kernel_cache = None
+        state = s.state()
+        for name in [n for n in self.layout() if n not in state]:
+            delattr(self, name)
+        self.spec = s.spec
+        for name, value in state.items():
+            old = self._buffers.get(name)
+            self.register_buffer(name, value if old is None else value.to(old.device))
+        return self
 
     def expansion_state(self, e: Expansion) -> dict[str, torch.Tensor]:
         """The buffers of this module holding ``e``, keyed by buffer name (declared dtypes and shapes)."""
-        mine = (self.term_bits, self.terms, self.group_size, self.series, self.dual_scale, self.zero_bits)
-        theirs = (e.term_bits, e.terms, e.group_size, e.series, e.col_scale is not None, e.zero_bits)
-        rotated = {self.rotation is not None, e.rot_signs is not None}  # one element when they agree
-        if e.shape != (self.out_features, self.in_features) or theirs != mine or len(rotated) > 1:
-            raise ValueError(
-                f"expansion (shape={e.shape}, bits={e.term_bits}, terms={e.terms}, group_size={e.group_size}, "
-                f"series={e.series}, col_scale={e.col_scale is not None}, rot_signs={e.rot_signs is not None}, "
-                f"zero_bits={e.zero_bits}) "
-                f"does not match {self.extra_repr()}"
-            )
-        values = {
-            "codes": pack_series(e.codes, self.term_bits),
-            "scale": e.scale,
-            "zero": None if e.zero is None else stored_bias(e.zero, e.scale, e.bits, e.zero_bits),
-            "outlier_idx": e.outlier_idx,
-            "outlier_val": e.outlier_val,
-            "terms_used": torch.tensor([e.terms_used], device=e.scale.device),
-            "col_scale": None if e.col_scale is None else e.col_scale.reshape(1, -1),
-            "rot_signs": None if e.rot_signs is None else e.rot_signs.reshape(1, -1),
-        }
-        state = {}
-        for name, spec in self.layout().items():
-            value = values[name]
-            if value is None or tuple(value.shape) != spec.shape:
-                got = None if value is None else list(value.shape)
-                raise ValueError(
-                    f"expansion's {name} {got} does not match {list(spec.shape)} of {self.extra_repr()}"
-                )
-            state[name] = value.to(spec.dtype)
-        return state
+        return FPxINTSeries.from_expansion(self.spec, e).state()
 
     @torch.no_grad()
     def load_expansion(self, e: Expansion) -> FPxINTLinear:
         """Copy an expansion into this module's buffers (in place, keeping their devices)."""
-        self._kernel_cache = None
-        for name, value in self.expansion_state(e).items():
-            setattr(self, name, value.to(getattr(self, name).device))
-        return self
+        return self.load_series(FPxINTSeries.from_expansion(self.spec, e))
 
     def expansion(self) -> Expansion:
         """The stored series as an ``Expansion`` (codes unpacked)."""
-        n_out = self.out_features
-        return Expansion(
-            codes=unpack_series(self.codes, self.term_bits, self.in_features),
-            scale=self.scale,
-            zero=self.bias_values(),
-            outlier_idx=self.outlier_idx
-            if self.outlier_budget
-            else self.scale.new_zeros(n_out, 0, dtype=torch.int32),
-            outlier_val=self.outlier_val if self.outlier_budget else self.scale.new_zeros(n_out, 0),
-            terms_used=int(self.terms_used.item()),
-            term_bits=self.term_bits,
-            group_size=self.group_size,
-            series=self.series,
-            col_scale=self.col_scale[0] if self.dual_scale else None,
-            rot_signs=self.rot_signs[0] if self.rotation is not None else None,
-            zero_bits=self.zero_bits,
-        )
+        return self.to_series().expansion()
 
     def bias_values(self) -> torch.Tensor | None:
         """float16 ``[out, G]`` bias of Eq. 1 (the int8 codes' values with ``zero_bits=8``); None when symmetric."""
-        if self.symmetric:
-            return None
-        return bias_of(self.zero, self.scale, self.term_bits[0], self.zero_bits)
+        return self.to_series().bias_values()
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -297,12 +240,12 @@ class FPxINTLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """float32 ``[out, in]`` weight of the first ``num_terms()`` terms, in the original input basis."""
-        return original_weight(self.expansion(), self.num_terms())
+        return self.to_series().dequantize(self.num_terms())
 
     def series_weight(self) -> torch.Tensor:
         """float32 ``[out, in]`` matrix of the first ``num_terms()`` terms, which multiplies ``input_transform(x)``
         (``dequantize()`` itself when the layer has no input transform)."""
-        return reconstruct(self.expansion(), self.num_terms())
+        return self.to_series().series_weight(self.num_terms())
 
     def input_transform(self, x: torch.Tensor) -> torch.Tensor:
         """``t ⊙ Rᵀx`` of ``transform.transform_input`` (``x`` itself without ``dual_scale`` and ``rotation``)."""
@@ -355,7 +298,7 @@ class FPxINTLinear(nn.Module):
             why = backends.supported(mode, **kw, device=x.device, dtype=x.dtype)
             if not why:
                 raise ValueError(f"forward_mode={mode!r} does not apply to {self.extra_repr()}: {why.reason}")
-        prepared = backends.prepare(mode, self.expansion(), k, x.dtype, x.device, act)
+        prepared = self.to_series().prepare(mode, x.dtype, x.device, k, act)
         # accelerate swaps offloaded buffers in for each forward and back to meta after it: a cache would only
         # miss, and would keep every offloaded layer's weights in memory
         self._kernel_cache = None if buffers_offloaded(self) else (key, buffers, prepared)
@@ -366,19 +309,7 @@ class FPxINTLinear(nn.Module):
     @torch.no_grad()
     def truncate_terms(self, k: int) -> FPxINTLinear:
         """Keep only the first ``k`` stored terms (the buffers shrink; used by a bits budget)."""
-        if not 1 <= k <= self.terms:
-            raise ValueError(f"cannot keep {k} terms of a layer that stores {self.terms}")
-        if k == self.terms:
-            return self
-        e = self.expansion()
-        e.codes = e.codes[:k]
-        e.terms_used = min(e.terms_used, k)
-        self.terms, self.term_bits = k, self.term_bits[:k]
-        self.bits = self.term_bits[0] if len(set(self.term_bits)) == 1 else self.term_bits
-        self._kernel_cache = None
-        self.codes = pack_series(e.codes, self.term_bits)
-        self.terms_used = torch.tensor([e.terms_used], dtype=torch.int32, device=self.terms_used.device)
-        return self
+        return self.load_series(self.to_series().truncate(k))
 
     def stored_bytes(self) -> int:
         """Bytes of every buffer that stores the weight (codes, scales, zeros, outliers, term count)."""

@@ -52,14 +52,14 @@ def test_error_never_rises(w, bits, group_size, symmetric):
 
 
 def test_two_4bit_terms_within_1p5x_of_8bit_rtn(w):
-    two_terms = relative_error(reconstruct(expand(w, 4, 2, 128)), w)
+    two_terms = relative_error(reconstruct(expand(w, bits=4, terms=2, group_size=128)), w)
     rtn8 = relative_error(rtn(w, 8, 128), w)
     assert two_terms <= 1.5 * rtn8, (two_terms, rtn8)
 
 
 def test_one_term_matches_rtn_at_same_grid(w):
     # with no saturation the first term is min-max RTN up to the float16 rounding of scale and bias
-    one = relative_error(reconstruct(expand(w, 4, 1, 128, clip="minmax")), w)
+    one = relative_error(reconstruct(expand(w, bits=4, terms=1, group_size=128, clip="minmax")), w)
     ref = relative_error(rtn(w, 4, 128), w)
     assert one <= 1.05 * ref
 
@@ -73,8 +73,8 @@ def test_residual_is_bounded_by_half_a_step(w):
 
 
 def test_outliers_are_kept_exactly_and_help(w):
-    plain = expand(w, 4, 1, None, clip="minmax")
-    sat = expand(w, 4, 1, None, clip="laplace", outlier_fraction=0.01)
+    plain = expand(w, bits=4, terms=1, group_size=None, clip="minmax")
+    sat = expand(w, bits=4, terms=1, group_size=None, clip="laplace", outlier_fraction=0.01)
     k = outlier_budget(w.shape[1], 0.01)
     assert sat.outlier_idx.shape == (w.shape[0], k) and sat.outlier_val.dtype == torch.float16
     assert (sat.outlier_val != 0).any()
@@ -89,7 +89,10 @@ def test_tol_stops_early_and_records_terms(w):
 
 
 def test_deterministic(w):
-    a, b = expand(w, 4, 3, 64, outlier_fraction=0.01), expand(w, 4, 3, 64, outlier_fraction=0.01)
+    a, b = (
+        expand(w, bits=4, terms=3, group_size=64, outlier_fraction=0.01),
+        expand(w, bits=4, terms=3, group_size=64, outlier_fraction=0.01),
+    )
     assert (
         torch.equal(a.codes, b.codes)
         and torch.equal(a.scale, b.scale)
@@ -99,7 +102,7 @@ def test_deterministic(w):
 
 def test_codes_in_range(w):
     for bits in (2, 3, 4, 8):
-        e = expand(w, bits, 3, 32)
+        e = expand(w, bits=bits, terms=3, group_size=32)
         assert e.codes.dtype == torch.uint8 and int(e.codes.max()) < 2**bits
 
 
@@ -126,7 +129,7 @@ def test_non_finite_weight_raises(w):
 def test_zero_and_constant_groups():
     w = torch.zeros(4, 64)
     w[1] = 0.5
-    e = expand(w, 4, 2, 32)
+    e = expand(w, bits=4, terms=2, group_size=32)
     assert torch.isfinite(reconstruct(e)).all()
     assert relative_error(reconstruct(e), w) < 1e-3
 
@@ -140,5 +143,5 @@ def test_resolve_group_size_fallback():
 
 
 def test_snr_is_scale_free(w):
-    approx = reconstruct(expand(w, 4, 2, 64))
+    approx = reconstruct(expand(w, bits=4, terms=2, group_size=64))
     assert snr_db(approx, w) == pytest.approx(snr_db(approx * 1000, w * 1000), abs=1e-3)

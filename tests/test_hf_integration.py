@@ -18,7 +18,7 @@ from torch import nn
 
 import fpxint_hf
 import fpxint_hf.hf.quantizer as quantizer_mod
-import fpxint_hf.linear as linear_mod
+import fpxint_hf.series as series_mod
 from fpxint_hf import FPxINTLinear
 from fpxint_hf.expansion import snr_db
 from fpxint_hf.packing import packed_size
@@ -254,7 +254,7 @@ def test_quantize_on_load_streams_tensor_by_tensor(make_fp_dir, load_quantized, 
     fp_dir = make_fp_dir("qwen2")
     seen: dict = {"model": None, "calls": []}
     orig_convert = quantizer_mod.FPxINTQuantize.convert
-    orig_expand = linear_mod.expand  # FPxINTLinear.quantize_weight calls it
+    orig_expand = series_mod.expand  # FPxINTSeries.from_weight calls it
 
     def convert(self, input_dict, model=None, **kwargs):
         seen["model"] = model
@@ -279,7 +279,7 @@ def test_quantize_on_load_streams_tensor_by_tensor(make_fp_dir, load_quantized, 
         return orig_expand(weight, *args, **kwargs)
 
     monkeypatch.setattr(quantizer_mod.FPxINTQuantize, "convert", convert)
-    monkeypatch.setattr(linear_mod, "expand", expand)
+    monkeypatch.setattr(series_mod, "expand", expand)
     # the path without the probe (the probe's own pass holds one block: tests/test_second_order.py)
     q = load_quantized(fp_dir, bits=4, terms=2, group_size=32, act_proxy="norm")
 

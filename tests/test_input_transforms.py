@@ -108,7 +108,7 @@ def test_proxy_follows_the_transforms():
 @pytest.mark.parametrize("bits", [3, 4])
 def test_series_error_never_rises_as_terms_are_added(bits, symmetric, option):
     w = heavy_weight()
-    e = expand(w, bits, 4, 64, symmetric, **OPTIONS[option])
+    e = expand(w, bits=bits, terms=4, group_size=64, symmetric=symmetric, **OPTIONS[option])
     assert len(e.errors) == 4 and all(b <= a for a, b in zip(e.errors, e.errors[1:], strict=False))
     errs = [relative_error(original_weight(e, k), w) for k in range(1, 5)]
     assert all(b <= a * (1 + 1e-6) for a, b in zip(errs, errs[1:], strict=False)), errs
@@ -121,9 +121,9 @@ def test_each_option_beats_none_on_a_heavy_tailed_weight(bits):
     more with the rotation, and does not rise with dual_scale alone (whose fit minimizes the error of the balanced
     V, not of W: its gain shows end to end, eval/results/options.md)."""
     w = heavy_weight()
-    none = relative_error(original_weight(expand(w, bits, 1, 64)), w)
+    none = relative_error(original_weight(expand(w, bits=bits, terms=1, group_size=64)), w)
     for option, kw in OPTIONS.items():
-        err = relative_error(original_weight(expand(w, bits, 1, 64, **kw)), w)
+        err = relative_error(original_weight(expand(w, bits=bits, terms=1, group_size=64, **kw)), w)
         assert err < (1.0 if option == "dual_scale" else 0.9) * none, (option, err, none)
 
 
@@ -238,7 +238,7 @@ def test_cli_flags_set_the_options():
 
 def test_reconstruct_is_the_transformed_series():
     w = heavy_weight()
-    e = expand(w, 4, 2, 64, rotation="hadamard")
+    e = expand(w, bits=4, terms=2, group_size=64, rotation="hadamard")
     assert e.rot_signs is not None
     assert snr_db(reconstruct(e), rotate_weight(w, e.rot_signs)) >= 40
 

@@ -47,7 +47,7 @@ def test_code_and_value_invert_each_other_exactly(bits1):
 def test_series_error_never_rises_as_terms_are_added(bits, symmetric):
     w = weight()
     terms = 3 if isinstance(bits, tuple) else 4
-    e = expand(w, bits, terms, 64, symmetric, zero_bits=8)
+    e = expand(w, bits=bits, terms=terms, group_size=64, symmetric=symmetric, zero_bits=8)
     assert e.zero_bits == (16 if symmetric else 8)
     assert all(b <= a for a, b in zip(e.errors, e.errors[1:], strict=False)), e.errors
     errs = [relative_error(reconstruct(e, k), w) for k in range(1, terms + 1)]
@@ -57,7 +57,10 @@ def test_series_error_never_rises_as_terms_are_added(bits, symmetric):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_one_term_costs_at_most_a_percent_of_error_against_a_float16_bias(bits):
     w = weight(256, 512, seed=bits)
-    e16, e8 = expand(w, bits, 1, 64), expand(w, bits, 1, 64, zero_bits=8)
+    e16, e8 = (
+        expand(w, bits=bits, terms=1, group_size=64),
+        expand(w, bits=bits, terms=1, group_size=64, zero_bits=8),
+    )
     assert e8.errors[0] <= 1.01 * e16.errors[0], (e8.errors, e16.errors)
     assert torch.equal(bias_value(bias_code(e8.zero, e8.scale, bits), e8.scale, bits), e8.zero)
 
@@ -67,7 +70,7 @@ def test_a_group_far_from_zero_is_still_represented():
     series still converges on the group."""
     w = weight(8, 128)
     w[:, :64] += 1.0
-    e = expand(w, 4, 3, 64, zero_bits=8)
+    e = expand(w, bits=4, terms=3, group_size=64, zero_bits=8)
     assert relative_error(reconstruct(e), w) < 1e-3
     assert bool((bias_code(e.zero, e.scale, 4).abs() <= CODE_MAX).all())
 
@@ -141,7 +144,7 @@ def test_settings_errors_name_the_field(kwargs, allowed):
     with pytest.raises(ValueError, match=rf"FPxINTConfig\.zero_bits=.* is invalid; allowed: {allowed}"):
         fpxint_hf.FPxINTConfig(**kwargs)
     with pytest.raises(ValueError, match="zero_bits"):
-        expand(weight(), 4, 1, 64, **{k: v for k, v in kwargs.items() if k != "fit"})
+        expand(weight(), bits=4, terms=1, group_size=64, **{k: v for k, v in kwargs.items() if k != "fit"})
 
 
 def test_cli_flag_sets_the_option():

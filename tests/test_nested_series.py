@@ -44,7 +44,7 @@ def test_fit_recovers_an_exact_grid():
 @pytest.mark.parametrize("fit", ["minmax", "optimized"])
 def test_error_never_rises_and_falls_by_2_to_the_x(w, bits, fit):
     terms = len(bits) if isinstance(bits, tuple) else 3
-    e = expand(w, bits, terms, 64, series="nested", fit=fit)
+    e = expand(w, bits=bits, terms=terms, group_size=64, series="nested", fit=fit)
     widths = e.term_bits
     errs = [relative_error(reconstruct(e, k), w) for k in range(1, terms + 1)]
     assert errs == pytest.approx(list(e.errors), rel=1e-4)
@@ -55,7 +55,7 @@ def test_error_never_rises_and_falls_by_2_to_the_x(w, bits, fit):
 
 
 def test_minmax_nested_residual_is_bounded_by_half_a_step(w):
-    e = expand(w, 4, 3, 64, series="nested", fit="minmax")
+    e = expand(w, bits=4, terms=3, group_size=64, series="nested", fit="minmax")
     steps = term_scales(e.scale, e.term_bits, 3, "nested")
     for k in (1, 2, 3):
         resid = (w - reconstruct(e, k)).reshape(96, -1, 64).abs().amax(-1)
@@ -64,9 +64,9 @@ def test_minmax_nested_residual_is_bounded_by_half_a_step(w):
 
 def test_exact_reconstruction_limit(w):
     """Enough terms reconstruct M to float32 precision (the series converges to M, clipped values included)."""
-    e = expand(w, 8, 3, 64, series="nested", fit="optimized")
+    e = expand(w, bits=8, terms=3, group_size=64, series="nested", fit="optimized")
     assert relative_error(reconstruct(e), w) < 1e-6
-    e4 = expand(w, 4, 6, 64, series="nested", fit="optimized")
+    e4 = expand(w, bits=4, terms=6, group_size=64, series="nested", fit="optimized")
     assert relative_error(reconstruct(e4), w) < 1e-6
 
 
@@ -74,14 +74,14 @@ def test_equal_bits_peers(w):
     """2x2-bit is one 4-bit grid: never worse than RTN W4; 4+4 is never worse than RTN W8 (same group)."""
     for bits, terms, peer in [(2, 2, 4), (4, 2, 8), ((4, 2), 2, 6), (3, 2, 6)]:
         for fit in ("minmax", "optimized"):
-            e = expand(w, bits, terms, 64, series="nested", fit=fit)
+            e = expand(w, bits=bits, terms=terms, group_size=64, series="nested", fit=fit)
             # our scale and bias are stored in float16 (rounded so the grid still spans the range); the RTN
             # reference keeps them in float32, which is worth up to ~1% at 8 bits
             assert relative_error(reconstruct(e), w) <= relative_error(rtn(w, peer, 64), w) * 1.01, (
                 bits,
                 fit,
             )
-    legacy = expand(w, 2, 2, 64, series="legacy")
+    legacy = expand(w, bits=2, terms=2, group_size=64, series="legacy")
     assert relative_error(reconstruct(legacy), w) > 1.2 * relative_error(rtn(w, 4, 64), w)  # the old waste
 
 
@@ -103,7 +103,7 @@ def test_mixed_width_layer_stores_honest_bits(w):
     m = FPxINTLinear.from_linear(lin, bits=(4, 2), terms=2, group_size=64, series="nested", fit="optimized")
     assert m.bits_per_weight() == pytest.approx(4 + 2 + 32 / 64 + 32 / (96 * 256))
     x = torch.randn(3, 256)
-    ref = x @ reconstruct(m.quantize_weight(w)).t()
+    ref = x @ reconstruct(expand(w, m.spec.expand_settings())).t()
     for mode in ("reference", "terms", "dense"):
         m.forward_mode = mode
         assert torch.allclose(m(x), ref, rtol=1e-4, atol=1e-5), mode

@@ -8,7 +8,7 @@ import torch
 from checkpoint_helpers import fpxint_modules
 
 from fpxint_hf import FPxINTConfig
-from fpxint_hf.expansion import expand, reconstruct
+from fpxint_hf.expansion import ExpandOptions, expand, reconstruct
 from fpxint_hf.gptq import output_error, round_to_grid, second_order_levels, series_grid
 from fpxint_hf.hf import probe
 
@@ -33,7 +33,7 @@ def test_second_order_never_raises_the_output_error_of_any_row(bits, terms, grou
     w = torch.randn(48, 128, generator=g) * 0.05
     x = _correlated(128, 256, seed)
     h = x.T @ x / x.shape[0]
-    e = expand(w, bits=bits, terms=terms, group_size=group, importance=h.diagonal())
+    e = expand(w, options=ExpandOptions(importance=h.diagonal()), bits=bits, terms=terms, group_size=group)
     ours = second_order_levels(w, h, e.scale, e.zero, e.term_bits, group)
     plain = reconstruct(e)
     before, after = output_error(w, plain, h), output_error(w, ours, h)
@@ -47,8 +47,16 @@ def test_second_order_levels_are_levels_of_the_series_grid_and_decompose_exactly
     x = _correlated(128, 300, 7)
     h = x.T @ x / 300
     for bits, terms in ((4, 1), (4, 2), ((4, 2), 2)):
-        plain = expand(w, bits=bits, terms=terms, group_size=32, importance=h.diagonal())
-        e = expand(w, bits=bits, terms=terms, group_size=32, importance=h.diagonal(), hessian=h)
+        plain = expand(
+            w, options=ExpandOptions(importance=h.diagonal()), bits=bits, terms=terms, group_size=32
+        )
+        e = expand(
+            w,
+            options=ExpandOptions(importance=h.diagonal(), hessian=h),
+            bits=bits,
+            terms=terms,
+            group_size=32,
+        )
         want = second_order_levels(w, h, plain.scale, plain.zero, plain.term_bits, 32)
         base, step, top = series_grid(e.scale, e.zero, e.term_bits)
         got = reconstruct(e)
@@ -56,7 +64,7 @@ def test_second_order_levels_are_levels_of_the_series_grid_and_decompose_exactly
         assert torch.allclose(got, want, atol=1e-6 * w.abs().max().item())
         grid = round_to_grid(got, base.repeat_interleave(32, 1), step.repeat_interleave(32, 1), top)
         assert torch.allclose(grid, got, atol=1e-6 * w.abs().max().item())
-        unweighted = expand(w, bits=bits, terms=terms, group_size=32, hessian=h)
+        unweighted = expand(w, options=ExpandOptions(hessian=h), bits=bits, terms=terms, group_size=32)
         left = reconstruct(unweighted) - w
         assert unweighted.errors[-1] == pytest.approx((left.norm() / w.norm()).item(), rel=1e-4)
 
@@ -65,23 +73,40 @@ def test_second_order_spans_and_transforms():
     w = torch.randn(16, 256, generator=torch.Generator().manual_seed(1)) * 0.05
     x = _correlated(256, 400, 2)
     h = x.T @ x / 400
-    plain = reconstruct(expand(w, bits=4, terms=1, group_size=64, importance=h.diagonal()))
+    plain = reconstruct(
+        expand(w, options=ExpandOptions(importance=h.diagonal()), bits=4, terms=1, group_size=64)
+    )
     span = reconstruct(
-        expand(w, bits=4, terms=1, group_size=64, importance=h.diagonal(), hessian=h, hessian_span=64)
+        expand(
+            w,
+            options=ExpandOptions(importance=h.diagonal(), hessian=h, hessian_span=64),
+            bits=4,
+            terms=1,
+            group_size=64,
+        )
     )
     assert output_error(w, span, h).sum() < output_error(w, plain, h).sum()
     from fpxint_hf.expansion import original_weight
 
     for kw in ({"dual_scale": True}, {"rotation": "hadamard"}):
-        base = original_weight(expand(w, bits=4, terms=1, group_size=64, importance=h.diagonal(), **kw))
+        base = original_weight(
+            expand(w, options=ExpandOptions(importance=h.diagonal()), bits=4, terms=1, group_size=64, **kw)
+        )
         ours = original_weight(
-            expand(w, bits=4, terms=1, group_size=64, importance=h.diagonal(), hessian=h, **kw)
+            expand(
+                w,
+                options=ExpandOptions(importance=h.diagonal(), hessian=h),
+                bits=4,
+                terms=1,
+                group_size=64,
+                **kw,
+            )
         )
         assert output_error(w, ours, h).sum() <= output_error(w, base, h).sum() * (1 + 1e-5)
     with pytest.raises(ValueError, match=r"hessian must be \[256, 256\]"):
-        expand(w, bits=4, terms=1, group_size=64, hessian=h[:8, :8])
+        expand(w, options=ExpandOptions(hessian=h[:8, :8]), bits=4, terms=1, group_size=64)
     with pytest.raises(ValueError, match="needs series='nested'"):
-        expand(w, bits=4, terms=1, group_size=64, series="legacy", hessian=h)
+        expand(w, options=ExpandOptions(hessian=h), bits=4, terms=1, group_size=64, series="legacy")
 
 
 def test_streaming_probe_holds_one_block_at_a_time(fp_model_dir, load_fp, monkeypatch):

@@ -50,7 +50,7 @@ def test_zero_point_and_bias_invert_each_other_exactly(bits):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_one_term_is_never_worse_than_rtn_on_the_same_grid(bits, gs, heavy):
     w = weight(96, 512, seed=bits + gs, heavy=heavy)
-    e = expand(w, bits, 1, gs, zero_bits=bits)
+    e = expand(w, bits=bits, terms=1, group_size=gs, zero_bits=bits)
     rtn_scale, rtn_bias = rtn_zero_point(w.reshape(96, -1, gs), bits)
     ours = first_term_errors(w, e.scale, e.zero, bits, gs)
     rtn = first_term_errors(w, rtn_scale, rtn_bias, bits, gs)
@@ -65,7 +65,7 @@ def test_one_term_is_never_worse_than_rtn_on_the_same_grid(bits, gs, heavy):
     exact = ((q - z.float().unsqueeze(-1)) * e.scale.float().unsqueeze(-1)).reshape(w.shape)
     assert snr_db(reconstruct(e), exact) > 60  # the float16 rounding of the bias only
     # fit="minmax" is GPTQ's RTN itself
-    r = expand(w, bits, 1, gs, zero_bits=bits, fit="minmax")
+    r = expand(w, bits=bits, terms=1, group_size=gs, zero_bits=bits, fit="minmax")
     assert torch.equal(r.scale, rtn_scale) and torch.equal(r.zero, rtn_bias)
 
 
@@ -74,7 +74,10 @@ def test_a_longer_series_still_converges_and_stays_close_to_float_zeros(bits):
     w = weight(64, 256, heavy=True)
     terms = len(bits) if isinstance(bits, tuple) else 1
     b1 = bits[0] if isinstance(bits, tuple) else bits
-    ez, e16 = expand(w, bits, terms, 64, zero_bits=b1), expand(w, bits, terms, 64)
+    ez, e16 = (
+        expand(w, bits=bits, terms=terms, group_size=64, zero_bits=b1),
+        expand(w, bits=bits, terms=terms, group_size=64),
+    )
     assert all(b <= a for a, b in zip(ez.errors, ez.errors[1:], strict=False)), ez.errors
     assert ez.errors[-1] <= 1.25 * e16.errors[-1], (ez.errors, e16.errors)
     z = zero_point(ez.zero, ez.scale, b1)
@@ -126,8 +129,14 @@ def test_a_zero_width_other_than_the_first_terms_is_refused(kwargs, allowed):
         fpxint_hf.FPxINTConfig(**kwargs)
     terms = kwargs.get("terms", 1)
     with pytest.raises(ValueError, match="zero_bits"):
-        expand(weight(), kwargs["bits"] if "bits" in kwargs else 4, terms, 64, zero_bits=kwargs["zero_bits"],
-               series=kwargs.get("series", "nested"))  # fmt: skip
+        expand(
+            weight(),
+            bits=kwargs["bits"] if "bits" in kwargs else 4,
+            terms=terms,
+            group_size=64,
+            zero_bits=kwargs["zero_bits"],
+            series=kwargs.get("series", "nested"),
+        )
 
 
 def test_cli_flag_and_vllm_reader_take_it():

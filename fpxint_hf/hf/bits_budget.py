@@ -7,57 +7,31 @@ import logging
 import torch
 
 from ..budget import LayerCandidates, allocate_terms, fused_groups, merge_candidates
+from ..expansion import NO_OPTIONS, ExpandOptions
 from ..linear import FPxINTLinear
 from ..model_ops import model_bits_per_weight
+from ..series import FPxINTSeries
 from .config import FPxINTConfig
 
 logger = logging.getLogger(__name__)
 
 
-def budget_candidates(
-    module: FPxINTLinear,
-    weight: torch.Tensor,
-    cfg: FPxINTConfig,
-    full,
-    full_state,
-    importance=None,
-    hessian=None,
-    hessian_span=None,
-) -> dict:
-    """``{k: (buffers, relative error, stored bits)}`` for k = 1..terms: each k fitted for exactly k terms.
+def budget_candidates(full: FPxINTSeries, weight: torch.Tensor, options: ExpandOptions = NO_OPTIONS) -> dict:
+    """``{k: (series, relative error, stored bits)}`` for k = 1..terms: each k fitted for exactly k terms (``full``:
+    the layer's series of all its terms, fitted from ``weight`` with ``options``).
 
-    The stored bits count every tensor that grows with the layer (codes, scales, zeros, outliers, the input
-    transforms' column scales and signs), not the
-    per-layer ``terms_used`` counter (32 bits a layer, the same for every k): so a budget equal to the bits of
-    one term, e.g. ``bits=[3, 2]``, ``bits_budget=3.5`` at group 64, is met with one term in every layer."""
+    The stored bits count every tensor that grows with the layer (``FPxINTSeries.stored_bits``: codes, scales,
+    zeros, outliers, the input transforms' column scales and signs), not the per-layer ``terms_used`` counter (32
+    bits a layer, the same for every k): so a budget equal to the bits of one term, e.g. ``bits=[3, 2]``,
+    ``bits_budget=3.5`` at group 64, is met with one term in every layer."""
     cands = {}
-    for k in range(1, module.terms + 1):
-        if k == module.terms:
-            e, state = full, full_state
-        else:
-            probe = FPxINTLinear(
-                module.in_features,
-                module.out_features,
-                bias=False,
-                bits=module.term_bits[:k],
-                terms=k,
-                group_size=module.group_size,
-                symmetric=module.symmetric,
-                outlier_budget=module.outlier_budget,
-                series=module.series,
-                fit=module.fit,
-                dual_scale=module.dual_scale,
-                rotation=module.rotation,
-                zero_bits=module.zero_bits,
-                device="meta",
-            )
-            e = probe.quantize_weight(
-                weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance, hessian, hessian_span
-            )
-            state = probe.expansion_state(e)
-        # every stored tensor but the per-layer terms_used counter (the input transforms' t and signs count)
-        stored = 8 * sum(t.numel() * t.element_size() for n, t in state.items() if n != "terms_used")
-        cands[k] = (state, e.errors[-1] if e.errors else 0.0, stored)
+    for k in range(1, full.spec.terms + 1):
+        s = (
+            full
+            if k == full.spec.terms
+            else FPxINTSeries.from_weight(weight, full.spec.truncated(k), options)
+        )
+        cands[k] = (s, s.errors[-1] if s.errors else 0.0, s.stored_bits())
     return cands
 
 
@@ -85,9 +59,7 @@ def apply_bits_budget(model: torch.nn.Module, cfg: FPxINTConfig, candidates: dic
         for name, k in keep.items():
             module = layers[name]
             if k < module.terms:
-                module.truncate_terms(k)
-                for t_name, value in candidates[name][k][0].items():
-                    setattr(module, t_name, value.to(getattr(module, t_name).device))
+                module.load_series(candidates[name][k][0])
     cfg.layer_terms = {n: k for n, k in keep.items() if k != cfg.terms} or None
     logger.info(
         "FP=xINT bits_budget=%s: %.4f bits per weight stored; terms per layer %s",

@@ -219,10 +219,6 @@ class FPxINTConfig(QuantizationConfigMixin):
         """Terms stored for ``module_name`` (``layer_terms``, else ``terms``)."""
         return (self.layer_terms or {}).get(module_name, self.terms)
 
-    def group_size_of(self, module_name: str) -> int | None:
-        """Group size recorded for ``module_name`` (``layer_group_size``), else ``group_size`` (resolved per layer)."""
-        return (self.layer_group_size or {}).get(module_name, self.group_size)
-
     def post_init(self):
         """Check every field; raise ``ValueError`` naming the field, the value and what is allowed."""
         check_quantization_config("FPxINTConfig", {name: getattr(self, name) for name in CONFIG_DEFAULTS})

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.core_model_loading import ConversionOps
 
+from ..expansion import ExpandOptions
 from ..linear import FPxINTLinear
+from ..series import FPxINTSeries
 from .bits_budget import budget_candidates
 
 if TYPE_CHECKING:
@@ -26,19 +28,14 @@ def quantize_module(
 ) -> dict[str, torch.Tensor]:
     """The buffers of ``module`` for the full-precision ``weight`` (and its bits-budget candidates, kept on the
     quantizer); ``importance``/``hessian``: the layer's input statistics (``expansion.expand``)."""
-    cfg = hf_quantizer.quantization_config
+    options = ExpandOptions(importance, hessian, hessian_span)
     try:
-        e = module.quantize_weight(
-            weight, cfg.clip, cfg.outlier_fraction, cfg.tol, importance, hessian, hessian_span
-        )
+        series = FPxINTSeries.from_weight(weight, module.spec, options)
     except ValueError as err:
         raise ValueError(f"FP=xINT cannot quantize {module_name}.weight: {err}") from err
-    state = module.expansion_state(e)
-    if cfg.bits_budget is not None:
-        hf_quantizer.budget_candidates[module_name] = budget_candidates(
-            module, weight, cfg, e, state, importance, hessian, hessian_span
-        )
-    return state
+    if hf_quantizer.quantization_config.bits_budget is not None:
+        hf_quantizer.budget_candidates[module_name] = budget_candidates(series, weight, options)
+    return series.state()
 
 
 class FPxINTQuantize(ConversionOps):

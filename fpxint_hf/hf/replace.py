@@ -30,13 +30,19 @@ def make_fpxint_linear(
     quantize-on-load finds the full-precision key and hands it to the quantize op, which drops it.
     """
     dtype = linear.weight.dtype
-    settings = dataclasses.replace(config.settings(), group_size=config.group_size_of(name))
+    settings = config.settings()
     terms = config.terms_of(name)
     if terms != settings.terms:  # a bits budget kept fewer terms in this layer
         settings = dataclasses.replace(settings, terms=terms, bits=settings.term_bits[:terms])
+    recorded = (config.layer_group_size or {}).get(name)  # else resolved from group_size, once, here
     with torch.device("meta"):
         module = FPxINTLinear.for_settings(
-            linear.in_features, linear.out_features, settings, bias=linear.bias is not None, dtype=dtype
+            linear.in_features,
+            linear.out_features,
+            settings,
+            bias=linear.bias is not None,
+            group_size=recorded,
+            dtype=dtype,
         )
         if weight_placeholder:
             module.weight = nn.Parameter(
