@@ -18,9 +18,12 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "Expansion": ".expansion",
+    "ExpandOptions": ".expansion",
     "expand": ".expansion",
     "reconstruct": ".expansion",
     "FPxINTLinear": ".linear",
+    "FPxINTSeries": ".series",
+    "forward_paths": ".model_ops",
     "set_active_terms": ".model_ops",
     "set_forward_mode": ".model_ops",
     "FPxINTConfig": ".hf",

@@ -22,26 +22,36 @@ from .kernels import AUTO_DTYPES, DenseWeights, Int4Weights, Int8Weights, Suppor
 
 
 @dataclass(frozen=True)
+class LayerQuery:
+    """What a backend is asked about a layer: the widths of its ``terms`` active terms, its group size, inputs and
+    series rule, and the activations' device and dtype."""
+
+    bits: tuple[int, ...]
+    terms: int
+    group_size: int
+    in_features: int
+    series: str
+    device: torch.device | str
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
 class Backend:
-    """One forward path: ``supports(**layer)`` → ``Support``; ``prepare(e, terms, dtype, device)`` → weights;
-    ``forward(x2d, weights)`` → ``[n, out]``."""
+    """One forward path: ``can_implement(query)`` → ``Support`` (``ok, reason``); ``prepare(e, terms, dtype,
+    device)`` → weights; ``forward(x2d, weights)`` → ``[n, out]``."""
 
     name: str
-    supports: Callable[..., Support]
+    can_implement: Callable[[LayerQuery], Support]
     prepare: Callable[..., Any]
     forward: Callable[[torch.Tensor, Any], torch.Tensor]
 
 
-def _int4_supports(*, bits, group_size, in_features, terms, device, dtype, series) -> Support:
-    return kernels.int4_supported(kernels.term_widths(bits, terms), group_size, device, dtype)
+def _int4_can(q: LayerQuery) -> Support:
+    return kernels.int4_supported(kernels.term_widths(q.bits, q.terms), q.group_size, q.device, q.dtype)
 
 
-def _int8_supports(*, bits, group_size, in_features, terms, device, dtype, series) -> Support:
-    return kernels.int8_supported(bits, group_size, in_features, terms, series, device, dtype)
-
-
-def _dense_supports(**_: Any) -> Support:
-    return Support(True)
+def _int8_can(q: LayerQuery) -> Support:
+    return kernels.int8_supported(q.bits, q.group_size, q.in_features, q.terms, q.series, q.device, q.dtype)
 
 
 def prepare_dense(
@@ -52,13 +62,23 @@ def prepare_dense(
 
 
 BACKENDS = {
-    "int4": Backend("int4", _int4_supports, kernels.prepare_int4, kernels.int4_linear),
-    "int8": Backend("int8", _int8_supports, kernels.prepare_int8, kernels.int8_linear),
+    "int4": Backend("int4", _int4_can, kernels.prepare_int4, kernels.int4_linear),
+    "int8": Backend("int8", _int8_can, kernels.prepare_int8, kernels.int8_linear),
     "dense": Backend(
-        "dense", _dense_supports, prepare_dense, lambda x2d, w: torch.nn.functional.linear(x2d, w.weight)
+        "dense",
+        lambda q: Support(True),
+        prepare_dense,
+        lambda x2d, w: torch.nn.functional.linear(x2d, w.weight),
     ),
 }
 KERNEL_MODES = tuple(BACKENDS)
+AUTO_ORDER = ("int8", "int4")
+"""The packed kernels ``auto`` tries, in order, for ``kernels.AUTO_DTYPES`` activations (else ``dense``).
+
+Only bfloat16 activations on the CPU get a packed kernel: in torch 2.13 the float32 and float16 variants of both
+ops are correct but unvectorized, 10-90x slower than dense ``F.linear`` in the same dtype.  ``int8`` goes first
+(one matmul for all its terms; with one term it measured as fast as ``int4`` or faster), then ``int4``.
+Measurements: ``eval/results/bench_kernels.md``."""
 _BY_WEIGHTS = {Int4Weights: "int4", Int8Weights: "int8", DenseWeights: "dense"}
 _FORWARD: dict[type, Callable[[torch.Tensor, Any], torch.Tensor]] = {
     cls: BACKENDS[name].forward for cls, name in _BY_WEIGHTS.items()
@@ -72,26 +92,40 @@ def backend(mode: str) -> Backend:
     return BACKENDS[mode]
 
 
-def supported(mode: str, **layer: Any) -> Support:
-    """Whether backend ``mode`` applies to a layer (``bits``, ``group_size``, ``in_features``, ``terms``,
-    ``device``, ``dtype``, ``series``)."""
-    return backend(mode).supports(**layer)
+@dataclass(frozen=True)
+class ForwardPath:
+    """The path a layer runs (``name``: a backend, ``reference``, ``terms`` or ``act/<method>``), why, and why each
+    backend it passed over was refused (``refused``: ``(name, reason)`` pairs)."""
+
+    name: str
+    reason: str
+    refused: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        others = "; ".join(f"{n}: {why}" for n, why in self.refused)
+        return f"{self.name} ({self.reason})" + (f"; refused {others}" if others else "")
 
 
-def choose_kernel(*, dtype: torch.dtype, **layer: Any) -> str:
-    """The backend ``"auto"`` uses.
-
-    Only bfloat16 activations on the CPU get a packed kernel: in torch 2.13 the float32 and float16 variants
-    of both ops are correct but unvectorized, 10-90x slower than dense ``F.linear`` in the same dtype.
-    ``int8`` goes first (one matmul for all its terms; with one term it measured as fast as ``int4`` or
-    faster), then ``int4``.  Everything else gets ``dense`` (dequantized once, cached).  Measurements:
-    ``eval/results/bench_kernels.md``.
-    """
-    if dtype in AUTO_DTYPES:
-        for mode in ("int8", "int4"):
-            if supported(mode, dtype=dtype, **layer):
-                return mode
-    return "dense"
+def choose_path(mode: str, q: LayerQuery, auto_order: tuple[str, ...] = AUTO_ORDER) -> ForwardPath:
+    """The backend that runs a layer under ``mode`` (``auto`` or a name of ``BACKENDS``): one asked for by name
+    runs or raises ``ValueError`` with the reason it cannot; ``auto`` takes the first of ``auto_order`` that can
+    (for ``kernels.AUTO_DTYPES`` activations only), else ``dense``, recording why each other was refused."""
+    if mode != "auto":
+        ok, why = backend(mode).can_implement(q)
+        if not ok:
+            raise ValueError(f"forward_mode={mode!r} cannot run this layer: {why}")
+        return ForwardPath(mode, "forward_mode asks for it")
+    refused: list[tuple[str, str]] = []
+    for name in auto_order:
+        if q.dtype not in AUTO_DTYPES:
+            ok, why = False, f"auto runs packed kernels for {AUTO_DTYPES} activations only, not {q.dtype}"
+        else:
+            ok, why = BACKENDS[name].can_implement(q)
+        if ok:
+            return ForwardPath(name, f"auto: the first of {auto_order} that runs this layer", tuple(refused))
+        refused.append((name, why))
+    reason = "auto: no packed kernel runs this layer" if auto_order else "auto: dequantized once"
+    return ForwardPath("dense", reason, tuple(refused))
 
 
 def prepare(

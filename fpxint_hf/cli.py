@@ -172,14 +172,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from .expansion import reconstruct, relative_error
     from .linear import FPxINTLinear
+    from .model_ops import forward_paths
 
     model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.float32)
     ref = None
     if args.reference:
         ref = dict(AutoModelForCausalLM.from_pretrained(args.reference, dtype=torch.float32).named_modules())
     err_head = "rel. error vs reference" if ref else "last term / weight (norm)"
-    print(f"| layer | shape | group | terms used/stored | bits/weight | outliers | {err_head} |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    qcfg = getattr(model.config, "quantization_config", None)
+    dtype = args.dtype or getattr(qcfg, "compute_dtype", None) or "float32"
+    paths = forward_paths(model, getattr(torch, dtype), "cpu")
+    print(
+        f"| layer | shape | group | terms used/stored | bits/weight | outliers | forward path | {err_head} |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|---:|")
     layers = single = 0
     for name, m in model.named_modules():
         if not isinstance(m, FPxINTLinear):
@@ -196,7 +202,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         outliers = int((e.outlier_val != 0).sum())
         print(
             f"| {name} | {m.out_features}x{m.in_features} | {m.group_size} | {e.terms_used}/{m.terms} | "
-            f"{m.bits_per_weight():.3f} | {outliers} | {err} |"
+            f"{m.bits_per_weight():.3f} | {outliers} | {paths[name].name} | {err} |"
         )
     if layers == 0:
         raise UsageError(f"{args.dir} holds no FP=xINT layers (is it an fpxint checkpoint?)")
@@ -205,8 +211,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"\n{single} of {layers} layers use one term, so they have no later term to measure (-); "
             "pass --reference FP_MODEL for every layer's error against the full-precision weights."
         )
+    _print_paths(paths, dtype)
     print(f"\ntotal: {_summary(model)}; config: {json.dumps(model.config.quantization_config.to_dict())}")
     return 0
+
+
+def _print_paths(paths: dict, dtype: str) -> None:
+    """Why each forward path runs, once per distinct path and reason, with the layers that take it."""
+    print(
+        f"\nforward paths ({dtype} activations on the CPU; chosen under forward_mode, listed by "
+        "fpxint_hf.forward_paths):"
+    )
+    by_path: dict[str, list[str]] = {}
+    for name, path in paths.items():
+        by_path.setdefault(str(path), []).append(name)
+    for why, names in by_path.items():
+        print(f"- {len(names)} layers (e.g. {names[0]}): {why}")
 
 
 def cmd_push(args: argparse.Namespace) -> int:

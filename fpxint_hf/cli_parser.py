@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--reference", default=None, help="full-precision model to measure the relative error against"
     )
+    i.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="activation dtype whose forward paths are listed (default: the checkpoint's compute_dtype, else float32)",
+    )
 
     x = sub.add_parser(
         "export",

@@ -35,7 +35,7 @@ and then run per forward (``int4_linear``/``int8_linear``); ``backends.py`` regi
 
 Speed (torch 2.13, AVX2 CPU; ``eval/results/bench_kernels.md``): both ops are vectorized only for
 bfloat16 activations; with float32 or float16 they are exact but far slower than dense ``F.linear``.
-``backends.choose_kernel`` (the ``"auto"`` forward mode) therefore picks a kernel for bfloat16 only.  At one
+``backends.choose_path`` (the ``"auto"`` forward mode) therefore picks a kernel for bfloat16 only.  At one
 token (decode) the int4 op is compute-bound on AVX2 (unpacking nibbles), far below the copy bandwidth: it, not
 the Python around it, sets FP=xINT's decode speed (``eval/results/speed.md`` and its profile).
 
@@ -73,6 +73,9 @@ class Support:
 
     def __bool__(self) -> bool:
         return self.ok
+
+    def __iter__(self):  # ``ok, reason = backend.can_implement(query)``
+        return iter((self.ok, self.reason))
 
 
 @dataclass

@@ -9,8 +9,10 @@ them with a plain shape check.  The forward paths (``forward_mode``) give the sa
 - ``int4`` / ``int8`` / ``dense``: the backends of ``backends.py`` (packed CPU kernels; the series dequantized
   once), prepared on first use and cached on the module (not in ``state_dict``), rebuilt when the active
   terms, dtype, device or buffers change;
-- ``auto`` (the default): the fastest path for the layer, device and dtype (``backends.choose_kernel``:
+- ``auto`` (the default): the fastest path for the layer, device and dtype (``backends.choose_path``:
   ``int8``/``int4`` for bfloat16 activations on the CPU, else ``dense``); ``dense`` when x needs a gradient.
+
+``forward_path(dtype, device)`` says which path a layer runs and why (``model_ops.forward_paths`` for a model).
 
 ``active_terms`` truncates the series at run time: one checkpoint, several precisions.  With an input transform
 (``rotation``, ``dual_scale``: ``transform.py``) every path multiplies ``input_transform(x)`` by the stored series.
@@ -272,33 +274,51 @@ class FPxINTLinear(nn.Module):
             y = F.linear(x, self.series_weight().to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def _kernel_weights(self, x: torch.Tensor):
-        """Prepared weights of the ``int4``/``int8`` kernel for ``x`` (cached), or ``None``: ``auto`` fell back."""
-        mode, act = self.forward_mode, None
+    def forward_path(
+        self, dtype: torch.dtype, device: torch.device | str = "cpu", requires_grad: bool = False
+    ) -> backends.ForwardPath:
+        """The path ``forward`` runs for activations of ``dtype`` on ``device`` (``requires_grad``: x needs a
+        gradient) under ``forward_mode``, why, and why ``auto`` refused the backends it passed over."""
+        mode = self.forward_mode
+        if mode not in FORWARD_MODES:
+            raise ValueError(f"forward_mode={mode!r} is not supported; allowed: {FORWARD_MODES}")
         if self.act_bits is not None:  # W·A: x is expanded too (act_kernels); forward_mode picks the product
-            act = backends.act_spec(
-                mode, self.group_size, x.device, *(getattr(self, n) for n in ACT_SETTINGS)
+            method = self._act_spec(device).method
+            why = f"act_bits={self.act_bits}: activations expanded too; forward_mode={mode!r} takes the {method} product"
+            return backends.ForwardPath(f"act/{method}", why)
+        if mode in MODULE_MODES:
+            return backends.ForwardPath(mode, "forward_mode asks for it (computed by the module)")
+        if mode == "auto" and requires_grad:
+            return backends.ForwardPath(
+                "dense", "auto while x needs a gradient (the packed kernels have no backward)"
             )
-        elif mode == "auto" and x.requires_grad and torch.is_grad_enabled():
-            mode = "dense"  # the packed kernels have no backward; the dense weight is a constant of autograd
+        k = self.num_terms()
+        q = backends.LayerQuery(
+            self.term_bits[:k], k, self.group_size, self.in_features, self.series, device, dtype
+        )
+        try:
+            return backends.choose_path(mode, q)
+        except ValueError as err:
+            raise ValueError(f"{err} ({self.extra_repr()})") from err
+
+    def _act_spec(self, device: torch.device | str) -> backends.ActSpec:
+        settings = (getattr(self, n) for n in ACT_SETTINGS)
+        return backends.act_spec(self.forward_mode, self.group_size, torch.device(device), *settings)
+
+    def _kernel_weights(self, x: torch.Tensor):
+        """Prepared weights of the path ``forward_path`` chooses for ``x`` (cached on the module)."""
+        grad = x.requires_grad and torch.is_grad_enabled()
         # the hot path (every decode step) reads no tensor: the key holds active_terms, not terms_used.item(); the
         # same buffer objects mean the same terms_used (every method that changes state replaces or resets them)
-        key, cache = (mode, self.active_terms, x.dtype, x.device, act), getattr(self, "_kernel_cache", None)
+        acts = tuple(getattr(self, n) for n in ACT_SETTINGS)
+        key = (self.forward_mode, self.active_terms, x.dtype, x.device, grad, acts)
+        cache = getattr(self, "_kernel_cache", None)
         if cache is not None and cache[0] == key and len(cache[1]) == len(self._buffers):
             if all(map(operator.is_, cache[1], self._buffers.values())):  # same buffer objects: still valid
                 return cache[2]
-        k, buffers = self.num_terms(), tuple(self._buffers.values())
-        kw: dict = dict(bits=self.term_bits[:k], group_size=self.group_size, in_features=self.in_features)
-        kw.update(terms=k, series=self.series)
-        if act is not None:
-            mode = "act"
-        elif mode == "auto":
-            mode = backends.choose_kernel(**kw, device=x.device, dtype=x.dtype)
-        else:
-            why = backends.supported(mode, **kw, device=x.device, dtype=x.dtype)
-            if not why:
-                raise ValueError(f"forward_mode={mode!r} does not apply to {self.extra_repr()}: {why.reason}")
-        prepared = self.to_series().prepare(mode, x.dtype, x.device, k, act)
+        buffers, path = tuple(self._buffers.values()), self.forward_path(x.dtype, x.device, grad)
+        act = None if self.act_bits is None else self._act_spec(x.device)
+        prepared = self.to_series().prepare(path.name, x.dtype, x.device, self.num_terms(), act)
         # accelerate swaps offloaded buffers in for each forward and back to meta after it: a cache would only
         # miss, and would keep every offloaded layer's weights in memory
         self._kernel_cache = None if buffers_offloaded(self) else (key, buffers, prepared)

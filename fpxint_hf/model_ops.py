@@ -1,9 +1,12 @@
-"""Model-level operations on the ``FPxINTLinear`` layers of a model: bits per weight, run-time truncation, forward mode."""
+"""Model-level operations on the ``FPxINTLinear`` layers of a model: bits per weight, run-time truncation, forward
+mode and the path each layer runs."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from .backends import ForwardPath
 from .linear import FORWARD_MODES, FPxINTLinear
 from .packing import term_bytes
 
@@ -42,6 +45,20 @@ def set_forward_mode(model: nn.Module, mode: str) -> nn.Module:
     for m in _fpxint_layers(model):
         m.forward_mode = mode
     return model
+
+
+def forward_paths(
+    model: nn.Module, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> dict[str, ForwardPath]:
+    """The forward path of every ``FPxINTLinear`` of ``model`` by module name (``FPxINTLinear.forward_path``): the
+    backend or module mode it runs for activations of ``dtype`` (default: the model's dtype) on ``device``
+    (default: the layer's), why, and why the others were refused."""
+    paths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FPxINTLinear):
+            dt = dtype or getattr(model, "dtype", None) or torch.float32
+            paths[name] = m.forward_path(dt, device or m.scale.device)
+    return paths
 
 
 def quant_method_of(config) -> str | None:

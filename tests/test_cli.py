@@ -54,7 +54,9 @@ def test_inspect_of_a_one_term_checkpoint_says_there_is_no_later_term(tiny_dir, 
     assert main(["inspect", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| model.")]
-    assert rows and all(" | 1/1 | " in line and line.endswith(" | 0 | - |") for line in rows), rows
+    assert rows and all(
+        " | 1/1 | " in line and " | 0 | " in line and line.endswith(" | - |") for line in rows
+    ), rows
     assert f"{len(rows)} of {len(rows)} layers use one term" in printed and "--reference FP_MODEL" in printed
     assert "0.00e+00" not in printed
     assert main(["inspect", str(out), "--reference", str(tiny_dir)]) == 0

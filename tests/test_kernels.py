@@ -165,21 +165,13 @@ def test_auto_picks_a_kernel_where_one_applies_and_falls_back_otherwise():
         assert kind(m) == expected, (m.extra_repr(), k, xi.dtype)
         assert out.dtype == xi.dtype
         assert snr_db(out, run(m, xi, "reference", k)) >= (35 if xi.dtype == torch.bfloat16 else 60)
-        assert expected == backends.choose_kernel(
-            bits=m.bits,
-            group_size=m.group_size,
-            in_features=256,
-            terms=k,
-            series=m.series,
-            device="cpu",
-            dtype=xi.dtype,
-        )
-    assert (
-        backends.choose_kernel(
-            bits=4, group_size=64, in_features=256, terms=2, series="legacy", device="cuda", dtype=xb.dtype
-        )
-        == "dense"
-    )
+        query = backends.LayerQuery(m.term_bits[:k], k, m.group_size, 256, m.series, "cpu", xi.dtype)
+        m.forward_mode = "auto"
+        assert expected == backends.choose_path("auto", query).name == m.forward_path(xi.dtype).name
+    cuda = backends.LayerQuery((4, 4), 2, 64, 256, "legacy", "cuda", xb.dtype)
+    path = backends.choose_path("auto", cuda)
+    assert path.name == "dense" and [n for n, _ in path.refused] == ["int8", "int4"]
+    assert all("not the CPU" in why for n, why in path.refused if n == "int4"), path
     xg = xb.clone().requires_grad_()  # the kernels have no backward: auto differentiates through dense
     out = run(grouped, xg, "auto", 2)
     out.float().sum().backward()
@@ -285,12 +277,11 @@ def test_every_backend_object_supports_prepares_and_runs():
     _, e, _ = make(group_size=None, terms=2)
     x = torch.randn(5, 256, dtype=torch.bfloat16)
     ref = x.float() @ reconstruct(e, 2).t()
-    layer = dict(
-        bits=4, group_size=256, in_features=256, terms=2, series=e.series, device="cpu", dtype=torch.bfloat16
-    )
+    layer = backends.LayerQuery((4, 4), 2, 256, 256, e.series, "cpu", torch.bfloat16)
     assert set(backends.BACKENDS) == {"int4", "int8", "dense"}
     for name, b in backends.BACKENDS.items():
-        assert b.name == name and b.supports(**layer), name
+        ok, why = b.can_implement(layer)
+        assert b.name == name and ok and why == "", name
         out = b.forward(x, b.prepare(e, 2, torch.bfloat16, "cpu"))
         assert snr_db(out, ref) > 35, name
     with pytest.raises(ValueError, match="kernel mode='fast'"):
