@@ -240,15 +240,22 @@ def test_vllm_reads_the_config_as_transformers_does(saved):
 
     hf = fpxint_hf.FPxINTConfig.from_dict({"quant_method": "fpxint", **saved})
     v = FPxINTvLLMConfig({"quant_method": "fpxint", **saved})
-    assert (v.terms, v.term_bits, v.group_size, v.symmetric, v.outlier_fraction, v.series) == (
-        hf.terms,
-        hf.term_bits,
-        hf.group_size,
-        hf.symmetric,
-        hf.outlier_fraction,
-        hf.series,
-    )
-    assert (v.dual_scale, v.rotation) == (hf.dual_scale, hf.rotation)
+    assert v.settings == hf.settings()  # every expansion setting, the same dataclass
+
+
+def test_vllm_takes_the_config_forward_mode_and_the_environment_overrides_it(monkeypatch):
+    """vLLM reads the checkpoint's ``forward_mode`` (``auto`` by default: dense on vLLM's GEMM); the environment
+    variable, when set, overrides it; a value of neither kind is refused naming its source."""
+    from fpxint_hf.vllm.method import FPxINTvLLMConfig
+
+    monkeypatch.delenv("FPXINT_VLLM_FORWARD", raising=False)
+    assert FPxINTvLLMConfig({"quant_method": "fpxint"}).forward == "auto"
+    assert FPxINTvLLMConfig({"quant_method": "fpxint", "forward_mode": "int4"}).forward == "int4"
+    monkeypatch.setenv("FPXINT_VLLM_FORWARD", "dense")
+    assert FPxINTvLLMConfig({"quant_method": "fpxint", "forward_mode": "int4"}).forward == "dense"
+    monkeypatch.setenv("FPXINT_VLLM_FORWARD", "fast")
+    with pytest.raises(ValueError, match=r"FPXINT_VLLM_FORWARD='fast' is not one of"):
+        FPxINTvLLMConfig({"quant_method": "fpxint"})
 
 
 def test_activation_series_checkpoint_is_refused_naming_the_field():

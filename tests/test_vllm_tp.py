@@ -85,6 +85,7 @@ def _rank_output(q_dir, prefix, x, rank, tp, row_parallel, monkeypatch, forward=
         (param.load_row_parallel_weight if row_parallel else param.load_column_parallel_weight)(tensor)
     method.process_weights_after_loading(layer)
     assert (layer.fpxint_prepared == "dense") == (forward == "dense")  # the backend asked for serves it
+    assert layer.fpxint_path.name == forward and not layer.fpxint_path.refused  # and says so
     if row_parallel:
         x = x[:, rank * n_in // tp : (rank + 1) * n_in // tp]
     return method.apply(layer, x)
@@ -145,6 +146,31 @@ def test_two_ranks_on_the_packed_kernels_add_up_to_the_whole_layer(
     parts = [_rank_output(q_dir, prefix, x, r, 2, True, monkeypatch, forward).float() for r in range(2)]
     err = (parts[0] + parts[1] - whole).norm() / whole.norm()
     assert err < 1e-2, err.item()
+
+
+def test_a_kernel_that_cannot_run_a_layer_leaves_it_dense_with_the_reason(tp_fp_dir, tmp_path, monkeypatch):
+    """``int8`` asked for a grouped layer: served dense (vLLM's GEMM), ``fpxint_path`` names the refusal."""
+    import vllm.model_executor.parameter as parameter
+
+    q_dir = tmp_path / "q"
+    quantize(tp_fp_dir, q_dir, bits=4, terms=1, group_size=64)
+    monkeypatch.setenv("FPXINT_VLLM_FORWARD", "int8")
+    monkeypatch.setattr(parameter, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(parameter, "get_tensor_model_parallel_world_size", lambda: 1)
+    prefix = "model.layers.0.mlp.down_proj"
+    stored = {
+        k.removeprefix(prefix + "."): v
+        for k, v in load_file(str(q_dir / "model.safetensors")).items()
+        if k.startswith(prefix + ".")
+    }
+    out = stored["scale"].shape[0]
+    method, layer = _method(q_dir, prefix), torch.nn.Module()
+    method.create_weights(layer, 1024, [out], 1024, out, torch.float32, weight_loader=None)
+    for name, tensor in stored.items():
+        getattr(layer, name).load_column_parallel_weight(tensor)
+    method.process_weights_after_loading(layer)
+    assert layer.fpxint_prepared == "dense" and layer.fpxint_path.name == "dense"
+    assert "not per-channel" in dict(layer.fpxint_path.refused)["int8"]
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,13 @@ imports vLLM until vLLM calls :func:`register` (in every process it starts); the
 
 Run-time settings (environment variables, read when the engine loads the model):
 
-- ``FPXINT_VLLM_FORWARD``: ``dense`` (default: dequantize once after loading; the speed and memory of an
-  unquantized model) or another backend of ``fpxint_hf.backends.BACKENDS``: ``int4`` (keep the packed codes and
-  run one CPU int4 kernel per term; less memory, slower on this AVX2 CPU) or ``int8`` (per-channel layers: the
-  terms collapsed into one int8 matmul), bfloat16 only; a layer the backend does not support (or a fused layer
-  whose pieces keep different term counts) is served ``dense``.  See ``eval/results/vllm.md``.
+- ``FPXINT_VLLM_FORWARD``: overrides the checkpoint's ``forward_mode`` (the field transformers reads).  ``auto``
+  (the default) and ``dense`` dequantize once after loading and run vLLM's own GEMM (the speed and memory of an
+  unquantized model); ``int4`` keeps the packed codes and runs one CPU int4 kernel per layer (less memory), ``int8``
+  (per-channel layers) collapses the terms into one int8 matmul, bfloat16 only; ``reference``/``terms`` run in
+  transformers only and are served dense.  A layer the backend cannot run (or a fused layer of several pieces) is
+  served dense; each layer records its path and the reason in ``layer.fpxint_path`` (``backends.ForwardPath``).
+  See ``eval/results/vllm.md``.
 - ``FPXINT_ACTIVE_TERMS``: serve only the first k terms of every layer (one checkpoint, several precisions).
 """
 

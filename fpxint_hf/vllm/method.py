@@ -8,16 +8,19 @@ fuse them (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``) like any weig
 - ``terms_used``: one entry per fused piece.
 
 With ``tensor_parallel_size > 1`` each rank creates only its share (``shards.py``: output rows of column-parallel
-layers, whole groups of inputs of row-parallel ones) and rebuilds the ``Expansion`` of that share.
+layers, whole groups of inputs of row-parallel ones) and rebuilds the series of that share.
 
-After loading, every piece is turned back into an ``Expansion`` with ``fpxint_hf``'s own code (the same group-size
-rule, the same series rule) and either dequantized once (``dense``; input transforms folded into the weight) or
-re-packed for the int4/int8 kernel (``col_scale``/``rot_signs`` then transform the input first, as in
-``FPxINTLinear.input_transform``).
+After loading, every piece is one ``series.FPxINTSeries`` (the same object, group-size rule and series rule as
+``FPxINTLinear``), either dequantized once (``dense``; input transforms folded into the weight) or prepared for the
+int4/int8 kernel (``col_scale``/``rot_signs`` then transform the input first, as in ``FPxINTLinear.input_transform``).
+The path comes from the checkpoint's ``forward_mode`` (``FPXINT_VLLM_FORWARD`` overrides it) through the same
+backends registry (``backends.choose_path``); it and its reason are recorded on the layer (``fpxint_path``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -41,23 +44,20 @@ from vllm.model_executor.parameter import (
 from vllm.platforms import current_platform
 
 from .. import backends
-from ..bias import bias_of
 from ..budget import FUSED
-from ..expansion import (
-    Expansion,
-    normalize_bits,
-    original_weight,
-    outlier_budget,
-    resolve_group_size,
-)
-from ..layout import TensorSpec, check_tensors, layer_tensors
-from ..packing import packed_size, unpack_series
-from ..settings import check_quantization_config, read_quantization_config
+from ..layout import TensorSpec, check_tensors
+from ..packing import packed_size
+from ..series import FPxINTSeries, SeriesSpec
+from ..settings import SETTING_NAMES, ExpansionSettings, check_quantization_config, read_quantization_config
 from ..transform import transform_input
 from . import ENV_ACTIVE_TERMS, ENV_FORWARD
 from .shards import InputShard, SegmentedCodesParameter, cut_inputs, input_shard, shard_specs
 
-FORWARDS = backends.KERNEL_MODES  # dense runs on vLLM's own GEMM; the others on the backends registry
+logger = logging.getLogger(__name__)
+FORWARDS = (*backends.KERNEL_MODES, "auto", "reference", "terms")  # transformers' forward modes (linear.py)
+VLLM_AUTO: tuple[str, ...] = ()
+"""The packed kernels ``auto`` tries under vLLM: none; dense runs on vLLM's own GEMM (oneDNN, the weight dequantized
+once), as fast as int4 here (eval/results/vllm.md) and token-equal to an unquantized model's path."""
 
 
 @register_quantization_config("fpxint")
@@ -75,22 +75,18 @@ class FPxINTvLLMConfig(QuantizationConfig):
                 "it serves weight-only (A16) checkpoints; the activation series runs in transformers only. The "
                 "stored weights do not depend on it: set act_bits to null in config.json to serve them as A16"
             )
-        self.terms = int(fields["terms"])
-        self.term_bits = normalize_bits(fields["bits"], self.terms)
-        self.group_size = fields["group_size"]
-        self.symmetric = bool(fields["symmetric"])
-        self.outlier_fraction = float(fields["outlier_fraction"])
-        self.series = fields["series"]
-        self.dual_scale, self.rotation = bool(fields["dual_scale"]), fields["rotation"]  # absent: off
-        self.zero_bits = int(fields["zero_bits"])  # absent: 16 (a float16 bias)
+        self.settings = ExpansionSettings(**{name: fields[name] for name in SETTING_NAMES})
+        self.terms = self.settings.terms
         self.layer_terms = fields["layer_terms"] or {}
         self.layer_group_size = fields["layer_group_size"] or {}
         names = fields["quantized_modules"]
         self.quantized = None if names is None else set(names)  # format 2: converted layers by name
         self.skip = list(fields["modules_to_not_convert"] or [])
-        self.forward = os.environ.get(ENV_FORWARD, "dense")
+        # the checkpoint's forward_mode, as in transformers; the environment variable overrides it
+        self.forward = os.environ.get(ENV_FORWARD) or fields["forward_mode"]
         if self.forward not in FORWARDS:
-            raise ValueError(f"{ENV_FORWARD}={self.forward!r} is not one of {FORWARDS}")
+            source = ENV_FORWARD if os.environ.get(ENV_FORWARD) else "quantization_config.forward_mode"
+            raise ValueError(f"{source}={self.forward!r} is not one of {FORWARDS}")
         active = os.environ.get(ENV_ACTIVE_TERMS, "")
         self.active_terms = int(active) if active else None
         if self.active_terms is not None and not 1 <= self.active_terms <= self.terms:
@@ -154,8 +150,11 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
 
     def __init__(self, config: FPxINTvLLMConfig, prefix: str, terms: int, group_size: int | None = None):
         self.config, self.prefix, self.terms = config, prefix, terms
-        self.group_size = config.group_size if group_size is None else group_size  # as saved, else resolved
-        self.term_bits = config.term_bits[:terms]
+        self.group_size = group_size  # as recorded in layer_group_size; None: resolved from the config's
+        full = config.settings
+        bits = full.bits if isinstance(full.bits, int) else full.term_bits[:terms]
+        self.settings = dataclasses.replace(full, terms=terms, bits=bits)
+        self.term_bits = self.settings.term_bits
 
     def create_weights(
         self,
@@ -169,41 +168,27 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
     ) -> None:
         loader = extra_weight_attrs["weight_loader"]
         out, n_in = sum(output_partition_sizes), input_size  # output rows of this rank, inputs of the layer
-        gs = resolve_group_size(n_in, self.group_size)
+        spec = SeriesSpec.for_layer(
+            self.settings, out, n_in, self.group_size
+        )  # its group size, resolved once
         shard = input_shard(
             self.prefix,
             getattr(layer, "tp_rank", 0),
             n_in,
             input_size_per_partition,
-            gs,
+            spec.group_size,
             self.term_bits,
-            self.config.rotation,
+            self.settings.rotation,
         )
-        k = outlier_budget(n_in, self.config.outlier_fraction)
         pieces = len(output_partition_sizes)
-        full = self.layout(out, n_in, gs, k, pieces)
-        local = self.layout(out, shard.size, shard.local_group_size, k, pieces) if shard.count > 1 else full
+        local = dataclasses.replace(spec, in_features=shard.size, group_size=shard.local_group_size)
+        full_layout = spec.layout(pieces)
+        local_layout = local.layout(pieces) if shard.count > 1 else full_layout
         # the tensors FPxINTLinear stores, as vLLM parameters of their kind (this rank's share: shards.py)
-        for name, spec in shard_specs(full, local, shard).items():
-            data = torch.empty(spec.shape, dtype=spec.dtype)
-            layer.register_parameter(name, _parameter(spec, data, loader, self.segments(name, shard)))
-        layer.fpxint_layout = (tuple(output_partition_sizes), shard, params_dtype)
-
-    def layout(self, out: int, n_in: int, gs: int, k: int, pieces: int) -> dict[str, TensorSpec]:
-        """The tensors of this (fused) layer: ``layout.layer_tensors`` with the config's input transforms."""
-        c = self.config
-        return layer_tensors(
-            self.term_bits,
-            out,
-            n_in,
-            gs,
-            c.symmetric,
-            k,
-            pieces,
-            dual_scale=c.dual_scale,
-            rotation=c.rotation,
-            zero_bits=c.zero_bits,
-        )
+        for name, t_spec in shard_specs(full_layout, local_layout, shard).items():
+            data = torch.empty(t_spec.shape, dtype=t_spec.dtype)
+            layer.register_parameter(name, _parameter(t_spec, data, loader, self.segments(name, shard)))
+        layer.fpxint_layout = (tuple(output_partition_sizes), shard, params_dtype, spec)
 
     def segments(self, name: str, shard: InputShard) -> tuple[int, ...] | None:
         """Bytes of each term's packed row in mixed-width codes of a row-parallel layer (cut term by term)."""
@@ -211,49 +196,33 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
             return None
         return tuple(packed_size(shard.in_features, b) for b in self.term_bits)
 
-    def bias(self, tensors: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
-        """float16 bias ``[rows, G]`` of an asymmetric layer (the value of its int8 codes with ``zero_bits=8``)."""
-        return bias_of(
-            tensors["zero"][rows], tensors["scale"][rows], self.term_bits[0], self.config.zero_bits
-        )
-
-    def expansions(
-        self, tensors: dict[str, torch.Tensor], sizes: tuple[int, ...], shard: InputShard
-    ) -> list[Expansion]:
-        """One ``Expansion`` per fused piece, rebuilt from the loaded tensors (this rank's inputs: ``shard``)."""
-        codes = unpack_series(tensors["codes"], self.term_bits, shard.size)
-        c = self.config
+    def series(
+        self, tensors: dict[str, torch.Tensor], sizes: tuple[int, ...], spec: SeriesSpec, shard: InputShard
+    ) -> list[FPxINTSeries]:
+        """One ``FPxINTSeries`` per fused piece of the loaded tensors (``sizes``: its rows; this rank's inputs:
+        ``shard``)."""
         out, start = [], 0
         for i, rows in enumerate(sizes):
-            sl = slice(start, start + rows)
-            idx, val = tensors.get("outlier_idx"), tensors.get("outlier_val")
-            out.append(
-                Expansion(
-                    codes=codes[:, sl],
-                    scale=tensors["scale"][sl],
-                    zero=None if c.symmetric else self.bias(tensors, sl),
-                    outlier_idx=torch.zeros(rows, 0, dtype=torch.int32) if idx is None else idx[sl].int(),
-                    outlier_val=torch.zeros(rows, 0, dtype=torch.float16) if val is None else val[sl],
-                    terms_used=int(tensors["terms_used"][i]),  # checked by check_tensors
-                    term_bits=self.term_bits,
-                    group_size=shard.local_group_size,
-                    series=c.series,
-                    col_scale=tensors["col_scale"][i] if c.dual_scale else None,
-                    rot_signs=tensors["rot_signs"][i] if c.rotation else None,
-                    zero_bits=16 if c.symmetric else c.zero_bits,
-                )
+            piece = dataclasses.replace(
+                spec, out_features=rows, in_features=shard.size, group_size=shard.local_group_size
             )
+            state = {}
+            for name, t_spec in piece.layout().items():
+                t = tensors[name]
+                if t_spec.kind == "piece":  # terms_used, col_scale, rot_signs: one row a piece
+                    state[name] = t[i : i + 1]
+                else:  # codes (rows on dim 1, or 0 for mixed widths), scale, zero, outliers (rows on dim 0)
+                    state[name] = t.narrow(t_spec.output_dim or 0, start, rows)
+            out.append(FPxINTSeries.from_state(piece, state))
             start += rows
         return out
 
     def loaded_tensors(self, layer: Any) -> dict[str, torch.Tensor]:
         """The layer's loaded tensors, checked (``layout.check_tensors``; outlier columns against all inputs, the
         codes against this rank's), with the outliers and input transforms cut to this rank's inputs."""
-        sizes, shard, _ = layer.fpxint_layout
-        k = outlier_budget(shard.in_features, self.config.outlier_fraction)
-        names = self.layout(sum(sizes), shard.in_features, shard.group_size, k, len(sizes))
-        tensors = {name: getattr(layer, name).data for name in names}
-        rules = dict(terms=self.terms, term_bits=self.term_bits, series=self.config.series)
+        sizes, shard, _, spec = layer.fpxint_layout
+        tensors = {name: getattr(layer, name).data for name in spec.layout(len(sizes))}
+        rules: dict[str, Any] = dict(terms=self.terms, term_bits=self.term_bits, series=self.settings.series)
         rest = {n: t for n, t in tensors.items() if n != "codes"}
         problems = check_tensors(self.prefix, rest, in_features=shard.in_features, **rules)
         problems += check_tensors(self.prefix, {"codes": tensors["codes"]}, in_features=shard.size, **rules)
@@ -263,31 +232,57 @@ class FPxINTvLLMLinearMethod(LinearMethodBase):
             )
         return cut_inputs(tensors, shard)
 
-    def process_weights_after_loading(self, layer: Any) -> None:
-        sizes, shard, dtype = layer.fpxint_layout
-        parts = self.expansions(self.loaded_tensors(layer), sizes, shard)
-        active = self.config.active_terms
-        ks = [e.terms_used if active is None else min(active, e.terms_used) for e in parts]
-        layer.fpxint_prepared = None
+    def choose_path(self, parts: list[FPxINTSeries], ks: list[int]) -> backends.ForwardPath:
+        """The path this layer is served by (``backends.choose_path``, with vLLM's ``auto``: ``VLLM_AUTO``); a
+        kernel asked for that cannot run it leaves it ``dense``, the reason recorded."""
         mode = self.config.forward
-        if mode != "dense" and len(set(ks)) == 1 and len(parts) == 1:
-            e, k = parts[0], ks[0]
-            layer_info = dict(bits=e.term_bits[:k], group_size=e.group_size, in_features=e.shape[1], terms=k)
-            if backends.supported(mode, **layer_info, series=e.series, device="cpu", dtype=torch.bfloat16):
-                layer.fpxint_prepared = backends.prepare(mode, e, k, torch.bfloat16)
-                layer.fpxint_transform = (e.col_scale, e.rot_signs)  # applied to x before the kernel
-        if layer.fpxint_prepared is None:
-            weight = torch.cat([original_weight(e, k) for e, k in zip(parts, ks, strict=True)])
-            for name in ("codes", "scale", "zero", "outlier_idx", "outlier_val", "col_scale", "rot_signs"):
-                if hasattr(layer, name):
-                    delattr(layer, name)  # dense: the packed tensors are no longer needed
-            # hand the dense weight to vLLM's own CPU GEMM (oneDNN, pre-packed), as for an unquantized layer
-            layer.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
-            layer.fpxint_prepared = "dense"
-            if current_platform.is_cpu():
-                dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
-            else:
-                layer.cpu_linear = torch.nn.functional.linear
+        if mode in ("reference", "terms"):
+            return backends.ForwardPath(
+                "dense", f"forward_mode={mode!r} runs in FPxINTLinear only; vLLM: dense"
+            )
+        if mode != "dense" and (len(parts) > 1 or len(set(ks)) > 1):
+            why = f"a fused layer of {len(parts)} pieces (the kernels run one series)"
+            return backends.ForwardPath("dense", why, ((mode, why),) if mode != "auto" else ())
+        s, k = parts[0], ks[0]
+        q = backends.LayerQuery(
+            s.spec.term_bits[:k],
+            k,
+            s.spec.group_size,
+            s.spec.in_features,
+            s.spec.settings.series,
+            "cpu",
+            torch.bfloat16,
+        )
+        if mode == "auto":
+            return backends.choose_path("auto", q, VLLM_AUTO)
+        ok, why = backends.backend(mode).can_implement(q)
+        if not ok:
+            return backends.ForwardPath("dense", f"{mode} cannot run this layer", ((mode, why),))
+        return backends.ForwardPath(mode, f"forward_mode (or {ENV_FORWARD}) asks for it")
+
+    def process_weights_after_loading(self, layer: Any) -> None:
+        sizes, shard, dtype, spec = layer.fpxint_layout
+        parts = self.series(self.loaded_tensors(layer), sizes, spec, shard)
+        ks = [s.active(self.config.active_terms) for s in parts]
+        layer.fpxint_path = path = self.choose_path(parts, ks)
+        logger.debug("FP=xINT %s: %s", self.prefix, path)
+        if path.name != "dense":
+            s = parts[0]
+            layer.fpxint_prepared = s.prepare(path.name, torch.bfloat16, "cpu", ks[0])
+            t = s.tensors  # the input transforms, applied to x before the kernel
+            layer.fpxint_transform = tuple(t[n][0] if n in t else None for n in ("col_scale", "rot_signs"))
+            return
+        weight = torch.cat([s.dequantize(k) for s, k in zip(parts, ks, strict=True)])
+        for name in ("codes", "scale", "zero", "outlier_idx", "outlier_val", "col_scale", "rot_signs"):
+            if hasattr(layer, name):
+                delattr(layer, name)  # dense: the packed tensors are no longer needed
+        # hand the dense weight to vLLM's own CPU GEMM (oneDNN, pre-packed), as for an unquantized layer
+        layer.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+        layer.fpxint_prepared = "dense"
+        if current_platform.is_cpu():
+            dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+        else:
+            layer.cpu_linear = torch.nn.functional.linear
 
     def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         prepared = layer.fpxint_prepared
