@@ -184,15 +184,15 @@ def rtn_model(fp_dir: str | Path, bits: int, group_size: int | None) -> tuple[nn
     from ..hf.replace import quiet_group_fallback, warn_group_fallback
 
     model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).eval()
-    stored, n = 0.0, 0
+    stored, n, used = 0.0, 0, {}
     linears = [m for _, m in quantizable_linears(model)]
     with quiet_group_fallback():  # one warning for all layers, as the FP=xINT rows
         for m in linears:
-            gs = resolve_group_size(m.in_features, group_size)
+            gs = used[m.in_features] = resolve_group_size(m.in_features, group_size)
             m.weight.copy_(rtn(m.weight, bits, gs))
             stored += m.weight.numel() * (bits + 32 / gs)
             n += m.weight.numel()
-    warn_group_fallback(group_size, [m.in_features for m in linears])
+    warn_group_fallback(group_size, [m.in_features for m in linears], used)
     return model, stored / n
 
 

@@ -106,12 +106,15 @@ def replace_with_fpxint_linear(
     derived = [m.in_features for name, m in chosen if name not in recorded]  # group size not read back
     if weight_placeholder and names is None:  # quantizing: refuse a group size that fits no layer
         check_group_size(config.group_size, derived)
-    replaced = []
+    replaced, used = [], {}
     with quiet_group_fallback():
         for name, module in chosen:
-            model.set_submodule(name, make_fpxint_linear(module, config, weight_placeholder, name))
+            new = make_fpxint_linear(module, config, weight_placeholder, name)
+            model.set_submodule(name, new)
             replaced.append(name)
-    warn_group_fallback(config.group_size, derived)
+            if name not in recorded:
+                used[new.in_features] = new.group_size  # resolved once, by SeriesSpec.for_layer
+    warn_group_fallback(config.group_size, derived, used)
     if not replaced:
         kinds = sorted({type(m).__name__ for m in model.modules() if m is not model})
         raise ValueError(
@@ -144,23 +147,19 @@ def check_group_size(group_size: int | None, in_features: list[int]) -> None:
     )
 
 
-def warn_group_fallback(group_size: int | None, in_features: list[int]) -> None:
+def warn_group_fallback(group_size: int | None, in_features: list[int], used: dict[int, int]) -> None:
     """One warning for the layers whose ``in_features`` ``group_size`` does not divide, naming the size each uses
-    (``expansion.resolve_group_size``; recorded in ``layer_group_size``)."""
+    (``used``: the group size the layers of each ``in_features`` were given; recorded in ``layer_group_size``)."""
     if group_size is None:
         return
     fell = sorted({n for n in in_features if not _fits(group_size, n)})
     if not fell:
         return
-    from ..expansion import resolve_group_size
-
-    with quiet_group_fallback():
-        used = {n: resolve_group_size(n, group_size) for n in fell}
     what = "; ".join(
         f"{n} inputs: {'one group per output channel' if used[n] == n else f'groups of {used[n]}'}"
         for n in fell
     )
-    count = sum(n in used for n in in_features)
+    count = sum(n in fell for n in in_features)
     logger.warning(
         "FP=xINT: group_size=%d does not divide the inputs of %d of %d layers, which use another group size "
         "(recorded per layer in layer_group_size): %s",
