@@ -41,8 +41,11 @@ MODULE_MODES = ("reference", "terms")  # computed by the module itself (``series
 FORWARD_MODES = (*MODULE_MODES, *backends.KERNEL_MODES, "auto")  # the backends registry names the rest
 
 
-def _setting(name: str) -> Any:
-    """A read-only view of one setting of the layer's ``spec`` (the stored series' settings)."""
+def _setting(name: str, of_spec: bool = False) -> Any:
+    """A read-only view of one setting of the layer's ``spec`` (``of_spec``: of the spec itself, resolved for
+    the layer: ``term_bits``, ``group_size``, ``outlier_budget``, ``zero_bits``)."""
+    if of_spec:
+        return property(lambda self: getattr(self.spec, name), doc=f"``spec.{name}``")
     return property(lambda self: getattr(self.spec.settings, name), doc=f"``spec.settings.{name}``")
 
 
@@ -74,6 +77,8 @@ class FPxINTLinear(nn.Module):
         _setting("fit"),
     )
     dual_scale, rotation = _setting("dual_scale"), _setting("rotation")
+    term_bits, group_size = _setting("term_bits", True), _setting("group_size", True)
+    outlier_budget, zero_bits = _setting("outlier_budget", True), _setting("zero_bits", True)
 
     def __init__(
         self,
@@ -109,25 +114,9 @@ class FPxINTLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     @property
-    def term_bits(self) -> tuple[int, ...]:
-        return self.spec.term_bits
-
-    @property
     def bits(self) -> int | tuple[int, ...]:
         """X of every term, or one width per term when they differ."""
         return self.term_bits[0] if len(set(self.term_bits)) == 1 else self.term_bits
-
-    @property
-    def group_size(self) -> int:
-        return self.spec.group_size
-
-    @property
-    def outlier_budget(self) -> int:
-        return self.spec.outlier_budget
-
-    @property
-    def zero_bits(self) -> int:
-        return self.spec.zero_bits
 
     def layout(self) -> dict[str, TensorSpec]:
         """The stored tensors of this layer: names, shapes, dtypes (``layout.layer_tensors``)."""
