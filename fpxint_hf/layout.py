@@ -16,6 +16,7 @@ import torch
 
 from .packing import series_shape, unpack_series
 from .saturation import outlier_index_dtype
+from .settings import ExpansionSettings
 
 KINDS = ("codes", "group", "row", "piece")  # codes; one per (row, group); one per row; one per fused piece
 
@@ -32,20 +33,18 @@ class TensorSpec:
 
 
 def layer_tensors(
-    term_bits: tuple[int, ...],
+    settings: ExpansionSettings,
     out_features: int,
     in_features: int,
     group_size: int,
-    symmetric: bool,
     outlier_budget: int,
     pieces: int = 1,
-    *,
-    dual_scale: bool = False,
-    rotation: str | None = None,
-    zero_bits: int = 16,
 ) -> dict[str, TensorSpec]:
-    """The tensors of a layer (``pieces`` fused layers in vLLM: one ``terms_used`` entry each, and one row of
+    """The tensors of a layer stored with ``settings`` (its ``group_size`` and ``outlier_budget`` resolved for the
+    layer: ``series.SeriesSpec``; ``pieces`` fused layers in vLLM: one ``terms_used`` entry each, and one row of
     each input transform: a saved layer stores ``[1, in]``), in order."""
+    term_bits, symmetric = settings.term_bits, settings.symmetric
+    zero_bits = 16 if symmetric else settings.zero_bits
     groups = in_features // group_size
     shape = series_shape(term_bits, out_features, in_features)
     uniform = len(shape) == 3
@@ -68,10 +67,10 @@ def layer_tensors(
         specs["outlier_val"] = TensorSpec((out_features, outlier_budget), torch.float16, "row", 0)
     # [pieces] number of terms actually computed (< terms when the residual fell below tol)
     specs["terms_used"] = TensorSpec((pieces,), torch.int32, "piece", None)
-    if dual_scale:
+    if settings.dual_scale:
         # [pieces, in] column scales t (transform.py): the series holds W/t, the input is multiplied by t
         specs["col_scale"] = TensorSpec((pieces, in_features), torch.float16, "piece", None)
-    if rotation is not None:
+    if settings.rotation is not None:
         # [pieces, in] ±1 signs D of the block Hadamard rotation of the inputs (rotation.py)
         specs["rot_signs"] = TensorSpec((pieces, in_features), torch.int8, "piece", None)
     return specs

@@ -75,18 +75,8 @@ class SeriesSpec:
 
     def layout(self, pieces: int = 1) -> dict[str, TensorSpec]:
         """The stored tensors (``layout.layer_tensors``): names, shapes, dtypes."""
-        s = self.settings
         return layer_tensors(
-            self.term_bits,
-            self.out_features,
-            self.in_features,
-            self.group_size,
-            s.symmetric,
-            self.outlier_budget,
-            pieces,
-            dual_scale=s.dual_scale,
-            rotation=s.rotation,
-            zero_bits=self.zero_bits,
+            self.settings, self.out_features, self.in_features, self.group_size, self.outlier_budget, pieces
         )
 
     def truncated(self, k: int) -> SeriesSpec:
