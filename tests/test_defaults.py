@@ -19,10 +19,8 @@ from fpxint_hf.settings import (
     read_quantization_config,
 )
 
-# every callable whose signature repeats expansion settings as keyword defaults
+# every callable whose signature repeats expansion settings as keyword defaults (the public config's, kept explicit)
 SIGNATURES = {
-    "expansion.expand": expand,
-    "FPxINTLinear.__init__": FPxINTLinear.__init__,
     "FPxINTConfig.__init__": FPxINTConfig.__init__,
 }
 
@@ -34,6 +32,16 @@ def test_signature_defaults_are_the_dataclass_defaults(where):
     assert len(shared) >= 6, (where, shared)  # the settings really are repeated there
     drift = {n: params[n].default for n in shared if params[n].default != getattr(DEFAULTS, n)}
     assert not drift, f"{where} defaults differ from settings.DEFAULTS: {drift}"
+
+
+def test_expand_and_the_layer_take_the_dataclass_itself():
+    """``expand`` and ``FPxINTLinear`` repeat no setting in their signatures: one settings object (``DEFAULTS`` when
+    not given) and its fields as overrides, so a new setting needs no edit there."""
+    for fn in (expand, FPxINTLinear.__init__):
+        params = inspect.signature(fn).parameters
+        assert not [n for n in SETTING_NAMES if n in params], fn
+    assert inspect.signature(expand).parameters["settings"].default is DEFAULTS
+    assert FPxINTLinear(128, 8).spec.settings == DEFAULTS
 
 
 def test_from_linear_defaults_are_the_dataclass():
