@@ -89,6 +89,7 @@ ROWS: list[tuple[str, int, Any]] = [  # (label, bits class, builder)
     ("FP=xINT default: FPxINTConfig()", 4, fpxint(FPxINTConfig())),
     ("FP=xINT 3-bit: FPxINTConfig(bits=3)", 3, fpxint(FPxINTConfig(bits=3))),
     ("FP=xINT T=2: FPxINTConfig(terms=2)", 8, fpxint(FPxINTConfig(terms=2))),
+    ("FP=xINT one term everywhere: FPxINTConfig(terms=1)", 4, fpxint(FPxINTConfig(terms=1))),
     (
         "FP=xINT T=1, norm proxy (the former 4-bit recipe)",
         4,

@@ -32,7 +32,7 @@ from .cli_checks import (
 )
 from .cli_parser import build_parser
 from .evaluation.rows import ROW_KINDS
-from .settings import DEFAULTS, SETTING_NAMES
+from .settings import SETTING_NAMES
 
 if TYPE_CHECKING:  # torch and transformers load only in the commands that use them (argument checks first)
     import torch
@@ -67,9 +67,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
 def _config_from_args(args: argparse.Namespace) -> FPxINTConfig:
     from .hf import FPxINTConfig
 
-    settings = {name: getattr(args, name) for name in SETTING_NAMES}
-    if args.terms is None:  # --bits 4,2 implies two terms
-        settings["terms"] = len(args.bits) if isinstance(args.bits, list) else DEFAULTS.terms
+    settings = {name: getattr(args, name) for name in SETTING_NAMES}  # terms/zero_bits None: FPxINTConfig's
     return FPxINTConfig(
         **settings,
         bits_budget=args.bits_budget,

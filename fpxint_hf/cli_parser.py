@@ -60,6 +60,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
         if f.name == "terms":
             shown = f"{default}, or one per --bits width"
             default = None  # resolved in cli._config_from_args: len(--bits) for mixed widths
+        if f.name == "zero_bits":
+            shown = "8, or 16 with --series legacy"
+            default = None  # resolved by FPxINTConfig (settings.config_zero_bits)
         if kw.get("action") != "store_true":
             kw["default"] = default
         p.add_argument(f"--{f.name.replace('_', '-')}", help=f"{f.metadata['help']} (default {shown})", **kw)
@@ -97,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser(
         "quantize",
         help="quantize a model and save an fpxint checkpoint",
-        description="Quantize a model and save an fpxint checkpoint. The default is a 4-bit model: one 4-bit "
-        "term, group 64, float16 scale and bias per group = 4.5 bits per weight, the fit weighted by the probe. "
-        "--terms 2 gives the paper's near-lossless 4+4 series (8.5 bits per weight); --bits 3: 3.5 bits per weight.",
+        description="Quantize a model and save an fpxint checkpoint. The default is a 4-bit model of at most 4.5 "
+        "bits per weight: a 4-bit term in every layer (group 64, a float16 scale and an int8 bias per group: 4.375 "
+        "bits), and a second 4-bit term where it lowers the error most within 4.5 bits, fitted with the probe. "
+        "--terms 1: one term everywhere; --terms 2: the paper's near-lossless 4+4 series (8.5 bits per weight); "
+        "--bits 3: at most 3.5.",
     )
     q.add_argument("model", help="hub id, local HF folder, or a .gguf file")
     q.add_argument("out", help="output folder (written atomically)")

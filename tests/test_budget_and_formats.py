@@ -116,7 +116,9 @@ def test_low_bits_budgets_meet_the_budget_and_reload_bit_exact(
     bits, terms, symmetric, budget, mixed, make_fp_dir, load_fp, load_quantized, logits_of, tmp_path
 ):
     fp_dir = make_fp_dir("llama_untied")
-    q = load_quantized(fp_dir, bits=bits, terms=terms, group_size=64, symmetric=symmetric, bits_budget=budget)
+    q = load_quantized(  # a float16 bias: one term of [3, 2] is then 3.5 bits, all of a 3.5 budget
+        fp_dir, bits=bits, terms=terms, group_size=64, symmetric=symmetric, bits_budget=budget, zero_bits=16
+    )
     layers = fpxint_modules(q)
     bpw = model_bits_per_weight(q)
     assert bpw <= budget + _counter_bits(q) + 1e-9  # all counted but the per-layer counter
@@ -158,6 +160,26 @@ def test_budget_with_input_transforms_counts_their_bits_and_reloads_bit_exact(
 def test_budget_below_one_term_names_the_way_out(make_fp_dir, load_quantized):
     with pytest.raises(ValueError, match=r"bits_budget=3.25 is below .*bits=\[2, 2, 2\]"):
         load_quantized(make_fp_dir("llama_untied"), bits=[3, 2], terms=2, group_size=64, bits_budget=3.25)
+
+
+def test_default_recipe_spends_its_budget_and_falls_back_to_one_term_where_one_term_exceeds_it(
+    make_fp_dir, load_quantized, caplog
+):
+    """``FPxINTConfig()``: 2 terms under bits + 0.5 (some layers get the second term, within 4.5 bits per weight);
+    at group 32 one term already costs 4.75, so the recipe keeps one term everywhere (a warning), while the same
+    budget given by the user is refused."""
+    fp = make_fp_dir("llama_untied")
+    model = load_quantized(fp, dtype=torch.float32)
+    q = model.config.quantization_config
+    assert (q.terms, q.bits_budget) == (2, 4.5) and model_bits_per_weight(model) <= 4.5
+    wider = load_quantized(fp, dtype=torch.float32, bits_budget=5.0)  # the recipe, the user's budget
+    assert sorted({m.terms for m in fpxint_modules(wider).values()}) == [1, 2]
+    assert model_bits_per_weight(wider) <= 5.0
+    narrow = load_quantized(fp, dtype=torch.float32, group_size=32)
+    assert {m.terms for m in fpxint_modules(narrow).values()} == {1}
+    assert "every layer keeps one term" in caplog.text
+    with pytest.raises(ValueError, match=r"bits_budget=4.5 is below"):
+        load_quantized(fp, dtype=torch.float32, group_size=32, terms=2, bits_budget=4.5)
 
 
 def test_old_checkpoint_without_series_keys_still_loads(

@@ -19,7 +19,7 @@ from fpxint_hf.settings import CONFIG_DEFAULTS
 # field -> (bad values, words of the allowed range that the message must show)
 INVALID = {
     "bits": ([1, 5, 16, "4", True, 4.0, None], ["(2, 3, 4, 8)"]),
-    "terms": ([0, 9, 2.5, True, "2", None], ["1", "8"]),
+    "terms": ([0, 9, 2.5, True, "2"], ["1", "8"]),
     "group_size": ([0, 8, 15, 100000, "x", 32.0, True], ["None", "16", "65536"]),
     "tol": ([-1, -1e-9, math.nan, math.inf, -math.inf, "0", None], [">= 0", "finite"]),
     "outlier_fraction": ([-0.1, 0.5, 0.11, math.nan, math.inf, True, "0.01", None], ["0", "0.1"]),
@@ -65,12 +65,22 @@ def test_valid_field_accepted(field, value):
 
 def test_defaults():
     cfg = FPxINTConfig()
-    assert (cfg.bits, cfg.terms, cfg.group_size, cfg.symmetric) == (4, 1, 64, False)
+    # the default recipe: a second term where the bits budget says it pays, within bits + 0.5 bits per weight
+    assert (cfg.bits, cfg.terms, cfg.group_size, cfg.symmetric) == (4, 2, 64, False)
     assert (cfg.clip, cfg.outlier_fraction, cfg.tol, cfg.forward_mode) == ("laplace", 0.0, 0.0, "auto")
-    assert (cfg.series, cfg.fit, cfg.bits_budget, cfg.layer_terms) == ("nested", "optimized", None, None)
-    assert (cfg.act_proxy, cfg.second_order, cfg.version) == ("probe", False, 3)
+    assert (cfg.series, cfg.fit, cfg.bits_budget, cfg.layer_terms) == ("nested", "optimized", 4.5, None)
+    assert (FPxINTConfig(bits=3).terms, FPxINTConfig(bits=3).bits_budget) == (2, 3.5)
+    assert (FPxINTConfig(terms=1).terms, FPxINTConfig(terms=1).bits_budget) == (1, None)
+    assert (FPxINTConfig(terms=2).terms, FPxINTConfig(terms=2).bits_budget) == (2, None)  # the paper's T=2
+    assert (FPxINTConfig(bits=[4, 2]).terms, FPxINTConfig(bits=[4, 2]).bits_budget) == (2, None)
+    assert FPxINTConfig(bits_budget=5.0).terms == 2
+    assert (cfg.act_proxy, cfg.second_order, cfg.version, cfg.zero_bits) == ("probe", False, 4, 8)
     assert cfg.modules_to_not_convert is None
-    assert cfg.nominal_bits_per_weight() == 4  # + 32/64 for the float16 scale and bias: 4.5 bits per weight
+    assert FPxINTConfig(terms=1).nominal_bits_per_weight() == 4  # + 24/64 (float16 scale, int8 bias): 4.375
+    assert FPxINTConfig(series="legacy").zero_bits == 16  # the legacy rule's bias is float16 only
+    assert (FPxINTConfig(terms=1).zero_bits, FPxINTConfig(terms=2).zero_bits) == (8, 16)  # 4+4: float16 bias
+    assert FPxINTConfig(terms=3, bits_budget=6.0).zero_bits == 8
+    assert FPxINTConfig(zero_bits=16).zero_bits == 16
 
 
 def test_unknown_kwarg_rejected():
@@ -148,9 +158,12 @@ def test_old_config_json_loads_as_legacy_and_new_fields_are_validated():
     # format 2 (an explicit version): a missing key takes today's default, not the legacy one
     new = FPxINTConfig.from_dict({**old, "version": 2})
     assert (new.series, new.fit, new.act_proxy) == ("nested", "optimized", "norm")
-    assert FPxINTConfig().version == 3 and cfg.version == 1
-    with pytest.raises(ValueError, match=r"quantization_config\.version=4 is invalid"):
-        FPxINTConfig.from_dict({**old, "version": 4})
+    assert FPxINTConfig().version == 4 and cfg.version == 1
+    assert (
+        FPxINTConfig.from_dict({**old, "version": 3, "series": "nested"}).zero_bits == 16
+    )  # format 3's bias
+    with pytest.raises(ValueError, match=r"quantization_config\.version=5 is invalid"):
+        FPxINTConfig.from_dict({**old, "version": 5})
     assert FPxINTConfig(bits=[4, 2], terms=2).term_bits == (4, 2)
     assert FPxINTConfig(bits=[4, 2], terms=2).nominal_bits_per_weight() == 6
     for kwargs, field in [

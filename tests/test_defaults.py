@@ -13,6 +13,7 @@ from fpxint_hf.expansion import expand
 from fpxint_hf.linear import FPxINTLinear
 from fpxint_hf.settings import (
     CONFIG_DEFAULTS,
+    CONFIG_ZERO_BITS,
     DEFAULTS,
     FORMAT_DEFAULTS,
     SETTING_NAMES,
@@ -31,7 +32,12 @@ def test_signature_defaults_are_the_dataclass_defaults(where):
     shared = [n for n in SETTING_NAMES if n in params]
     assert len(shared) >= 6, (where, shared)  # the settings really are repeated there
     drift = {n: params[n].default for n in shared if params[n].default != getattr(DEFAULTS, n)}
-    assert not drift, f"{where} defaults differ from settings.DEFAULTS: {drift}"
+    # the deliberate differences: the config's bias width and terms, resolved by settings.config_zero_bits and
+    # config_terms (the default recipe; the library's expand keeps one term and the float16 bias every rule stores)
+    assert drift == {"terms": None, "zero_bits": None}, (
+        f"{where} defaults differ from settings.DEFAULTS: {drift}"
+    )
+    assert FPxINTConfig().zero_bits == CONFIG_ZERO_BITS != DEFAULTS.zero_bits
 
 
 def test_expand_and_the_layer_take_the_dataclass_itself():
@@ -55,12 +61,18 @@ def test_config_defaults_are_the_reader_defaults():
 
 
 def test_reader_fills_each_format_with_its_defaults():
-    assert read_quantization_config({"version": 3}) == CONFIG_DEFAULTS
-    format2 = {**CONFIG_DEFAULTS, **FORMAT_DEFAULTS[2], "version": 2}
+    recipe = {"zero_bits": CONFIG_ZERO_BITS, "terms": 2, "bits_budget": 4.5}  # settings.config_terms
+    assert read_quantization_config({"version": 4}) == {**CONFIG_DEFAULTS, **recipe}
+    assert read_quantization_config({"version": 4, "series": "legacy"})["zero_bits"] == 16
+    format3 = {**CONFIG_DEFAULTS, **FORMAT_DEFAULTS[3], "version": 3}
+    assert (
+        read_quantization_config({"version": 3}) == format3 and format3["zero_bits"] == 16
+    )  # before format 4
+    format2 = {**format3, **FORMAT_DEFAULTS[2], "version": 2}
     assert read_quantization_config({"version": 2}) == format2
     assert format2["terms"] == 2 and format2["act_proxy"] == "norm"  # what fpxint_hf wrote before format 3
     assert read_quantization_config({}) == {**format2, **FORMAT_DEFAULTS[1], "version": 1}
-    for saved in ({}, {"version": 2}, {"version": 3}, {"series": "nested", "bits": [4, 2]}):
+    for saved in ({}, {"version": 2}, {"version": 3}, {"version": 4}, {"series": "nested", "bits": [4, 2]}):
         assert FPxINTConfig.from_dict(saved).to_dict() == {
             "quant_method": "fpxint",
             **{k: list(v) if isinstance(v, tuple) else v for k, v in read_quantization_config(saved).items()},

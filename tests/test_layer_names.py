@@ -40,7 +40,7 @@ def test_saved_config_names_the_converted_layers_and_their_group_sizes(prefix_sk
     model, out = prefix_skipped
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
     layers = fpxint_modules(model)
-    assert saved["version"] == 3  # format 3: format 2's tensors and names, the new defaults
+    assert saved["version"] == 4  # format 4: format 2's tensors and names, today's defaults
     assert sorted(saved["quantized_modules"]) == sorted(layers)
     assert not any(n.startswith("model.layers.0.") for n in layers) and len(layers) == 7
     assert saved["layer_group_size"] == {"model.layers.1.mlp.down_proj": 32}
@@ -62,4 +62,4 @@ def test_reload_converts_the_same_layers(fmt, prefix_skipped, logits_of):
     }
     torch.testing.assert_close(logits_of(reloaded), logits_of(model), rtol=0, atol=0)
     q = reloaded.config.quantization_config
-    assert q.version == 3 and sorted(q.quantized_modules) == sorted(layers)  # a re-save writes format 3
+    assert q.version == 4 and sorted(q.quantized_modules) == sorted(layers)  # a re-save writes format 4

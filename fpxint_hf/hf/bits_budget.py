@@ -53,7 +53,18 @@ def apply_bits_budget(model: torch.nn.Module, cfg: FPxINTConfig, candidates: dic
     }
     groups = fused_groups(list(layers))  # q/k/v and gate/up keep one number of terms (vLLM fuses them)
     options = [merge_candidates(g, [single[n] for n in names]) for g, names in groups.items()]
-    per_group = allocate_terms(options, float(cfg.bits_budget or 0))
+    try:
+        per_group = allocate_terms(options, float(cfg.bits_budget or 0))
+    except ValueError:
+        if not cfg.recipe_budget:
+            raise
+        logger.warning(
+            "FP=xINT: one term in every layer already exceeds the default bits_budget=%s (group_size=%s): every "
+            "layer keeps one term",
+            cfg.bits_budget,
+            cfg.group_size,
+        )
+        per_group = {g: 1 for g in groups}
     keep = {n: per_group[g] for g, names in groups.items() for n in names}
     with torch.no_grad():
         for name, k in keep.items():

@@ -12,6 +12,8 @@ from ..settings import (
     SETTING_NAMES,
     ExpansionSettings,
     check_quantization_config,
+    config_terms,
+    config_zero_bits,
     read_quantization_config,
 )
 
@@ -27,8 +29,12 @@ class FPxINTConfig(QuantizationConfigMixin):
         bits (`int` or `list[int]`, *optional*, defaults to 4):
             Bit width X of every term (one of 2, 3, 4, 8), or one width per term (e.g. `[4, 2]`: a 4-bit term plus
             a 2-bit correction; needs `series="nested"`).
-        terms (`int`, *optional*, defaults to 1):
-            Number T of terms stored (1 to 8). The forward can use fewer at run time (`set_active_terms`).
+        terms (`int`, *optional*):
+            Number T of terms stored (1 to 8). The forward can use fewer at run time (`set_active_terms`). Not
+            given: one per width of a list `bits`; with one width, the default recipe: 2 terms under
+            `bits_budget = bits + 0.5`, so most layers keep one term and those where a second lowers the error
+            most get it (4.5 bits per weight at `bits=4`). `terms=1`: one term everywhere (4.375 bits per weight
+            at group 64); `terms=2`: the paper's 4+4 series everywhere (8.5: a float16 bias, see `zero_bits`).
         group_size (`int` or `None`, *optional*, defaults to 64):
             Inputs sharing one scale/bias, along the input dimension; `None` = one group per output channel.
             An int from 16 to 65536. When it does not divide a layer's in-features, that layer uses the largest
@@ -67,18 +73,21 @@ class FPxINTConfig(QuantizationConfigMixin):
             the largest power of two <= 256 dividing in-features) before the series; the signs are stored (int8,
             one per input) and the layer applies the inverse rotation to its input with a fast Walsh-Hadamard
             transform. `None` (default, and a config.json without this key): no rotation.
-        zero_bits (`int`, *optional*, defaults to 16):
+        zero_bits (`int`, *optional*, defaults to 8 for one term or a bits budget, else 16):
             How each group's bias is stored: `16` (float16) or `8` (an int8 code `b`, bias = `b·scale_1·2^(X-8)`,
             a grid 16x finer than the first term's at 4 bits; 8 bits per group fewer, 0.125 bits per weight at
             group size 64; `series="nested"` only; no effect with `symmetric=True`), or the first term's width
             (`zero_bits=4` with `bits=4`: an integer zero point `z` in [0, 2^X - 1], bias = `(2^(X-1) - z)·scale_1`,
-            as GPTQ/AWQ and compressed-tensors store it; `fpxint export` needs it). A config.json without this
+            as GPTQ/AWQ and compressed-tensors store it; `fpxint export` needs it). Not given: 8 for one term or
+            under a bits budget (the default recipe), 16 for several terms in every layer (the int8 code's step is
+            a 4+4 series' finest step) and for `series="legacy"`. A config.json of format 3 or older without this
             key: 16.
         bits_budget (`float`, *optional*):
             Average bits per weight to spend (codes, scales, zeros and outliers counted; the per-layer 32-bit
-            `terms_used` counter is not, so `bits=[3, 2]`, `bits_budget=3.5` at group 64 is 3-bit in every
+            `terms_used` counter is not, so `bits=[3, 2]`, `bits_budget=3.5`, `zero_bits=16` at group 64 is 3-bit in every
             layer). Each layer is quantized with 1..`terms` terms and keeps the number of terms that lowers the summed relative weight error most per stored bit;
-            the choice is written to `layer_terms`. Needs `terms >= 2`.
+            the choice is written to `layer_terms`. Needs `terms >= 2`. Not given with `terms` not given either
+            and one width `bits`: `bits + 0.5` (the default recipe, see `terms`).
         act_proxy (`str` or `None`, *optional*, defaults to `"probe"`):
             Weigh the first-term fit by each input column's activation energy `E[x_j²]`. `"probe"`: measured on the
             FP model itself fed random token ids (no data), one decoder block in memory at a time, read from the
@@ -103,7 +112,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         layer_group_size (`dict[str, int]`, *optional*):
             Group size per layer where it differs from `group_size` (the fallback for in-features it does not
             divide), written when quantizing; a checkpoint without it re-derives the fallback.
-        version (`int`, *optional*, defaults to 3):
+        version (`int`, *optional*, defaults to 4):
             Format of the saved config. A config.json without `version` is format 1: a key it lacks takes the
             value of fpxint_hf 0.1 (`series="legacy"`, `fit="minmax"`, `act_proxy=None`).
         act_bits (`int` or `None`, *optional*):
@@ -126,7 +135,7 @@ class FPxINTConfig(QuantizationConfigMixin):
     def __init__(
         self,
         bits: int | list[int] | tuple[int, ...] = CONFIG_DEFAULTS["bits"],
-        terms: int = CONFIG_DEFAULTS["terms"],
+        terms: int | None = CONFIG_DEFAULTS["terms"],
         group_size: int | None = CONFIG_DEFAULTS["group_size"],
         symmetric: bool = CONFIG_DEFAULTS["symmetric"],
         clip: str = CONFIG_DEFAULTS["clip"],
@@ -138,7 +147,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         fit: str = CONFIG_DEFAULTS["fit"],
         dual_scale: bool = CONFIG_DEFAULTS["dual_scale"],
         rotation: str | None = CONFIG_DEFAULTS["rotation"],
-        zero_bits: int = CONFIG_DEFAULTS["zero_bits"],
+        zero_bits: int | None = CONFIG_DEFAULTS["zero_bits"],
         bits_budget: float | None = CONFIG_DEFAULTS["bits_budget"],
         layer_terms: dict[str, int] | None = CONFIG_DEFAULTS["layer_terms"],
         act_proxy: str | None = CONFIG_DEFAULTS["act_proxy"],
@@ -162,7 +171,11 @@ class FPxINTConfig(QuantizationConfigMixin):
             )
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # an out-of-tree method, not in the enum
         self.bits = list(bits) if isinstance(bits, (list, tuple)) else bits
-        self.terms = terms
+        self.terms, recipe_budget = config_terms(bits, terms, bits_budget)
+        # the default recipe's budget (not given by the user): where one term alone exceeds it (small groups),
+        # every layer keeps one term instead of failing (hf/bits_budget.py); not saved (to_dict)
+        self._recipe_budget = bits_budget is None and recipe_budget is not None
+        bits_budget = recipe_budget
         self.group_size = group_size
         self.symmetric = symmetric
         self.clip = clip
@@ -174,7 +187,7 @@ class FPxINTConfig(QuantizationConfigMixin):
         self.fit = fit
         self.dual_scale = dual_scale
         self.rotation = rotation
-        self.zero_bits = zero_bits
+        self.zero_bits = config_zero_bits(zero_bits, series, self.terms, bits_budget)
         self.bits_budget = bits_budget
         self.layer_terms = layer_terms
         self.act_proxy = act_proxy
@@ -201,6 +214,17 @@ class FPxINTConfig(QuantizationConfigMixin):
         out = super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
         (out[0] if return_unused_kwargs else out).post_init()
         return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The saved ``quantization_config``: every field of ``CONFIG_DEFAULTS`` and ``quant_method``."""
+        out = super().to_dict()
+        out.pop("_recipe_budget", None)
+        return out
+
+    @property
+    def recipe_budget(self) -> bool:
+        """Whether ``bits_budget`` is the default recipe's (``settings.config_terms``), not one the user gave."""
+        return bool(getattr(self, "_recipe_budget", False))
 
     @staticmethod
     def _fields() -> tuple[str, ...]:
