@@ -317,7 +317,7 @@ def run_table(
             say(f"{step}: building (round-to-nearest of the FP weights)")
             model, bpw = rtn_model(fp_dir, rtn_bits, group_size)
             elapsed = time.perf_counter() - row_start
-            name = f"RTN W{rtn_bits} (Normal)" if kind == "rtn" else f"RTN W{rtn_bits} (T=2's code bits)"
+            name = f"RTN W{rtn_bits} (Normal)" if kind == "rtn" else f"RTN W{rtn_bits} (equal bits to T=2)"
             out.append(Row(name, bpw, score(model, step), mmlu(model, step), elapsed))
             del model
             gc.collect()
