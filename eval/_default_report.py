@@ -8,6 +8,9 @@ DEFAULT = "FP=xINT default: FPxINTConfig()"
 THREE = "FP=xINT 3-bit: FPxINTConfig(bits=3)"
 EIGHT = "FP=xINT T=2: FPxINTConfig(terms=2)"
 PEERS4 = ("SINQ 4-bit", "HQQ 4-bit", "bnb NF4")
+EQUAL_BITS = (
+    0.005  # bits per weight within which two methods count as equal storage (a budget lands just below)
+)
 
 
 def _rows(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -15,7 +18,7 @@ def _rows(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _ratio_target(name: str, ours: dict | None, peers: list[dict], limit: float) -> list[str]:
-    peers = [p for p in peers if ours is not None and p["bits"] <= ours["bits"] + 1e-9]
+    peers = [p for p in peers if ours is not None and p["bits"] <= ours["bits"] + EQUAL_BITS]
     if ours is None or not peers:
         return [f"| {name} | not measured | |"]
     best = min(peers, key=lambda p: p["kl"])

@@ -40,12 +40,15 @@ print(json.dumps({"peak_rss_anon": peak[0], "seconds": secs}))
 """
 
 
-def measure(fp_dir: Path) -> dict[str, Any]:
-    """``{config name: {peak_rss_anon, seconds}}`` and the float32 checkpoint's size in bytes."""
+def measure(fp_dir: Path, names: list[str] | None = None) -> dict[str, Any]:
+    """``{config name: {peak_rss_anon, seconds}}`` and the float32 checkpoint's size in bytes, for the ``CONFIGS``
+    named in ``names`` (all by default)."""
     out: dict[str, Any] = {
         "checkpoint_bytes": sum(p.stat().st_size for p in Path(fp_dir).glob("*.safetensors"))
     }
     for name, expr in CONFIGS.items():
+        if names is not None and name not in names:
+            continue
         done = subprocess.run(
             [sys.executable, "-c", CHILD, str(fp_dir), expr], capture_output=True, text=True, check=True
         )

@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         "the committed JSON (written after every row, so an interrupted run keeps what it measured)",
     )
     ap.add_argument("--memory", action="store_true", help="measure quantize-on-load's peak RssAnon instead")
+    ap.add_argument(
+        "--memory-default-only", action="store_true", help="with --memory: the default config only"
+    )
     ap.add_argument("--out", default=None, help="output prefix (default eval/results/default_<model>)")
     args = ap.parse_args(argv)
     out = Path(args.out or ROOT / "eval" / "results" / f"default_{args.model}")
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory:
         import _memory
 
-        res = {**(old or {}), "memory": _memory.measure(fp_dir), "memory_command": command}
+        names = ["default"] if args.memory_default_only else None
+        res = {**(old or {}), "memory": _memory.measure(fp_dir, names), "memory_command": command}
         print(write_results(out, res, report.to_markdown))
         return 0
     if args.rerun and old is not None and old["tokens"] != args.tokens:

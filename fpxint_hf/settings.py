@@ -262,7 +262,7 @@ FORMAT_DEFAULTS: dict[int, dict[str, Any]] = {
     3: {"zero_bits": 16, "terms": 1},
 }
 """What a config of an older format means by a key it lacks (format 1: the rule of fpxint_hf 0.1; format 2: the
-defaults of fpxint_hf before format 3; format 3: a float16 bias)."""
+defaults of fpxint_hf before format 3; format 3: one term and a float16 bias)."""
 
 CONFIG_ZERO_BITS = 8
 """``FPxINTConfig``'s bias width when ``zero_bits`` is not given, for one term or a budget recipe: an int8 code in

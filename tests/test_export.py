@@ -101,7 +101,7 @@ def test_default_route_loads_an_asymmetric_export(make_fp_dir, load_quantized, i
 @pytest.mark.parametrize(
     ("settings", "named"),
     [
-        (dict(bits=4, terms=1), "zero_bits=16 (a float16 bias"),
+        (dict(bits=4, terms=1, zero_bits=16), "zero_bits=16 (a float16 bias"),
         (dict(bits=4, terms=1, zero_bits=8), "zero_bits=8 (an int8 bias code"),
         (dict(bits=4, terms=2, zero_bits=4), "2 terms (bits=[4, 4])"),
         (dict(bits=4, terms=1, zero_bits=4, dual_scale=True), "dual_scale"),

@@ -126,7 +126,7 @@ def _recipe_cells(res: dict, label: str, peers: tuple[str, ...]) -> list[str]:
     if label not in rows:
         return ["not measured", ""]
     ours = rows[label]
-    measured = [rows[p] for p in peers if p in rows and rows[p]["bits"] <= ours["bits"] + 1e-9]
+    measured = [rows[p] for p in peers if p in rows and rows[p]["bits"] <= ours["bits"] + 0.005]  # equal bits
     if not measured:
         return [f"{ours['kl']:.5f}", "none measured"]
     best = min(measured, key=lambda r: r["kl"])
@@ -183,18 +183,23 @@ def test_readme_settings_table_quotes_the_pareto_rows_and_their_best_peer():
 
 
 def test_readme_default_paragraph_describes_the_default():
-    """The paragraph on ``FPxINTConfig()`` names its terms, bits, group size and proxy, and the bits per weight that
-    eval/bench_default.py measured for it on both models."""
+    """The paragraph on ``FPxINTConfig()`` names its bits, group size, terms, budget, bias width and proxy, and the
+    bits per weight of one term that eval/bench_default.py measured on both models (``FPxINTConfig(terms=1)``)."""
     from fpxint_hf import FPxINTConfig
 
     cfg = FPxINTConfig()
     text = " ".join(readme_section("## Recommended settings").split("**The default.**", 1)[1].split())
-    assert f"stores T={cfg.terms} term of {cfg.bits} bits" in text and f"group size {cfg.group_size}" in text
-    assert f'act_proxy="{cfg.act_proxy}"' in text
+    assert f"stores a {cfg.bits}-bit term in every layer, with group size {cfg.group_size}" in text
+    assert (
+        f"`terms={cfg.terms}, bits_budget={cfg.bits_budget}`" in text and f"{cfg.zero_bits}-bit bias" in text
+    )
+    assert f"{cfg.bits_budget}-bit budget" in text and f'act_proxy="{cfg.act_proxy}"' in text
     for model in ("smollm2", "qwen"):
         rows = json.loads((RESULTS / f"default_{model}.json").read_text())["rows"]
-        row = next(r for r in rows if r["label"] == "FP=xINT default: FPxINTConfig()")
-        assert f"{row['bits']:.3f} bits per weight" in text
+        one = next(r for r in rows if r["label"] == "FP=xINT one term everywhere: FPxINTConfig(terms=1)")
+        assert f"({one['bits']:.3f} bits per weight)" in text
+        default = next(r for r in rows if r["label"] == "FP=xINT default: FPxINTConfig()")
+        assert default["bits"] <= cfg.bits_budget + 0.001  # + the per-layer 32-bit term counter
 
 
 def test_readme_speed_limits_quote_speed_json():

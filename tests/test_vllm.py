@@ -91,7 +91,7 @@ def vllm_greedy(llm):
 
 
 CONFIGS = {
-    "default: FPxINTConfig()": dict(),  # 4-bit, one term, group 64, fitted with the streaming probe
+    "default: FPxINTConfig()": dict(),  # the default recipe: 4-bit terms under a 4.5-bit budget, int8 bias code, the probe
     "t2_asym_g128->64_outliers_skip": dict(
         bits=4,
         terms=2,
