@@ -234,8 +234,7 @@ def test_eval_table_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     # the equal-bits peer of T=2 is stored in T=2's bits (FP=xINT adds a few bytes per layer, its term count, which
     # shows on these tiny layers only); RTN W4 in T=1's code bits with a float16 zero (8 bits a group more)
     assert rows[rtn8]["bits_per_weight"] == pytest.approx(t2["bits_per_weight"], rel=0.01)
-    t1_bits, rtn4_bits = t1["bits_per_weight"], rows["RTN W4 (Normal)"]["bits_per_weight"]
-    assert t1_bits < rtn4_bits < t1_bits + 8 / 32 + 0.01
+    assert t1["bits_per_weight"] < rows["RTN W4 (Normal)"]["bits_per_weight"] < t1["bits_per_weight"] + 0.26
     assert rows[rtn8]["quality"]["kl_vs_fp"] < rows["RTN W4 (Normal)"]["quality"]["kl_vs_fp"]
     assert "| FP=xINT T=2 (2x4-bit) |" in prefix.with_suffix(".md").read_text()
     printed = capsys.readouterr()

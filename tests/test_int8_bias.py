@@ -152,6 +152,11 @@ def test_cli_flag_sets_the_option():
 
     cfg = _config_from_args(build_parser().parse_args(["quantize", "m", "out", "--zero-bits", "8"]))
     assert cfg.zero_bits == 8
-    assert _config_from_args(build_parser().parse_args(["quantize", "m", "out"])).zero_bits == 16
+    assert (
+        _config_from_args(build_parser().parse_args(["quantize", "m", "out"])).zero_bits == 8
+    )  # the recipe's
+    assert (
+        _config_from_args(build_parser().parse_args(["quantize", "m", "out", "--terms", "2"])).zero_bits == 16
+    )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "m", "out", "--zero-bits", "5"])

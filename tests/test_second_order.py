@@ -169,10 +169,11 @@ def test_default_is_a_4_bit_model_that_saves_and_reloads_bit_identical(
     assert model_bits_per_weight(model) <= 4.5 + counters + 1e-9
     model.save_pretrained(tmp_path / "q")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
-    assert back.config.quantization_config.version == 3
+    q = back.config.quantization_config
+    assert (q.version, q.terms, q.bits_budget, q.zero_bits) == (4, 2, 4.5, 8)  # the default recipe
     assert torch.equal(logits_of(model), logits_of(back))
     for (name, a), b in zip(fpxint_modules(model).items(), fpxint_modules(back).values(), strict=True):
-        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale), name
+        assert a.terms == b.terms and torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale), name
 
 
 def test_second_order_lowers_the_probed_output_error_on_load(make_fp_dir, load_fp, load_quantized):
