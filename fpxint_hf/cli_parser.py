@@ -58,10 +58,10 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
         kw = dict(_PARSE.get(f.name) or f.metadata.get("cli") or {"action": "store_true"})
         shown: Any = "none" if default is None else default
         if f.name == "terms":
-            shown = f"{default}, or one per --bits width"
-            default = None  # resolved in cli._config_from_args: len(--bits) for mixed widths
+            shown = "one per --bits width; one width: 2 under --bits-budget bits+0.5, the default recipe"
+            default = None  # resolved by FPxINTConfig (settings.config_terms)
         if f.name == "zero_bits":
-            shown = "8, or 16 with --series legacy"
+            shown = "8 for one term or a budget, 16 for several terms everywhere or --series legacy"
             default = None  # resolved by FPxINTConfig (settings.config_zero_bits)
         if kw.get("action") != "store_true":
             kw["default"] = default

@@ -200,9 +200,9 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "compute_dtype": None,  # the dtype a reload without dtype= runs in (None: chosen when quantizing)
     "version": CONFIG_VERSION,
 }
+"""Every field of ``FPxINTConfig`` with its default (the expansion settings first)."""
 CONFIG_DEFAULTS["zero_bits"] = None  # FPxINTConfig's: resolved by ``config_zero_bits``
 CONFIG_DEFAULTS["terms"] = None  # FPxINTConfig's: resolved by ``config_terms`` (the default recipe)
-"""Every field of ``FPxINTConfig`` with its default (the expansion settings first)."""
 
 ACT_PROXIES = ("norm", "probe", None)
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
