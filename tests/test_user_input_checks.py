@@ -273,7 +273,11 @@ def test_terms_help_shows_the_real_default(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "(default 1, or one per --bits width)" in help_text and "default None" not in help_text
+    assert (
+        "(default one per --bits width; one width: 2 under --bits-budget bits+0.5, the default recipe)"
+        in help_text
+    )
+    assert "default None" not in help_text
 
 
 # --------------------------------------------------------------------------- output noise
