@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+FLOOR = "imports only: torch, transformers, fpxint_hf (no model)"
 CONFIGS = {
+    FLOOR: "",
     "default": "FPxINTConfig()",
     "act_proxy='norm', second_order=False (no probe)": "FPxINTConfig(act_proxy='norm', second_order=False)",
 }
@@ -32,7 +34,10 @@ def sample():
         time.sleep(0.01)
 threading.Thread(target=sample, daemon=True).start()
 start = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=eval(sys.argv[2]), dtype=torch.float32)
+if sys.argv[2]:
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=eval(sys.argv[2]), dtype=torch.float32)
+else:
+    time.sleep(0.1)
 secs = time.perf_counter() - start
 stop.set()
 peak[0] = max(peak[0], rss_anon())
@@ -42,12 +47,12 @@ print(json.dumps({"peak_rss_anon": peak[0], "seconds": secs}))
 
 def measure(fp_dir: Path, names: list[str] | None = None) -> dict[str, Any]:
     """``{config name: {peak_rss_anon, seconds}}`` and the float32 checkpoint's size in bytes, for the ``CONFIGS``
-    named in ``names`` (all by default)."""
+    named in ``names`` (all by default; the ``FLOOR``, what the process holds before it reads a weight, always)."""
     out: dict[str, Any] = {
         "checkpoint_bytes": sum(p.stat().st_size for p in Path(fp_dir).glob("*.safetensors"))
     }
     for name, expr in CONFIGS.items():
-        if names is not None and name not in names:
+        if names is not None and name not in names and name != FLOOR:
             continue
         done = subprocess.run(
             [sys.executable, "-c", CHILD, str(fp_dir), expr], capture_output=True, text=True, check=True

@@ -200,3 +200,55 @@ def test_old_checkpoint_without_series_keys_still_loads(
     reloaded = load_fp(tmp_path / "old")
     assert all(m.series == "legacy" for m in fpxint_modules(reloaded).values())
     assert torch.equal(logits_of(reloaded), before)
+
+
+def test_budget_options_wait_on_disk_and_read_back_exactly(tmp_path):
+    """The options of fewer terms are written to a temporary folder, not held: read back, each equals the
+    series fitted for exactly k terms; the summary keeps their errors and bits; ``close`` deletes the folder."""
+    from fpxint_hf.hf.bits_budget import BudgetCandidates
+    from fpxint_hf.series import FPxINTSeries, SeriesSpec
+    from fpxint_hf.settings import ExpansionSettings
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 128)
+    spec = SeriesSpec.for_layer(ExpansionSettings(bits=(4, 2, 2), terms=3, group_size=32), 48, 128)
+    full = FPxINTSeries.from_weight(w, spec)
+    cands = BudgetCandidates(spill_dir=str(tmp_path))
+    cands.add("layer", full, w)
+    (folder,) = list(tmp_path.iterdir())
+    assert len(list(folder.iterdir())) == 2  # k = 1 and 2; the full series stays the module's
+    for k in (1, 2):
+        direct = FPxINTSeries.from_weight(w, spec.truncated(k))
+        back = cands.series("layer", k)
+        assert back.spec == direct.spec and set(back.tensors) == set(direct.tensors)
+        assert all(torch.equal(back.tensors[n], t) for n, t in direct.tensors.items())
+        assert cands.summary["layer"][k] == (direct.errors[-1], direct.stored_bits())
+    assert cands.summary["layer"][3] == (full.errors[-1], full.stored_bits())
+    errors = [cands.summary["layer"][k][0] for k in (1, 2, 3)]
+    assert errors[0] > errors[1] > errors[2]
+    cands.close()
+    assert not folder.exists()
+
+
+def test_budget_load_reads_shrunk_layers_from_disk_and_leaves_nothing_behind(
+    make_fp_dir, load_quantized, monkeypatch, tmp_path
+):
+    import tempfile
+
+    from fpxint_hf.hf.bits_budget import BudgetCandidates
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    read = []
+    original = BudgetCandidates.series
+
+    def series(self, name, k):
+        read.append((name, k, len(list(tmp_path.glob("fpxint-budget-*/*.pt")))))
+        return original(self, name, k)
+
+    monkeypatch.setattr(BudgetCandidates, "series", series)
+    q = load_quantized(make_fp_dir("llama_untied"), bits=[4, 2, 2], terms=3, group_size=32, bits_budget=7.5)
+    layers = fpxint_modules(q)
+    shrunk = {n: m.terms for n, m in layers.items() if m.terms < 3}
+    assert shrunk and {(n, k) for n, k, _ in read} == set(shrunk.items())
+    assert all(files == 2 * len(layers) for _, _, files in read)  # k = 1, 2 of every layer on disk
+    assert not list(tmp_path.glob("fpxint-budget-*"))

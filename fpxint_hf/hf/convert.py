@@ -10,7 +10,6 @@ from transformers.core_model_loading import ConversionOps
 from ..expansion import ExpandOptions
 from ..linear import FPxINTLinear
 from ..series import FPxINTSeries
-from .bits_budget import budget_candidates
 
 if TYPE_CHECKING:
     from .quantizer import FPxINTHfQuantizer
@@ -34,7 +33,7 @@ def quantize_module(
     except ValueError as err:
         raise ValueError(f"FP=xINT cannot quantize {module_name}.weight: {err}") from err
     if hf_quantizer.quantization_config.bits_budget is not None:
-        hf_quantizer.budget_candidates[module_name] = budget_candidates(series, weight, options)
+        hf_quantizer.budget_candidates.add(module_name, series, weight, options)
     return series.state()
 
 

@@ -14,7 +14,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..gptq import compensation_span
 from ..linear import FPxINTLinear
-from .bits_budget import apply_bits_budget
+from .bits_budget import BudgetCandidates, apply_bits_budget
 from .checkpoint import check_skip_names, resolve_compute_dtype
 from .checks import check_checkpoint_keys, check_loaded
 from .config import FPxINTConfig
@@ -41,7 +41,8 @@ class FPxINTHfQuantizer(HfQuantizer):
         self.proxy: ActivationProxy | None = None
         # the dtype from_pretrained loads in (the probe's FP model runs in it)
         self.load_dtype = torch.float32
-        self.budget_candidates: dict[str, dict] = {}  # module name -> budget_candidates (with a bits budget)
+        # each layer's options under a bits budget (those of fewer terms spilled to disk)
+        self.budget_candidates = BudgetCandidates()
         self.prepared: dict[
             str, dict[str, torch.Tensor]
         ] = {}  # module name -> buffers quantized by the probe
@@ -160,8 +161,11 @@ class FPxINTHfQuantizer(HfQuantizer):
             )
         check_loaded(model)
         if self.quantization_config.bits_budget is not None and not self.pre_quantized:
-            apply_bits_budget(model, self.quantization_config, self.budget_candidates)
-        self.budget_candidates = {}
+            try:
+                apply_bits_budget(model, self.quantization_config, self.budget_candidates)
+            finally:
+                self.budget_candidates.close()
+        self.budget_candidates = BudgetCandidates()
         warn_resident_offloaded_buffers(model)
         install_atomic_save(model)
         return model
