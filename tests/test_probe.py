@@ -8,7 +8,7 @@ from checkpoint_helpers import fpxint_modules
 from conftest import build_tiny_model
 
 from fpxint_hf import FPxINTConfig
-from fpxint_hf.hf.probe import PROBE_SEED, PROBE_TOKENS, probe_second_moments
+from fpxint_hf.hf.probe import PROBE_SEED, PROBE_TOKENS, probe_second_moments, probe_tokens
 
 
 def _files(path):
@@ -26,8 +26,10 @@ def test_probe_measures_the_fp_models_own_input_energy(fp_model_dir, load_fp):
             m.register_forward_pre_hook(
                 lambda _m, a, name=name: seen.__setitem__(name, a[0][0].pow(2).mean(0))
             )
+    tokens = probe_tokens(fp.config)  # the tiny models have 64 positions
+    assert tokens == min(PROBE_TOKENS, fp.config.max_position_embeddings)
     ids = torch.randint(
-        0, fp.config.vocab_size, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(PROBE_SEED)
+        0, fp.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(PROBE_SEED)
     )
     with torch.no_grad():
         fp(input_ids=ids)

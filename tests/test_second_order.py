@@ -116,8 +116,8 @@ def test_streaming_probe_holds_one_block_at_a_time(fp_model_dir, load_fp, monkey
     peak = [0]
     fill, drop = probe._Reader.fill, probe._drop
 
-    def counting_fill(self, module, prefix):
-        fill(self, module, prefix)
+    def counting_fill(self, module, prefix, skip=()):
+        fill(self, module, prefix, skip)
         if ".layers." in prefix:
             loaded.add(prefix)
             peak[0] = max(peak[0], len(loaded))
@@ -138,7 +138,7 @@ def test_streaming_probe_holds_one_block_at_a_time(fp_model_dir, load_fp, monkey
 
     probe.stream_blocks(fp.config, _files(fp_model_dir), on_block, sequences=3, second_order=True)
     assert seen_blocks == list(range(fp.config.num_hidden_layers)) and peak[0] == 1
-    ids = probe.probe_ids(fp.config.vocab_size, 3)
+    ids = probe.probe_ids(fp.config.vocab_size, 3, probe.probe_tokens(fp.config))
     inputs: dict[str, torch.Tensor] = {}
     for name, m in fp.named_modules():
         if isinstance(m, torch.nn.Linear) and name != "lm_head":

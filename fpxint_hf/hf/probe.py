@@ -40,6 +40,11 @@ SECOND_ORDER_SEQUENCES = 8
 PROBE_SEED = 0
 
 
+class ProbeUnavailable(ValueError):
+    """The probe cannot run on this checkpoint (no safetensors files, no list of decoder blocks, weights the model
+    names but the files do not hold): raised before any layer is measured, so the caller may fall back."""
+
+
 @dataclass
 class LayerStats:
     """One linear layer of the block the probe just ran: its FP weight and what it measured at its input."""
@@ -63,13 +68,21 @@ def probe_ids(
     return torch.randint(0, vocab_size, (sequences, tokens), generator=torch.Generator().manual_seed(seed))
 
 
+def probe_tokens(text_config: Any) -> int:
+    """Ids per probe sequence: ``PROBE_TOKENS``, at most the model's ``max_position_embeddings`` (a learned
+    position table, OPT's, has no row beyond them)."""
+    return min(PROBE_TOKENS, getattr(text_config, "max_position_embeddings", None) or PROBE_TOKENS)
+
+
 def checkpoint_index(checkpoint_files: list[str] | None) -> dict[str, str]:
     """``{tensor name: safetensors file}`` of the checkpoint; refuses a checkpoint without safetensors files."""
     from safetensors import safe_open
 
     files = [str(f) for f in checkpoint_files or [] if str(f).endswith(".safetensors")]
     if not files:
-        raise ValueError("act_proxy='probe' needs the FP checkpoint as safetensors files; none were given")
+        raise ProbeUnavailable(
+            "act_proxy='probe' needs the FP checkpoint as safetensors files; none were given"
+        )
     index: dict[str, str] = {}
     for path in files:
         with safe_open(path, framework="pt") as f:
@@ -99,18 +112,21 @@ class _Reader:
             rows = [table[int(i) : int(i) + 1] for i in ids.reshape(-1)]
         return torch.cat(rows).to(self.dtype).reshape(*ids.shape, -1)
 
-    def fill(self, module: nn.Module, prefix: str) -> None:
-        """Load every meta parameter of ``module`` (named ``prefix`` + its name) from the checkpoint."""
-        missing = [
-            prefix + n for n, p in module.named_parameters() if p.is_meta and prefix + n not in self.index
-        ]
+    def check(self, module: nn.Module, prefix: str) -> None:
+        """``ProbeUnavailable`` unless the checkpoint holds every parameter of ``module`` (named ``prefix`` + its
+        name); a model whose weights transformers converts on load (fused MoE experts) fails here."""
+        missing = [prefix + n for n, _ in module.named_parameters() if prefix + n not in self.index]
         if missing:
-            raise ValueError(
-                f"act_proxy='probe' needs every weight of the FP model in its safetensors files; missing: "
-                f"{missing[:3]}{' ...' if len(missing) > 3 else ''}"
+            raise ProbeUnavailable(
+                f"act_proxy='probe' needs every weight of the FP model in its safetensors files under the model's "
+                f"own names; missing: {missing[:3]}{' ...' if len(missing) > 3 else ''}"
             )
+
+    def fill(self, module: nn.Module, prefix: str, skip: tuple[str, ...] = ()) -> None:
+        """Load every meta parameter of ``module`` (named ``prefix`` + its name) from the checkpoint, except those
+        whose name in ``module`` starts with one of ``skip``."""
         for name, p in list(module.named_parameters()):
-            if p.is_meta:
+            if p.is_meta and not name.startswith(skip):
                 owner, _, leaf = name.rpartition(".")
                 sub = module.get_submodule(owner) if owner else module
                 sub._parameters[leaf] = nn.Parameter(self.tensor(prefix + name), requires_grad=False)
@@ -152,11 +168,12 @@ def _skeleton(config, dtype: torch.dtype) -> nn.Module:
 
 
 def decoder_blocks(base: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
-    """The ``nn.ModuleList`` of decoder blocks of a base model (the one with ``num_hidden_layers`` entries)."""
-    for name, child in base.named_children():
+    """The ``nn.ModuleList`` of decoder blocks of a base model: the first, outermost one with ``num_hidden_layers``
+    entries (``layers`` in LLaMA/Qwen, ``decoder.layers`` in OPT), and its name in ``base``."""
+    for name, child in base.named_modules():
         if isinstance(child, nn.ModuleList) and len(child) == num_layers:
             return name, child
-    raise ValueError(
+    raise ProbeUnavailable(
         f"act_proxy='probe' found no list of {num_layers} decoder blocks in {type(base).__name__}"
     )
 
@@ -189,11 +206,12 @@ def _stream(
     list_name, blocks = decoder_blocks(base, text.num_hidden_layers)
     block_prefix = f"{prefix}.{list_name}."
     embed = base.get_input_embeddings()
-    embed_name = next(f"{prefix}.{n}.weight" for n, m in base.named_modules() if m is embed)
-    for name, child in base.named_children():  # final norm etc.: everything but the blocks and the embedding
-        if child is not blocks and child is not embed:
-            reader.fill(child, f"{prefix}.{name}.")
-    ids = probe_ids(text.vocab_size, sequences)
+    embed_weight = next(f"{n}.weight" for n, m in base.named_modules() if m is embed)
+    embed_name = f"{prefix}.{embed_weight}"
+    reader.check(base, f"{prefix}.")  # before any block runs: a caller may still fall back
+    # final norm, rotary or learned positions etc.: everything but the blocks and the embedding
+    reader.fill(base, f"{prefix}.", skip=(f"{list_name}.", embed_weight))
+    ids = probe_ids(text.vocab_size, sequences, probe_tokens(text))
     logger.info(
         "act_proxy='probe': %d x %d random ids through %d blocks (%s)", *ids.shape, len(blocks), dtype
     )

@@ -20,7 +20,7 @@ from .checks import check_checkpoint_keys, check_loaded
 from .config import FPxINTConfig
 from .convert import FPxINTQuantize, quantize_module
 from .offloaded import warn_resident_offloaded_buffers
-from .probe import PROBE_SEQUENCES, SECOND_ORDER_SEQUENCES, LayerStats, stream_blocks
+from .probe import PROBE_SEQUENCES, SECOND_ORDER_SEQUENCES, LayerStats, ProbeUnavailable, stream_blocks
 from .proxy import ActivationProxy
 from .replace import modules_to_not_convert, record_layers, replace_with_fpxint_linear
 from .saving import install_atomic_save
@@ -102,11 +102,15 @@ class FPxINTHfQuantizer(HfQuantizer):
                     "checkpoint has none (a GGUF file?): using act_proxy='norm' instead"
                 )
                 proxy = "norm"
+            if weighted and proxy == "probe":
+                try:
+                    self._quantize_in_probe(model, files)
+                except ProbeUnavailable as err:  # raised before any layer was quantized
+                    logger.warning("FP=xINT: %s: using act_proxy='norm' instead", err)
+                    proxy = "norm"
             if weighted and proxy == "norm":
                 kv = getattr(getattr(model, "config", None), "num_key_value_heads", None)
                 self.proxy = ActivationProxy(files, kv)
-            elif weighted and proxy == "probe":
-                self._quantize_in_probe(model, files)
 
             self._progress = tqdm(
                 total=len(replaced), desc="FP=xINT quantizing", unit="layer", leave=False, disable=None
