@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 rows_now[at] = row
             res = {
-                **({k: v for k, v in old.items() if k in ("memory", "memory_command", "note")} if old else {}),
+                **(
+                    {k: v for k, v in old.items() if k in ("memory", "memory_command", "note")} if old else {}
+                ),
                 "command": command,
                 "model": MODELS[args.model],
                 "tokens": windows.numel(),
