@@ -232,7 +232,9 @@ def test_readme_is_short_and_the_docs_read_as_documentation():
 def test_readme_default_targets_paragraph_quotes_the_targets_of_both_models():
     """The paragraph under the three recipes (GPTQ ratio, time, memory): every number in it is in the rendered
     targets of eval/results/default_<model>.md."""
-    text = readme_section("## Recommended settings").split("### The three recipes", 1)[1].split("\n### ", 1)[0]
+    text = (
+        readme_section("## Recommended settings").split("### The three recipes", 1)[1].split("\n### ", 1)[0]
+    )
     para = next(p for p in text.split("\n\n") if p.startswith("The default against calibrated GPTQ"))
     rendered = "".join((RESULTS / f"default_{m}.md").read_text() for m in ("smollm2", "qwen"))
     numbers = decimals(para)
