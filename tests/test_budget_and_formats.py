@@ -252,3 +252,20 @@ def test_budget_load_reads_shrunk_layers_from_disk_and_leaves_nothing_behind(
     assert shrunk and {(n, k) for n, k, _ in read} == set(shrunk.items())
     assert all(files == 2 * len(layers) for _, _, files in read)  # k = 1, 2 of every layer on disk
     assert not list(tmp_path.glob("fpxint-budget-*"))
+
+
+def test_budget_spill_failure_names_the_folder_to_change(monkeypatch, tmp_path):
+    from fpxint_hf.hf import bits_budget
+    from fpxint_hf.series import FPxINTSeries, SeriesSpec
+    from fpxint_hf.settings import ExpansionSettings
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bits_budget.torch, "save", full_disk)
+    w = torch.randn(32, 64)
+    spec = SeriesSpec.for_layer(ExpansionSettings(bits=4, terms=2, group_size=32), 32, 64)
+    cands = bits_budget.BudgetCandidates(spill_dir=str(tmp_path))
+    with pytest.raises(OSError, match=r"layer's 1-term candidate .*TMPDIR"):
+        cands.add("layer", FPxINTSeries.from_weight(w, spec), w)
+    cands.close()

@@ -51,7 +51,14 @@ class BudgetCandidates:
             s = FPxINTSeries.from_weight(weight, full.spec.truncated(k), options)
             options_k[k] = (s.errors[-1] if s.errors else 0.0, s.stored_bits())
             path = os.path.join(self._folder(), f"{len(self._files)}.pt")
-            torch.save({n: t.detach().cpu() for n, t in s.state().items()}, path)
+            try:
+                torch.save({n: t.detach().cpu() for n, t in s.state().items()}, path)
+            except OSError as err:
+                raise OSError(
+                    f"FP=xINT bits budget: cannot write {name}'s {k}-term candidate to {path} ({err}); the "
+                    f"candidates need about {s.stored_bits() // 8} bytes per layer this size: point TMPDIR at a "
+                    "folder with room for them"
+                ) from err
             self._files[(name, k)] = path
             del s
         self.summary[name] = options_k
