@@ -45,6 +45,10 @@ def targets(res: dict[str, Any]) -> list[str]:
                      f"| {ratio:.3f}x (KL {d['kl']:.4f} vs {g['kl']:.4f}) |")  # fmt: skip
     else:
         lines.append("| data-free default vs calibrated GPTQ 4-bit (goal <= 1.0x) | not measured | |")
+    g3 = r.get("GPTQ 3-bit, calibrated")
+    if three is not None and g3 is not None:  # no target at 3 bits: the ratio is reported
+        lines.append(f"| 3-bit recipe vs calibrated GPTQ 3-bit (reported, no target) | - | {three['kl'] / g3['kl']:.3f}x "
+                     f"(KL {three['kl']:.4f} at {three['bits']:.3f} bpw vs {g3['kl']:.4f} at {g3['bits']:.3f}) |")  # fmt: skip
     w8 = r.get("RTN W8")
     if eight is not None and w8 is not None:
         ok = eight["kl"] <= w8["kl"]
