@@ -96,12 +96,6 @@ class FPxINTHfQuantizer(HfQuantizer):
             files = kwargs.get("checkpoint_files") or []
             weighted = cfg.series == "nested" and cfg.fit == "optimized"  # the fits that take an importance
             proxy = cfg.act_proxy
-            if weighted and proxy == "probe" and not any(str(f).endswith(".safetensors") for f in files):
-                logger.warning(
-                    "FP=xINT: act_proxy='probe' reads the full-precision checkpoint's safetensors files and this "
-                    "checkpoint has none (a GGUF file?): using act_proxy='norm' instead"
-                )
-                proxy = "norm"
             if weighted and proxy == "probe":
                 try:
                     self._quantize_in_probe(model, files)
