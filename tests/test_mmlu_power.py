@@ -213,3 +213,29 @@ def test_minutes_stops_before_the_next_row(power, tiny_dir, data, tmp_path):
     report = _run(power, tiny_dir, data, tmp_path / "t", "--minutes", "1e-9")
     assert report["rows"] == [] and not list((tmp_path / "t").glob("*.jsonl"))
     assert {s["row"] for s in report["skipped"]} >= {"fp", "rtn4", "fpxint_t2"}
+
+
+def test_readme_block_says_which_way_a_difference_beyond_the_noise_goes(power, tiny_dir, data, tmp_path):
+    report = _run(power, tiny_dir, data, tmp_path / "r")
+    rep = power.report
+    block = rep.readme_block(report)
+    assert block.startswith(rep.README_BEGIN) and block.endswith(rep.README_END)
+    assert len(block.splitlines()) == 2 + 2 + len(report["rows"])  # markers, header, rows
+    assert rep._short({"mean": -0.05, "se": 0.02, "n": 9}).endswith("**loses**")
+    assert rep._short({"mean": 0.05, "se": 0.02, "n": 9}).endswith("**gains**")
+    assert rep._short({"mean": -0.03, "se": 0.02, "n": 9}) == "-3.0 ± 2.0"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{rep.README_BEGIN}\nold\n{rep.README_END}\n\nafter\n")
+    args = ["--out", str(tmp_path / "r"), "--readme", str(readme)]
+    assert power.main(args) == 0
+    assert readme.read_text() == f"# title\n\n{block}\n\nafter\n"
+    with pytest.raises(ValueError, match="no .* block"):
+        rep.replace_readme_block("# no markers\n", block)
+
+
+def test_readme_quotes_the_committed_table(eval_module):
+    if not COMMITTED.is_file():
+        pytest.skip("no committed eval/results/mmlu_power.json yet")
+    report = eval_module("_mmlu_power_report")
+    quote = report.readme_quote((ROOT / "README.md").read_text())
+    assert quote == report.readme_block(json.loads(COMMITTED.read_text()))
