@@ -239,3 +239,22 @@ def test_readme_quotes_the_committed_table(eval_module):
     report = eval_module("_mmlu_power_report")
     quote = report.readme_quote((ROOT / "README.md").read_text())
     assert quote == report.readme_block(json.loads(COMMITTED.read_text()))
+
+
+def test_readme_prose_states_the_verdicts_of_the_committed_table():
+    """The README's sentences on the default against FP and RTN W4 are the committed JSON's numbers."""
+    if not COMMITTED.is_file():
+        pytest.skip("no committed eval/results/mmlu_power.json yet")
+    rows = {r["row"]: r for r in json.loads(COMMITTED.read_text())["rows"]}
+    if "fpxint" not in rows or rows["fpxint"]["questions"] < rows["fpxint"]["planned"]:
+        pytest.skip("the default's row is not complete")
+    text = " ".join((ROOT / "README.md").read_text().split())
+    d, rtn = rows["fpxint"], rows["rtn4"]
+    within = all(abs(r["vs_fp"]["acc"]["mean"]) <= 2 * r["vs_fp"]["acc"]["se"] for r in (d, rtn))
+    assert ("Neither RTN W4 nor the default loses accuracy against FP beyond the noise" in text) == within
+    same, kl = d["vs_rtn"]["same"], d["vs_rtn"]["kl"]
+    assert f"FP's answer on {100 * same['mean']:.1f} ± {100 * same['se']:.1f} points more questions" in text
+    assert f"{d['vs_fp']['kl']['mean'] / rtn['vs_fp']['kl']['mean']:.2f}x RTN's" in text
+    assert f"(−{-kl['mean']:.4f} ± {kl['se']:.4f} nats, {-kl['mean'] / kl['se']:.1f} SE)" in text
+    acc = d["vs_rtn"]["acc"]
+    assert ("in accuracy the two are within the noise" in text) == (abs(acc["mean"]) <= 2 * acc["se"])
