@@ -268,15 +268,20 @@ def readme_block(data: dict[str, Any]) -> str:
     return "\n".join([*lines, README_END])
 
 
+def _block_span(readme: str) -> tuple[int, int] | None:
+    """Where the README's block starts and ends (markers included), or None."""
+    start, end = readme.find(README_BEGIN), readme.find(README_END)
+    return None if start < 0 or end < start else (start, end + len(README_END))
+
+
 def replace_readme_block(readme: str, block: str) -> str:
     """``readme`` with the text between the markers (markers included) replaced by ``block``."""
-    start, end = readme.find(README_BEGIN), readme.find(README_END)
-    if start < 0 or end < start:
+    if (span := _block_span(readme)) is None:
         raise ValueError(f"the README has no {README_BEGIN!r} ... {README_END!r} block")
-    return readme[:start] + block + readme[end + len(README_END) :]
+    return readme[: span[0]] + block + readme[span[1] :]
 
 
 def readme_quote(readme: str) -> str | None:
     """The block the README holds now, or None."""
-    start, end = readme.find(README_BEGIN), readme.find(README_END)
-    return None if start < 0 or end < start else readme[start : end + len(README_END)]
+    span = _block_span(readme)
+    return None if span is None else readme[span[0] : span[1]]
