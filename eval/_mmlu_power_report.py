@@ -250,8 +250,49 @@ def _short(e: dict | None) -> str:
     return f"{100 * e['mean']:+.1f} ± {100 * e['se']:.1f}{words}"
 
 
+def _beyond(e: dict[str, Any]) -> bool:
+    return abs(e["mean"]) > 2 * e["se"]
+
+
+def _against_fp(acc: dict[str, Any]) -> str:
+    way = "does not lose" if not _beyond(acc) else ("loses" if acc["mean"] < 0 else "gains")
+    return f"{way} accuracy against FP beyond the noise ({100 * acc['mean']:+.1f} ± {100 * acc['se']:.1f} points)"
+
+
+def _against_rtn(r: dict[str, Any], rtn: dict[str, Any]) -> str:
+    acc, kl = r["vs_rtn"]["acc"], r["vs_rtn"]["kl"]
+    acc_words = "within the noise" if not _beyond(acc) else ("higher" if acc["mean"] > 0 else "lower")
+    kl_words = (
+        "within the noise"
+        if not _beyond(kl)
+        else f"{'lower' if kl['mean'] < 0 else 'higher'}, {abs(kl['mean']) / kl['se']:.1f} SE"
+    )
+    ratio = r["vs_fp"]["kl"]["mean"] / rtn["vs_fp"]["kl"]["mean"]
+    return (
+        f"against RTN W4 its accuracy is {100 * acc['mean']:+.1f} ± {100 * acc['se']:.1f} points ({acc_words}) "
+        f"and its answer KL {ratio:.2f}x RTN's ({kl['mean']:+.4f} ± {kl['se']:.4f} nats, {kl_words})"
+    )
+
+
+def readme_verdicts(data: dict[str, Any]) -> list[str]:
+    """One sentence per complete quantized row: does it lose accuracy against FP beyond the noise (2 SE), and how
+    it compares with RTN W4 in accuracy and answer KL. Rows still being scored get none."""
+    rows = {r["row"]: r for r in data["rows"]}
+    rtn = rows.get(RTN)
+    lines = []
+    for r in data["rows"]:
+        if r["row"] == FP or r["questions"] < r["planned"] or not r.get("vs_fp"):
+            continue
+        text = f"- **{r['name']}**, {_bpw(r)} bits/weight, {_against_fp(r['vs_fp']['acc'])}"
+        if r.get("vs_rtn") and rtn is not None and rtn["questions"] == rtn["planned"]:
+            text += f"; {_against_rtn(r, rtn)}"
+        lines.append(text + ".")
+    return lines
+
+
 def readme_block(data: dict[str, Any]) -> str:
-    """The README's quote of the table: Avg. and the paired differences against FP and RTN W4, per row."""
+    """The README's quote of the table: Avg. and the paired differences against FP and RTN W4, per row, then
+    :func:`readme_verdicts` for the complete rows."""
     rtn = next((r["name"] for r in data["rows"] if r["row"] == RTN), "RTN W4").split(" (")[0]
     lines = [
         README_BEGIN,
@@ -265,7 +306,8 @@ def readme_block(data: dict[str, Any]) -> str:
             f"| {r['name']} | {_bpw(r)} | {_count(r)} | {_pct(r['avg'])} | {_short(vs_fp.get('acc'))} | "
             f"{_short(vs_rtn.get('acc'))} | {_pct(vs_fp.get('same'))} | {_kl(vs_fp.get('kl'))} |"
         )
-    return "\n".join([*lines, README_END])
+    verdicts = readme_verdicts(data)
+    return "\n".join([*lines, *([""] + verdicts if verdicts else []), README_END])
 
 
 def _block_span(readme: str) -> tuple[int, int] | None:

@@ -220,7 +220,8 @@ def test_readme_block_says_which_way_a_difference_beyond_the_noise_goes(power, t
     rep = power.report
     block = rep.readme_block(report)
     assert block.startswith(rep.README_BEGIN) and block.endswith(rep.README_END)
-    assert len(block.splitlines()) == 2 + 2 + len(report["rows"])  # markers, header, rows
+    verdicts = rep.readme_verdicts(report)
+    assert len(block.splitlines()) == 2 + 2 + len(report["rows"]) + (1 + len(verdicts) if verdicts else 0)
     assert rep._short({"mean": -0.05, "se": 0.02, "n": 9}).endswith("**loses**")
     assert rep._short({"mean": 0.05, "se": 0.02, "n": 9}).endswith("**gains**")
     assert rep._short({"mean": -0.03, "se": 0.02, "n": 9}) == "-3.0 ± 2.0"
@@ -231,6 +232,42 @@ def test_readme_block_says_which_way_a_difference_beyond_the_noise_goes(power, t
     assert readme.read_text() == f"# title\n\n{block}\n\nafter\n"
     with pytest.raises(ValueError, match="no .* block"):
         rep.replace_readme_block("# no markers\n", block)
+
+
+def _row(name, questions, acc, kl, vs_rtn=None):
+    est = {"mean": acc[0], "se": acc[1], "n": questions}
+    row = {"row": name, "name": name.upper(), "bits_per_weight": 4.5, "questions": questions, "planned": 100}
+    row["vs_fp"] = {"acc": est, "kl": {"mean": kl, "se": 0.001, "n": questions}}
+    if vs_rtn is not None:
+        row["vs_rtn"] = {
+            "acc": {"mean": vs_rtn[0], "se": 0.01, "n": questions},
+            "kl": {"mean": vs_rtn[1], "se": 0.001, "n": questions},
+        }
+    return row
+
+
+def test_readme_verdicts_state_each_complete_rows_verdict_against_fp_and_rtn(eval_module):
+    rep = eval_module("_mmlu_power_report")
+    fp = {"row": "fp", "name": "FP", "bits_per_weight": None, "questions": 100, "planned": 100}
+    rows = [
+        fp,
+        _row("rtn4", 100, (-0.05, 0.02), 0.02),
+        _row("a", 100, (-0.01, 0.02), 0.01, vs_rtn=(0.04, -0.01)),
+        _row("b", 100, (0.05, 0.02), 0.03, vs_rtn=(0.01, 0.01)),
+        _row("c", 50, (-0.09, 0.02), 0.03, vs_rtn=(0.01, 0.01)),
+    ]
+    lines = rep.readme_verdicts({"rows": rows})
+    assert [line.split("**")[1] for line in lines] == ["RTN4", "A", "B"]  # FP and the partial row have none
+    assert (
+        "RTN4**, 4.500 bits/weight, loses accuracy against FP beyond the noise (-5.0 ± 2.0 points)."
+        in lines[0]
+    )
+    assert "does not lose accuracy against FP beyond the noise (-1.0 ± 2.0 points)" in lines[1]
+    assert "+4.0 ± 1.0 points (higher)" in lines[1]
+    assert "answer KL 0.50x RTN's (-0.0100 ± 0.0010 nats, lower, 10.0 SE)" in lines[1]
+    assert "gains accuracy against FP beyond the noise (+5.0 ± 2.0 points)" in lines[2]
+    assert "+1.0 ± 1.0 points (within the noise)" in lines[2]
+    assert "1.50x RTN's (+0.0100 ± 0.0010 nats, higher, 10.0 SE)" in lines[2]
 
 
 def test_readme_quotes_the_committed_table(eval_module):
