@@ -17,7 +17,10 @@ from fpxint_hf.evaluation.mmlu_cache import CacheContent, Question
 from fpxint_hf.evaluation.mmlu_stats import Estimate, answer_agreement, mean_se, verdict
 from fpxint_hf.evaluation.table import PAPER_MMLU_AVG
 
-FP, RTN = "fp", "rtn4"
+FP, RTN, DEFAULT = "fp", "rtn4", "fpxint"
+PEER_SLACK = (
+    0.05  # bits per weight: a quantizer this close to the default's bits (or below) is compared with it
+)
 HEADS = {"humanities": "Hums.", "stem": "STEM", "social_sciences": "Social", "other": "Other"}
 PAPER = {
     "model": "LLaMA3-8B",
@@ -65,6 +68,15 @@ def row_numbers(
     return out
 
 
+def _peer_of_default(key: str, bits: float | None, by_key: dict[str, CacheContent]) -> bool:
+    """A row the default is compared with directly: another quantizer (not FP, RTN W4 or the default itself) at
+    no more than the default's bits per weight plus ``PEER_SLACK``."""
+    default = by_key.get(DEFAULT)
+    if key in (FP, RTN, DEFAULT) or default is None or bits is None:
+        return False
+    return bits <= (default.header or {}).get("bits_per_weight", 0.0) + PEER_SLACK
+
+
 def build_report(
     questions: list[Question],
     categories: dict[str, str],
@@ -74,7 +86,9 @@ def build_report(
     environment: dict[str, Any],
 ) -> dict[str, Any]:
     """The JSON of the table: ``caches`` are ``(row key, label, cache)`` in table order (FP's key ``"fp"``, RTN
-    W4's ``"rtn4"``), ``skipped`` are ``(row key, label, why)``."""
+    W4's ``"rtn4"``, the default's ``"fpxint"``), ``skipped`` are ``(row key, label, why)``. Rows carry their
+    paired differences against FP (``vs_fp``), RTN W4 (``vs_rtn``) and, for other quantizers at about the
+    default's bits or fewer (:func:`_peer_of_default`), against the default (``vs_default``)."""
     by_key = {key: cache for key, _, cache in caches}
     fp = by_key.get(FP)
     nums = {key: row_numbers(questions, categories, cache, fp) for key, _, cache in caches}
@@ -100,6 +114,8 @@ def build_report(
             row["vs_fp"] = _against(n, nums[FP], same_of_b=None)
         if RTN in nums and fp is not None and key not in (FP, RTN):
             row["vs_rtn"] = _against(n, nums[RTN], same_of_b=nums[RTN])
+        if fp is not None and _peer_of_default(key, row["bits_per_weight"], by_key):
+            row["vs_default"] = _against(n, nums[DEFAULT], same_of_b=nums[DEFAULT])
         rows.append(row)
     return {
         "settings": settings,
@@ -159,8 +175,8 @@ def _main_table(data: dict[str, Any]) -> str:
 
 
 def _paired_table(rows: list[dict[str, Any]], field: str, base: str) -> str:
-    """Rows against FP (``field="vs_fp"``: same-answer rate and answer KL themselves) or against RTN W4
-    (``"vs_rtn"``: their differences from RTN W4's, with a verdict on the KL)."""
+    """Rows against FP (``field="vs_fp"``: same-answer rate and answer KL themselves) or against RTN W4 or the
+    default (``"vs_rtn"``, ``"vs_default"``: their differences from that row's, with a verdict on the KL)."""
     vs_fp = field == "vs_fp"
     same = "same answer as FP % ± SE" if vs_fp else f"same answer as FP − {base} (points) ± SE"
     kl = "answer KL vs FP (nats) ± SE" if vs_fp else f"answer KL − {base}'s (nats) ± SE | verdict"
@@ -200,6 +216,8 @@ def to_markdown(data: dict[str, Any]) -> str:
     rtn = next((r["name"] for r in rows if r["row"] == RTN), None)
     vs_fp = [r for r in rows if "vs_fp" in r]
     vs_rtn = [r for r in rows if "vs_rtn" in r]
+    vs_default = [r for r in rows if "vs_default" in r]
+    default = next((r["name"].split(" (")[0] for r in rows if r["row"] == DEFAULT), None)
     qs = s["question_set"]
     parts = [
         f"# MMLU by category on {s['model']}, with standard errors\n",
@@ -216,6 +234,11 @@ def to_markdown(data: dict[str, Any]) -> str:
         parts += [
             f"Against {rtn}, paired over the same questions:\n",
             _paired_table(vs_rtn, "vs_rtn", rtn) + "\n",
+        ]
+    if vs_default and default is not None:
+        parts += [
+            f"Other quantizers against {default} (at most {PEER_SLACK} bits per weight more), paired over the same questions:\n",
+            _paired_table(vs_default, "vs_default", default) + "\n",
         ]
     parts += [
         "Progress and wall time:\n",
@@ -259,33 +282,39 @@ def _against_fp(acc: dict[str, Any]) -> str:
     return f"{way} accuracy against FP beyond the noise ({100 * acc['mean']:+.1f} ± {100 * acc['se']:.1f} points)"
 
 
-def _against_rtn(r: dict[str, Any], rtn: dict[str, Any]) -> str:
-    acc, kl = r["vs_rtn"]["acc"], r["vs_rtn"]["kl"]
+def _against_row(r: dict[str, Any], field: str, base: dict[str, Any], base_name: str) -> str:
+    acc, kl = r[field]["acc"], r[field]["kl"]
     acc_words = "within the noise" if not _beyond(acc) else ("higher" if acc["mean"] > 0 else "lower")
     kl_words = (
         "within the noise"
         if not _beyond(kl)
         else f"{'lower' if kl['mean'] < 0 else 'higher'}, {abs(kl['mean']) / kl['se']:.1f} SE"
     )
-    ratio = r["vs_fp"]["kl"]["mean"] / rtn["vs_fp"]["kl"]["mean"]
+    ratio = r["vs_fp"]["kl"]["mean"] / base["vs_fp"]["kl"]["mean"]
     return (
-        f"against RTN W4 its accuracy is {100 * acc['mean']:+.1f} ± {100 * acc['se']:.1f} points ({acc_words}) "
-        f"and its answer KL {ratio:.2f}x RTN's ({kl['mean']:+.4f} ± {kl['se']:.4f} nats, {kl_words})"
+        f"against {base_name} its accuracy is {100 * acc['mean']:+.1f} ± {100 * acc['se']:.1f} points "
+        f"({acc_words}) and its answer KL {ratio:.2f}x {base_name}'s ({kl['mean']:+.4f} ± {kl['se']:.4f} nats, "
+        f"{kl_words})"
     )
 
 
 def readme_verdicts(data: dict[str, Any]) -> list[str]:
     """One sentence per complete quantized row: does it lose accuracy against FP beyond the noise (2 SE), and how
-    it compares with RTN W4 in accuracy and answer KL. Rows still being scored get none."""
+    it compares with RTN W4 and (another quantizer at about its bits) with the default, in accuracy and answer
+    KL. Rows still being scored get none."""
+
+    def complete(r: dict[str, Any] | None) -> bool:
+        return r is not None and r["questions"] == r["planned"]
+
     rows = {r["row"]: r for r in data["rows"]}
-    rtn = rows.get(RTN)
     lines = []
     for r in data["rows"]:
-        if r["row"] == FP or r["questions"] < r["planned"] or not r.get("vs_fp"):
+        if r["row"] == FP or not complete(r) or not r.get("vs_fp"):
             continue
         text = f"- **{r['name']}**, {_bpw(r)} bits/weight, {_against_fp(r['vs_fp']['acc'])}"
-        if r.get("vs_rtn") and rtn is not None and rtn["questions"] == rtn["planned"]:
-            text += f"; {_against_rtn(r, rtn)}"
+        for field, key, name in (("vs_rtn", RTN, "RTN W4"), ("vs_default", DEFAULT, "the default")):
+            if r.get(field) and complete(rows.get(key)):
+                text += f"; {_against_row(r, field, rows[key], name)}"
         lines.append(text + ".")
     return lines
 

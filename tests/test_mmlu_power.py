@@ -234,15 +234,16 @@ def test_readme_block_says_which_way_a_difference_beyond_the_noise_goes(power, t
         rep.replace_readme_block("# no markers\n", block)
 
 
-def _row(name, questions, acc, kl, vs_rtn=None):
+def _row(name, questions, acc, kl, vs_rtn=None, vs_default=None):
     est = {"mean": acc[0], "se": acc[1], "n": questions}
     row = {"row": name, "name": name.upper(), "bits_per_weight": 4.5, "questions": questions, "planned": 100}
     row["vs_fp"] = {"acc": est, "kl": {"mean": kl, "se": 0.001, "n": questions}}
-    if vs_rtn is not None:
-        row["vs_rtn"] = {
-            "acc": {"mean": vs_rtn[0], "se": 0.01, "n": questions},
-            "kl": {"mean": vs_rtn[1], "se": 0.001, "n": questions},
-        }
+    for field, d in (("vs_rtn", vs_rtn), ("vs_default", vs_default)):
+        if d is not None:
+            row[field] = {
+                "acc": {"mean": d[0], "se": 0.01, "n": questions},
+                "kl": {"mean": d[1], "se": 0.001, "n": questions},
+            }
     return row
 
 
@@ -253,21 +254,38 @@ def test_readme_verdicts_state_each_complete_rows_verdict_against_fp_and_rtn(eva
         fp,
         _row("rtn4", 100, (-0.05, 0.02), 0.02),
         _row("a", 100, (-0.01, 0.02), 0.01, vs_rtn=(0.04, -0.01)),
-        _row("b", 100, (0.05, 0.02), 0.03, vs_rtn=(0.01, 0.01)),
+        _row("b", 100, (0.05, 0.02), 0.03, vs_rtn=(0.01, 0.01), vs_default=(0.01, 0.0015)),
         _row("c", 50, (-0.09, 0.02), 0.03, vs_rtn=(0.01, 0.01)),
     ]
     lines = rep.readme_verdicts({"rows": rows})
     assert [line.split("**")[1] for line in lines] == ["RTN4", "A", "B"]  # FP and the partial row have none
+    assert "the default" not in lines[2]  # no default row in the table
+    with_default = rep.readme_verdicts({"rows": [*rows, _row("fpxint", 100, (0.0, 0.02), 0.015)]})
+    assert (
+        "; against the default its accuracy is +1.0 ± 1.0 points (within the noise) and its answer KL 2.00x "
+        "the default's (+0.0015 ± 0.0010 nats, within the noise)." in with_default[2]
+    )
     assert (
         "RTN4**, 4.500 bits/weight, loses accuracy against FP beyond the noise (-5.0 ± 2.0 points)."
         in lines[0]
     )
     assert "does not lose accuracy against FP beyond the noise (-1.0 ± 2.0 points)" in lines[1]
     assert "+4.0 ± 1.0 points (higher)" in lines[1]
-    assert "answer KL 0.50x RTN's (-0.0100 ± 0.0010 nats, lower, 10.0 SE)" in lines[1]
+    assert "answer KL 0.50x RTN W4's (-0.0100 ± 0.0010 nats, lower, 10.0 SE)" in lines[1]
     assert "gains accuracy against FP beyond the noise (+5.0 ± 2.0 points)" in lines[2]
     assert "+1.0 ± 1.0 points (within the noise)" in lines[2]
-    assert "1.50x RTN's (+0.0100 ± 0.0010 nats, higher, 10.0 SE)" in lines[2]
+    assert "1.50x RTN W4's (+0.0100 ± 0.0010 nats, higher, 10.0 SE)" in lines[2]
+
+
+def test_the_default_is_compared_with_other_quantizers_at_about_its_bits(eval_module):
+    rep = eval_module("_mmlu_power_report")
+    caches = {"fpxint": cache.CacheContent({"bits_per_weight": 4.4999})}
+    peer = rep._peer_of_default
+    assert peer("hqq4", 4.5, caches) and peer("gptq4", 4.25, caches)
+    assert (
+        not peer("rtn8", 8.5, caches) and not peer("rtn4", 4.5, caches) and not peer("fpxint", 4.4999, caches)
+    )
+    assert not peer("hqq4", 4.5, {}) and not peer("hqq4", None, caches)
 
 
 def test_readme_quotes_the_committed_table(eval_module):
