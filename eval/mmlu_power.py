@@ -14,7 +14,7 @@ is rebuilt from all the caches: ``eval/results/mmlu_power.{json,md}``.
 
 Rows (``ROWS``, in table and scoring order; a new row is one ``RowSpec``): FP, RTN W4 ("Normal"), the FP=xINT
 default (``FPxINTConfig()``, whatever it is when the row runs: its settings are in the cache key), HQQ 4-bit,
-SINQ 4-bit, GPTQ 4-bit (``eval/_gptq_row.py::gptq_model(fp_dir, bits, group_size)``, skipped while that file is
+SINQ 4-bit, GPTQ 4-bit (``eval/_gptq_row.py::gptq_row(fp_dir, bits, group_size)``, skipped while that file is
 missing), FP=xINT T=2 (``terms=2, bits=4``) and RTN W8, all at group 64 (the default's), all run with dense float32 weights. A row whose
 package is missing (hqq; sinq: ``pip install --no-deps --target DIR sinq==0.2.0``, delete ``DIR/sitecustomize.py``,
 ``SINQ_AUTO_PATCH=0 PYTHONPATH=DIR``) is skipped with the reason.
@@ -68,7 +68,7 @@ NOTES = [
     "with the SINQ row: `SINQ_AUTO_PATCH=0 PYTHONPATH=/tmp/peers-libs` before it (see docs/mmlu.md).",
     "FP=xINT default: the row is FPxINTConfig() with no arguments as it is when the row runs; its to_dict() "
     "is part of the cache key, so a changed default scores the row again.",
-    "GPTQ: built by eval/_gptq_row.py::gptq_model(fp_dir, 4, 64) (its calibration is that file's); the "
+    "GPTQ: built by eval/_gptq_row.py::gptq_row(fp_dir, 4, 64) (its calibration is that file's); the "
     "file's SHA-256 is part of the row's cache key. The table lists the row as missing while the file is.",
 ]
 
@@ -151,7 +151,7 @@ def sinq_build(fp_dir: str) -> Built:
 
 def gptq_settings() -> dict[str, Any]:
     if not GPTQ_FILE.is_file():
-        raise RowUnavailable(f"eval/{GPTQ_FILE.name}::gptq_model is missing")
+        raise RowUnavailable(f"eval/{GPTQ_FILE.name}::gptq_row is missing")
     source = GPTQ_FILE.read_bytes()
     return {
         "method": "gptq",
@@ -167,10 +167,10 @@ def gptq_build(fp_dir: str) -> Built:
         raise RowUnavailable(f"{GPTQ_FILE} cannot be imported")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if not hasattr(module, "gptq_model"):
-        raise RowUnavailable(f"eval/{GPTQ_FILE.name} defines no gptq_model")
-    out = module.gptq_model(fp_dir, 4, GROUP)
-    return out[0], out[1]
+    if not hasattr(module, "gptq_row"):
+        raise RowUnavailable(f"eval/{GPTQ_FILE.name} defines no gptq_row")
+    out = module.gptq_row(Path(fp_dir), 4, GROUP)
+    return out["model"], out["bits"]
 
 
 # the paper's comparison first (a run cut short has it), then the peers, then the equal-bits pair

@@ -313,3 +313,17 @@ def test_readme_prose_states_the_verdicts_of_the_committed_table():
     assert f"(−{-kl['mean']:.4f} ± {kl['se']:.4f} nats, {-kl['mean'] / kl['se']:.1f} SE)" in text
     acc = d["vs_rtn"]["acc"]
     assert ("in accuracy the two are within the noise" in text) == (abs(acc["mean"]) <= 2 * acc["se"])
+
+
+def test_gptq_row_is_built_through_the_gptq_benchs_own_function(power, tmp_path, monkeypatch):
+    """The GPTQ row calls ``eval/_gptq_row.py::gptq_row`` (a stand-in file here) and keeps its model and bits."""
+    stand_in = tmp_path / "_gptq_row.py"
+    stand_in.write_text(
+        "def gptq_row(fp_dir, bits, group_size):\n"
+        "    return {'model': (fp_dir.name, bits, group_size), 'bits': 4.3125, 'quant_s': 1.0}\n"
+    )
+    monkeypatch.setattr(power, "GPTQ_FILE", stand_in)
+    assert power.gptq_build(str(tmp_path / "fp")) == (("fp", 4, power.GROUP), 4.3125)
+    stand_in.write_text("def gptq_model(fp_dir, bits, group_size):\n    return None\n")
+    with pytest.raises(power.RowUnavailable, match="defines no gptq_row"):
+        power.gptq_build(str(tmp_path / "fp"))
