@@ -176,10 +176,10 @@ def test_unavailable_rows_are_skipped_with_the_reason(power, monkeypatch, tmp_pa
     monkeypatch.setattr(power, "GPTQ_FILE", tmp_path / "_gptq_row.py")
     spec = next(s for s in power.ROWS if s.key == "gptq4")
     caches, skipped = power.collect((spec,), "m", "d", tmp_path)
-    assert caches == [] and skipped == [("gptq4", spec.name, "eval/_gptq_row.py::gptq_model is missing")]
+    assert caches == [] and skipped == [("gptq4", spec.name, "eval/_gptq_row.py::gptq_row is missing")]
     (tmp_path / "_gptq_row.py").write_text("GPTQ = 1\n")
     assert power.gptq_settings()["method"] == "gptq"
-    with pytest.raises(power.RowUnavailable, match="defines no gptq_model"):
+    with pytest.raises(power.RowUnavailable, match="defines no gptq_row"):
         power.gptq_build("unused")
 
 
@@ -313,6 +313,14 @@ def test_readme_prose_states_the_verdicts_of_the_committed_table():
     assert f"(−{-kl['mean']:.4f} ± {kl['se']:.4f} nats, {-kl['mean'] / kl['se']:.1f} SE)" in text
     acc = d["vs_rtn"]["acc"]
     assert ("in accuracy the two are within the noise" in text) == (abs(acc["mean"]) <= 2 * acc["se"])
+    peers = [r for r in rows.values() if "vs_default" in r and r["questions"] == r["planned"]]
+    four_bit = [rtn, d, *peers]
+    lowest = all(d["vs_fp"]["kl"]["mean"] < r["vs_fp"]["kl"]["mean"] for r in four_bit if r is not d)
+    beyond = [r["vs_default"]["kl"] for r in peers] + [{"mean": -kl["mean"], "se": kl["se"]}]
+    claim = "the default has the lowest answer KL against FP, beyond the noise against each of them"
+    assert (claim in text) == (lowest and all(e["mean"] > 2 * e["se"] for e in beyond))
+    fp_within = all(abs(r["vs_fp"]["acc"]["mean"]) <= 2 * r["vs_fp"]["acc"]["se"] for r in four_bit)
+    assert ("in accuracy every complete 4-bit row is within the noise of FP" in text) == fp_within
 
 
 def test_gptq_row_is_built_through_the_gptq_benchs_own_function(power, tmp_path, monkeypatch):
