@@ -18,9 +18,8 @@ from fpxint_hf.evaluation.mmlu_stats import Estimate, answer_agreement, mean_se,
 from fpxint_hf.evaluation.table import PAPER_MMLU_AVG
 
 FP, RTN, DEFAULT = "fp", "rtn4", "fpxint"
-PEER_SLACK = (
-    0.05  # bits per weight: a quantizer this close to the default's bits (or below) is compared with it
-)
+# bits per weight: a quantizer this close to the default's bits (or below) is compared with it
+PEER_SLACK = 0.05
 HEADS = {"humanities": "Hums.", "stem": "STEM", "social_sciences": "Social", "other": "Other"}
 PAPER = {
     "model": "LLaMA3-8B",
@@ -265,16 +264,17 @@ README_BEGIN = "<!-- mmlu-power: python eval/mmlu_power.py --readme renders this
 README_END = "<!-- /mmlu-power -->"
 
 
+def _beyond(e: dict[str, Any]) -> bool:
+    """Beyond the noise: |mean| > 2 SE."""
+    return abs(e["mean"]) > 2 * e["se"]
+
+
 def _short(e: dict | None) -> str:
     """A paired accuracy difference in points with its SE and, beyond the noise, which way it goes."""
     if e is None:
         return "-"
-    words = "" if abs(e["mean"]) <= 2 * e["se"] else (" **loses**" if e["mean"] < 0 else " **gains**")
+    words = "" if not _beyond(e) else (" **loses**" if e["mean"] < 0 else " **gains**")
     return f"{100 * e['mean']:+.1f} ± {100 * e['se']:.1f}{words}"
-
-
-def _beyond(e: dict[str, Any]) -> bool:
-    return abs(e["mean"]) > 2 * e["se"]
 
 
 def _against_fp(acc: dict[str, Any]) -> str:
