@@ -20,6 +20,8 @@ from fpxint_hf.evaluation.table import PAPER_MMLU_AVG
 FP, RTN, DEFAULT = "fp", "rtn4", "fpxint"
 # bits per weight: a quantizer this close to the default's bits (or below) is compared with it
 PEER_SLACK = 0.05
+# rows paired with another row that stores as many bits per weight (the paper's T=2 against 8-bit rounding)
+EQUAL_BITS = {"fpxint_t2": "rtn8"}
 HEADS = {"humanities": "Hums.", "stem": "STEM", "social_sciences": "Social", "other": "Other"}
 PAPER = {
     "model": "LLaMA3-8B",
@@ -87,7 +89,8 @@ def build_report(
     """The JSON of the table: ``caches`` are ``(row key, label, cache)`` in table order (FP's key ``"fp"``, RTN
     W4's ``"rtn4"``, the default's ``"fpxint"``), ``skipped`` are ``(row key, label, why)``. Rows carry their
     paired differences against FP (``vs_fp``), RTN W4 (``vs_rtn``) and, for other quantizers at about the
-    default's bits or fewer (:func:`_peer_of_default`), against the default (``vs_default``)."""
+    default's bits or fewer (:func:`_peer_of_default`), against the default (``vs_default``) and, for a row of
+    ``EQUAL_BITS``, against its partner at equal bits (``vs_equal``, the partner's key under ``"row"``)."""
     by_key = {key: cache for key, _, cache in caches}
     fp = by_key.get(FP)
     nums = {key: row_numbers(questions, categories, cache, fp) for key, _, cache in caches}
@@ -115,6 +118,8 @@ def build_report(
             row["vs_rtn"] = _against(n, nums[RTN], same_of_b=nums[RTN])
         if fp is not None and _peer_of_default(key, row["bits_per_weight"], by_key):
             row["vs_default"] = _against(n, nums[DEFAULT], same_of_b=nums[DEFAULT])
+        if fp is not None and (partner := EQUAL_BITS.get(key)) in nums:
+            row["vs_equal"] = {"row": partner, **_against(n, nums[partner], same_of_b=nums[partner])}
         rows.append(row)
     return {
         "settings": settings,
@@ -239,6 +244,14 @@ def to_markdown(data: dict[str, Any]) -> str:
             f"Other quantizers against {default} (at most {PEER_SLACK} bits per weight more), paired over the same questions:\n",
             _paired_table(vs_default, "vs_default", default) + "\n",
         ]
+    names = {r["row"]: r for r in rows}
+    for r in (r for r in rows if "vs_equal" in r):
+        b = names[r["vs_equal"]["row"]]
+        parts += [
+            f"{r['name']} ({_bpw(r)} bits/weight) against {b['name']} ({_bpw(b)} bits/weight), paired over the "
+            "same questions:\n",
+            _paired_table([r], "vs_equal", b["name"].split(" (")[0]) + "\n",
+        ]
     parts += [
         "Progress and wall time:\n",
         _progress(data) + "\n",
@@ -290,18 +303,20 @@ def _against_row(r: dict[str, Any], field: str, base: dict[str, Any], base_name:
         if not _beyond(kl)
         else f"{'lower' if kl['mean'] < 0 else 'higher'}, {abs(kl['mean']) / kl['se']:.1f} SE"
     )
-    ratio = r["vs_fp"]["kl"]["mean"] / base["vs_fp"]["kl"]["mean"]
+    base_kl = base["vs_fp"]["kl"]["mean"]
+    own = r["vs_fp"]["kl"]["mean"]
+    ratio = f"{own / base_kl:.2f}x {base_name}'s" if base_kl > 0 else f"{own:.4f} against {base_name}'s 0"
     return (
         f"against {base_name} its accuracy is {100 * acc['mean']:+.1f} ± {100 * acc['se']:.1f} points "
-        f"({acc_words}) and its answer KL {ratio:.2f}x {base_name}'s ({kl['mean']:+.4f} ± {kl['se']:.4f} nats, "
-        f"{kl_words})"
+        f"({acc_words}) and its answer KL {ratio} ({kl['mean']:+.4f} ± {kl['se']:.4f} nats, {kl_words})"
     )
 
 
 def readme_verdicts(data: dict[str, Any]) -> list[str]:
     """One sentence per complete quantized row: does it lose accuracy against FP beyond the noise (2 SE), and how
-    it compares with RTN W4 and (another quantizer at about its bits) with the default, in accuracy and answer
-    KL. Rows still being scored get none."""
+    it compares with RTN W4, (another quantizer at about its bits) with the default and (a row of
+    ``EQUAL_BITS``) with its partner at equal bits, in accuracy and answer KL. Rows still being scored get none
+    and are compared with by none."""
 
     def complete(r: dict[str, Any] | None) -> bool:
         return r is not None and r["questions"] == r["planned"]
@@ -312,7 +327,11 @@ def readme_verdicts(data: dict[str, Any]) -> list[str]:
         if r["row"] == FP or not complete(r) or not r.get("vs_fp"):
             continue
         text = f"- **{r['name']}**, {_bpw(r)} bits/weight, {_against_fp(r['vs_fp']['acc'])}"
-        for field, key, name in (("vs_rtn", RTN, "RTN W4"), ("vs_default", DEFAULT, "the default")):
+        partner = r.get("vs_equal", {}).get("row")
+        pairs = [("vs_rtn", RTN, "RTN W4"), ("vs_default", DEFAULT, "the default")]
+        if partner in rows:
+            pairs.append(("vs_equal", partner, rows[partner]["name"].split(" (")[0]))
+        for field, key, name in pairs:
             if r.get(field) and complete(rows.get(key)):
                 text += f"; {_against_row(r, field, rows[key], name)}"
         lines.append(text + ".")

@@ -54,9 +54,9 @@ def power(eval_module):
     return eval_module("mmlu_power")
 
 
-def _run(power, tiny_dir: Path, data: Path, out: Path, *extra: str) -> dict:
+def _run(power, tiny_dir: Path, data: Path, out: Path, *extra: str, rows: str = "fp,rtn4,fpxint_t2") -> dict:
     args = ["--model-dir", str(tiny_dir), "--mmlu-jsonl", str(data), "--questions", "12", "--out", str(out)]
-    assert power.main([*args, "--rows", "fp,rtn4,fpxint_t2", *extra]) == 0
+    assert power.main([*args, "--rows", rows, *extra]) == 0
     return json.loads(out.with_suffix(".json").read_text())
 
 
@@ -234,11 +234,11 @@ def test_readme_block_says_which_way_a_difference_beyond_the_noise_goes(power, t
         rep.replace_readme_block("# no markers\n", block)
 
 
-def _row(name, questions, acc, kl, vs_rtn=None, vs_default=None):
+def _row(name, questions, acc, kl, vs_rtn=None, vs_default=None, vs_equal=None):
     est = {"mean": acc[0], "se": acc[1], "n": questions}
     row = {"row": name, "name": name.upper(), "bits_per_weight": 4.5, "questions": questions, "planned": 100}
     row["vs_fp"] = {"acc": est, "kl": {"mean": kl, "se": 0.001, "n": questions}}
-    for field, d in (("vs_rtn", vs_rtn), ("vs_default", vs_default)):
+    for field, d in (("vs_rtn", vs_rtn), ("vs_default", vs_default), ("vs_equal", vs_equal)):
         if d is not None:
             row[field] = {
                 "acc": {"mean": d[0], "se": 0.01, "n": questions},
@@ -275,6 +275,33 @@ def test_readme_verdicts_state_each_complete_rows_verdict_against_fp_and_rtn(eva
     assert "gains accuracy against FP beyond the noise (+5.0 ± 2.0 points)" in lines[2]
     assert "+1.0 ± 1.0 points (within the noise)" in lines[2]
     assert "1.50x RTN W4's (+0.0100 ± 0.0010 nats, higher, 10.0 SE)" in lines[2]
+
+
+def test_t2_is_compared_with_rtn_w8_at_equal_bits(power, tiny_dir, data, tmp_path, eval_module):
+    """T=2 against RTN W8 paired over the same questions, in the JSON, the markdown and the README's verdicts."""
+    report = _run(power, tiny_dir, data, tmp_path / "e", rows="fp,rtn4,fpxint_t2,rtn8")
+    rows = {r["row"]: r for r in report["rows"]}
+    t2, w8 = rows["fpxint_t2"], rows["rtn8"]
+    assert t2["vs_equal"]["row"] == "rtn8" and "vs_equal" not in w8
+    assert t2["vs_equal"]["acc"]["n"] == 12
+    paired = [t2["vs_fp"]["kl"]["mean"] - w8["vs_fp"]["kl"]["mean"], t2["vs_equal"]["kl"]["mean"]]
+    assert paired[0] == pytest.approx(paired[1], rel=1e-9, abs=1e-12)
+    md = power.report.to_markdown(report)
+    assert f"{t2['name']} ({t2['bits_per_weight']:.3f} bits/weight) against {w8['name']} (" in md
+    rep = eval_module("_mmlu_power_report")
+    fp = {"row": "fp", "name": "FP", "bits_per_weight": None, "questions": 100, "planned": 100}
+    t2 = _row("fpxint_t2", 100, (0.0, 0.01), 0.0004, vs_equal=(0.01, 0.003))
+    t2["vs_equal"]["row"] = "rtn8"
+    w8 = {**_row("rtn8", 100, (0.0, 0.01), 0.0001), "name": "RTN W8 (equal bits to T=2)"}
+    lines = rep.readme_verdicts({"rows": [fp, t2, w8]})
+    assert (
+        "; against RTN W8 its accuracy is +1.0 ± 1.0 points (within the noise) and its answer KL 4.00x "
+        "RTN W8's (+0.0030 ± 0.0010 nats, higher, 3.0 SE)." in lines[0]
+    )
+    w8["vs_fp"]["kl"]["mean"] = 0.0
+    assert "answer KL 0.0004 against RTN W8's 0 (" in rep.readme_verdicts({"rows": [fp, t2, w8]})[0]
+    w8["questions"] = 50  # a partner still being scored is not compared with
+    assert "RTN W8" not in rep.readme_verdicts({"rows": [fp, t2, w8]})[0]
 
 
 def test_the_default_is_compared_with_other_quantizers_at_about_its_bits(eval_module):
