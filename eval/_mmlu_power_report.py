@@ -305,7 +305,12 @@ def _against_row(r: dict[str, Any], field: str, base: dict[str, Any], base_name:
     )
     base_kl = base["vs_fp"]["kl"]["mean"]
     own = r["vs_fp"]["kl"]["mean"]
-    ratio = f"{own / base_kl:.2f}x {base_name}'s" if base_kl > 0 else f"{own:.4f} against {base_name}'s 0"
+    if base_kl <= 0:
+        ratio = f"{own:.4f} against {base_name}'s 0"
+    elif 0 < own < 0.01 * base_kl:  # two decimals would print 0.00x
+        ratio = f"1/{base_kl / own:.0f} of {base_name}'s"
+    else:
+        ratio = f"{own / base_kl:.2f}x {base_name}'s"
     return (
         f"against {base_name} its accuracy is {100 * acc['mean']:+.1f} ± {100 * acc['se']:.1f} points "
         f"({acc_words}) and its answer KL {ratio} ({kl['mean']:+.4f} ± {kl['se']:.4f} nats, {kl_words})"

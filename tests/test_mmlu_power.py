@@ -298,6 +298,8 @@ def test_t2_is_compared_with_rtn_w8_at_equal_bits(power, tiny_dir, data, tmp_pat
         "; against RTN W8 its accuracy is +1.0 ± 1.0 points (within the noise) and its answer KL 4.00x "
         "RTN W8's (+0.0030 ± 0.0010 nats, higher, 3.0 SE)." in lines[0]
     )
+    w8["vs_fp"]["kl"]["mean"] = 0.08  # a ratio two decimals would print as 0.00x
+    assert "answer KL 1/200 of RTN W8's (" in rep.readme_verdicts({"rows": [fp, t2, w8]})[0]
     w8["vs_fp"]["kl"]["mean"] = 0.0
     assert "answer KL 0.0004 against RTN W8's 0 (" in rep.readme_verdicts({"rows": [fp, t2, w8]})[0]
     w8["questions"] = 50  # a partner still being scored is not compared with
