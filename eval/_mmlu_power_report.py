@@ -162,6 +162,11 @@ def _bpw(r: dict[str, Any]) -> str:
     return "32 (fp32)" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
 
 
+def _short_name(name: str) -> str:
+    """A row's name without its parenthesised note: "RTN W8 (equal bits to T=2)" -> "RTN W8"."""
+    return name.split(" (")[0]
+
+
 def _count(r: dict[str, Any]) -> str:
     return f"{r['questions']}" if r["questions"] == r["planned"] else f"{r['questions']} of {r['planned']}"
 
@@ -221,7 +226,7 @@ def to_markdown(data: dict[str, Any]) -> str:
     vs_fp = [r for r in rows if "vs_fp" in r]
     vs_rtn = [r for r in rows if "vs_rtn" in r]
     vs_default = [r for r in rows if "vs_default" in r]
-    default = next((r["name"].split(" (")[0] for r in rows if r["row"] == DEFAULT), None)
+    default = next((_short_name(r["name"]) for r in rows if r["row"] == DEFAULT), None)
     qs = s["question_set"]
     parts = [
         f"# MMLU by category on {s['model']}, with standard errors\n",
@@ -250,7 +255,7 @@ def to_markdown(data: dict[str, Any]) -> str:
         parts += [
             f"{r['name']} ({_bpw(r)} bits/weight) against {b['name']} ({_bpw(b)} bits/weight), paired over the "
             "same questions:\n",
-            _paired_table([r], "vs_equal", b["name"].split(" (")[0]) + "\n",
+            _paired_table([r], "vs_equal", _short_name(b["name"])) + "\n",
         ]
     parts += [
         "Progress and wall time:\n",
@@ -335,7 +340,7 @@ def readme_verdicts(data: dict[str, Any]) -> list[str]:
         partner = r.get("vs_equal", {}).get("row")
         pairs = [("vs_rtn", RTN, "RTN W4"), ("vs_default", DEFAULT, "the default")]
         if partner in rows:
-            pairs.append(("vs_equal", partner, rows[partner]["name"].split(" (")[0]))
+            pairs.append(("vs_equal", partner, _short_name(rows[partner]["name"])))
         for field, key, name in pairs:
             if r.get(field) and complete(rows.get(key)):
                 text += f"; {_against_row(r, field, rows[key], name)}"
@@ -346,7 +351,7 @@ def readme_verdicts(data: dict[str, Any]) -> list[str]:
 def readme_block(data: dict[str, Any]) -> str:
     """The README's quote of the table: Avg. and the paired differences against FP and RTN W4, per row, then
     :func:`readme_verdicts` for the complete rows."""
-    rtn = next((r["name"] for r in data["rows"] if r["row"] == RTN), "RTN W4").split(" (")[0]
+    rtn = _short_name(next((r["name"] for r in data["rows"] if r["row"] == RTN), "RTN W4"))
     lines = [
         README_BEGIN,
         f"| method | bits/weight | questions | Avg. % ± SE | − FP (points) | − {rtn} (points) "
