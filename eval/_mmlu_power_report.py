@@ -10,6 +10,7 @@ between rows are paired over the questions both rows scored (``mmlu_stats``); "b
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fpxint_hf.evaluation.mmlu import CATEGORIES
@@ -151,7 +152,12 @@ def _pct(e: dict | None, signed: bool = False) -> str:
 
 
 def _kl(e: dict | None, signed: bool = False) -> str:
-    return "-" if e is None else f"{e['mean']:{'+' if signed else ''}.4f} ± {e['se']:.4f}"
+    """A KL estimate in nats with as many decimals as show its SE's first significant digit (at least 4), so a
+    near-zero KL does not print as 0.0000 ± 0.0000."""
+    if e is None:
+        return "-"
+    places = max(4, -math.floor(math.log10(e["se"]))) if e["se"] > 0 else 4
+    return f"{e['mean']:{'+' if signed else ''}.{places}f} ± {e['se']:.{places}f}"
 
 
 def _verdict(e: dict | None) -> str:
@@ -318,7 +324,7 @@ def _against_row(r: dict[str, Any], field: str, base: dict[str, Any], base_name:
         ratio = f"{own / base_kl:.2f}x {base_name}'s"
     return (
         f"against {base_name} its accuracy is {100 * acc['mean']:+.1f} ± {100 * acc['se']:.1f} points "
-        f"({acc_words}) and its answer KL {ratio} ({kl['mean']:+.4f} ± {kl['se']:.4f} nats, {kl_words})"
+        f"({acc_words}) and its answer KL {ratio} ({_kl(kl, signed=True)} nats, {kl_words})"
     )
 
 

@@ -306,6 +306,15 @@ def test_t2_is_compared_with_rtn_w8_at_equal_bits(power, tiny_dir, data, tmp_pat
     assert "RTN W8" not in rep.readme_verdicts({"rows": [fp, t2, w8]})[0]
 
 
+def test_a_near_zero_kl_is_printed_down_to_its_ses_first_significant_digit(eval_module):
+    kl = eval_module("_mmlu_power_report")._kl
+    assert kl({"mean": 0.0209, "se": 0.0013}) == "0.0209 ± 0.0013"
+    assert kl({"mean": 0.0151, "se": 0.00074}) == "0.0151 ± 0.0007"
+    assert kl({"mean": 0.0000498, "se": 0.0000026}) == "0.000050 ± 0.000003"
+    assert kl({"mean": -0.000021, "se": 0.0000053}, signed=True) == "-0.000021 ± 0.000005"
+    assert kl({"mean": 0.0, "se": 0.0}) == "0.0000 ± 0.0000"
+
+
 def test_the_default_is_compared_with_other_quantizers_at_about_its_bits(eval_module):
     rep = eval_module("_mmlu_power_report")
     caches = {"fpxint": cache.CacheContent({"bits_per_weight": 4.4999})}
@@ -350,6 +359,23 @@ def test_readme_prose_states_the_verdicts_of_the_committed_table():
     assert (claim in text) == (lowest and all(e["mean"] > 2 * e["se"] for e in beyond))
     fp_within = all(abs(r["vs_fp"]["acc"]["mean"]) <= 2 * r["vs_fp"]["acc"]["se"] for r in four_bit)
     assert ("in accuracy every complete 4-bit row is within the noise of FP" in text) == fp_within
+
+
+def test_readme_prose_states_t2_against_rtn_w8_from_the_committed_table():
+    if not COMMITTED.is_file():
+        pytest.skip("no committed eval/results/mmlu_power.json yet")
+    rows = {r["row"]: r for r in json.loads(COMMITTED.read_text())["rows"]}
+    t2, w8 = rows.get("fpxint_t2"), rows.get("rtn8")
+    if t2 is None or w8 is None or any(r["questions"] < r["planned"] for r in (t2, w8)):
+        pytest.skip("T=2 or RTN W8 is not complete")
+    text = " ".join((ROOT / "README.md").read_text().split())
+    acc = [f"{100 * r['vs_fp']['acc']['mean']:+.1f} ± {100 * r['vs_fp']['acc']['se']:.1f}" for r in (t2, w8)]
+    assert f"({acc[0]} and {acc[1]} points)" in text
+    ratio, kl = t2["vs_fp"]["kl"]["mean"] / w8["vs_fp"]["kl"]["mean"], t2["vs_equal"]["kl"]
+    assert (
+        f"T=2's answer KL against FP is {ratio:.2f}x RTN W8's ({abs(kl['mean']) / kl['se']:.1f} SE)" in text
+    )
+    assert kl["mean"] < -2 * kl["se"]  # the sentence's "0.70x" is a claim of lower, beyond the noise
 
 
 def test_gptq_row_is_built_through_the_gptq_benchs_own_function(power, tmp_path, monkeypatch):
